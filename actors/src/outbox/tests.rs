@@ -1,0 +1,260 @@
+use super::*;
+use crate::reading::{Metric, Value};
+
+fn reading(device: &str, ts: i64) -> Reading {
+    Reading {
+        device_id: device.into(),
+        device_ts_us: ts,
+        edge_ts_us: ts,
+        metrics: vec![Metric {
+            name: "v".into(),
+            value: Value::F64(ts as f64),
+            unit: None,
+        }],
+    }
+}
+
+fn cfg(readings: usize) -> OutboxConfig {
+    OutboxConfig {
+        outbox_bytes_max: 64 * 1024,
+        segment_readings_max: readings,
+        segment_bytes_max: 4 * 1024,
+        commit_interval_ms: 10,
+        full_policy: FullPolicy::Block,
+    }
+}
+
+fn open(store: &MemoryStore, cfg: OutboxConfig) -> (Outbox<i64>, Recovery) {
+    Outbox::open(Box::new(store.clone()), cfg, 1000).unwrap()
+}
+
+fn add(o: &mut Outbox<i64>, now: Instant, ts: i64) {
+    o.handle_reading(now, reading("d", ts), ts)
+        .map_err(|_| "refused")
+        .unwrap();
+}
+
+#[test]
+fn a_commit_acknowledges_in_order_and_survives_a_crash() {
+    let store = MemoryStore::new();
+    let (mut o, rec) = open(&store, cfg(2));
+    assert_eq!((rec.epoch, rec.sealed_through), (1000, 0));
+    let now = Instant::now();
+    add(&mut o, now, 1);
+    assert!(!o.commit_due(now));
+    add(&mut o, now, 2);
+    assert!(o.commit_due(now), "full segment is due at once");
+    let c = o.commit().unwrap().unwrap();
+    assert_eq!((c.seq, c.tickets), (1, vec![1, 2]));
+    add(&mut o, now, 3); // never committed: may be lost, was never acked
+    store.crash(None, false);
+    let (mut o, rec) = open(&store, cfg(2));
+    assert_eq!((rec.epoch, rec.sealed_through, rec.segments), (1000, 1, 1));
+    let segs = o.read(1, 10, 10).unwrap();
+    let readings = segment::decode_payload(&segs[0].bytes, segs[0].readings_count).unwrap();
+    assert_eq!(
+        readings.iter().map(|r| r.device_ts_us).collect::<Vec<_>>(),
+        vec![1, 2]
+    );
+}
+
+#[test]
+fn the_interval_seals_a_partial_segment() {
+    let store = MemoryStore::new();
+    let (mut o, _) = open(&store, cfg(100));
+    let t0 = Instant::now();
+    add(&mut o, t0, 1);
+    let deadline = o.poll_timeout().unwrap();
+    assert_eq!(deadline, t0 + Duration::from_millis(10));
+    assert!(!o.commit_due(deadline - Duration::from_millis(1)));
+    assert!(o.commit_due(deadline));
+}
+
+#[test]
+fn seqs_are_never_reused_after_everything_was_acked_and_a_crash() {
+    let store = MemoryStore::new();
+    let (mut o, _) = open(&store, cfg(1));
+    let now = Instant::now();
+    for ts in 1..=3 {
+        add(&mut o, now, ts);
+        o.commit().unwrap();
+    }
+    o.handle_acked(3).unwrap();
+    store.crash(None, false); // the removals were not synced: they may come back
+    let (mut o, rec) = open(&store, cfg(1));
+    assert_eq!(rec.sealed_through, 3);
+    add(&mut o, now, 4);
+    assert_eq!(o.commit().unwrap().unwrap().seq, 4);
+    o.handle_acked(4).unwrap();
+    o.commit().unwrap();
+    store.crash(None, false);
+    let (mut o, _) = open(&store, cfg(1));
+    add(&mut o, now, 5);
+    assert_eq!(o.commit().unwrap().unwrap().seq, 5);
+}
+
+#[test]
+fn block_refuses_when_full_and_an_ack_makes_room() {
+    let store = MemoryStore::new();
+    let mut c = cfg(10);
+    c.outbox_bytes_max = 4 * (c.segment_bytes_max + segment::HEADER_BYTES) as u64;
+    let (mut o, _) = open(&store, c.clone());
+    let now = Instant::now();
+    let mut ts = 0;
+    loop {
+        ts += 1;
+        match o.handle_reading(now, reading("d", ts), ts) {
+            Ok(()) => {
+                if o.commit_due(now) {
+                    o.commit().unwrap();
+                }
+            }
+            Err(Refusal::Full(_, t)) => {
+                assert_eq!(t, ts);
+                break;
+            }
+            Err(_) => panic!("unexpected refusal"),
+        }
+        assert!(o.bytes_used() <= c.outbox_bytes_max);
+    }
+    assert_eq!(o.stats().readings_refused_full, 1);
+    o.commit().unwrap();
+    let freed = o.handle_acked(1).unwrap();
+    assert!(freed > 0);
+    add(&mut o, now, ts);
+}
+
+#[test]
+fn drop_oldest_evicts_and_counts() {
+    let store = MemoryStore::new();
+    let mut c = cfg(10);
+    c.full_policy = FullPolicy::DropOldest;
+    c.outbox_bytes_max = 4 * (c.segment_bytes_max + segment::HEADER_BYTES) as u64;
+    let (mut o, _) = open(&store, c.clone());
+    let now = Instant::now();
+    for ts in 1..=2000 {
+        add(&mut o, now, ts);
+        if o.commit_due(now) {
+            o.commit().unwrap();
+        }
+        assert!(o.bytes_used() <= c.outbox_bytes_max);
+    }
+    let dropped = o.poll_dropped();
+    assert!(!dropped.is_empty());
+    assert_eq!(dropped[0].seq, 1);
+    assert_eq!(dropped[0].keys.len(), 10);
+    let total: u64 = dropped.iter().map(|d| d.readings as u64).sum();
+    assert_eq!(o.stats().readings_dropped, total);
+    // What is left starts right after the evicted segments.
+    let first_left = o.read(1, o.sealed_through(), 1).unwrap()[0].seq;
+    assert_eq!(first_left, dropped.last().unwrap().seq + 1);
+}
+
+#[test]
+fn a_damaged_segment_is_quarantined_and_the_rest_flows() {
+    let store = MemoryStore::new();
+    let (mut o, _) = open(&store, cfg(1));
+    let now = Instant::now();
+    for ts in 1..=3 {
+        add(&mut o, now, ts);
+        o.commit().unwrap();
+    }
+    store.corrupt(2, |b| b[40] ^= 0x10);
+    let segs = o.read(1, 3, 10).unwrap();
+    assert_eq!(segs.iter().map(|s| s.seq).collect::<Vec<_>>(), vec![1, 3]);
+    assert_eq!(o.stats().segments_quarantined, 1);
+    assert_eq!(store.quarantined().unwrap(), vec![2]);
+    store.corrupt(3, |b| b.truncate(20));
+    assert_eq!(o.read(3, 3, 10).unwrap(), vec![]);
+}
+
+#[test]
+fn a_torn_write_is_caught_on_read_after_a_crash() {
+    let store = MemoryStore::new();
+    let (mut o, _) = open(&store, cfg(1));
+    let now = Instant::now();
+    add(&mut o, now, 1);
+    o.commit().unwrap();
+    store.set_sync_failing(true);
+    add(&mut o, now, 2);
+    assert!(o.commit().is_err(), "a failed sync is an error, not an ack");
+    store.set_sync_failing(false);
+    store.crash(Some(1), true);
+    let (mut o, rec) = open(&store, cfg(1));
+    assert_eq!(rec.sealed_through, 2);
+    let segs = o.read(1, rec.sealed_through, 10).unwrap();
+    assert_eq!(segs.len(), 1);
+    assert_eq!(o.stats().segments_quarantined, 1);
+}
+
+#[test]
+fn invalid_readings_are_refused_with_their_reason() {
+    let store = MemoryStore::new();
+    let (mut o, _) = open(&store, cfg(1));
+    let mut r = reading("", 1);
+    r.device_id.clear();
+    assert!(matches!(
+        o.handle_reading(Instant::now(), r, 7),
+        Err(Refusal::Invalid(_, 7))
+    ));
+    assert_eq!(o.stats().readings_invalid, 1);
+}
+
+#[test]
+fn bad_config_names_the_key() {
+    let mut c = cfg(1);
+    c.commit_interval_ms = 0;
+    let err = Outbox::<i64>::open(Box::new(MemoryStore::new()), c, 1)
+        .err()
+        .unwrap();
+    assert!(err.to_string().contains("commit_interval_ms"), "{err}");
+}
+
+#[test]
+fn sled_store_keeps_segments_and_epoch_across_reopen() {
+    let dir = tempfile::tempdir().unwrap();
+    let now = Instant::now();
+    {
+        let store = SledStore::open(dir.path(), 1 << 20).unwrap();
+        let (mut o, _) = Outbox::<i64>::open(Box::new(store), cfg(2), 77).unwrap();
+        for ts in 1..=4 {
+            add(&mut o, now, ts);
+            if o.commit_due(now) {
+                o.commit().unwrap();
+            }
+        }
+        o.handle_acked(1).unwrap();
+    }
+    let store = SledStore::open(dir.path(), 1 << 20).unwrap();
+    let (mut o, rec) = Outbox::<i64>::open(Box::new(store), cfg(2), 99).unwrap();
+    assert_eq!(
+        (
+            rec.epoch,
+            rec.sealed_through,
+            rec.acked_through,
+            rec.segments
+        ),
+        (77, 2, 1, 1)
+    );
+    let segs = o.read(1, 2, 10).unwrap();
+    assert_eq!(segs.len(), 1);
+    assert_eq!(segs[0].seq, 2);
+}
+
+#[test]
+fn sled_store_quarantines_a_bit_flipped_segment() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = SledStore::open(dir.path(), 1 << 20).unwrap();
+    let mut good = Vec::new();
+    segment::encode_reading(&reading("d", 1), &mut good);
+    let mut bad = segment::encode(5, 1, 1, &good);
+    bad[35] ^= 0x01;
+    store.put_raw_segment(1, &bad).unwrap();
+    let (mut o, rec) = Outbox::<i64>::open(Box::new(store), cfg(1), 5).unwrap();
+    assert_eq!(rec.segments, 1);
+    assert!(o.read(1, 1, 10).unwrap().is_empty());
+    assert_eq!(o.stats().segments_quarantined, 1);
+    add(&mut o, Instant::now(), 2);
+    assert_eq!(o.commit().unwrap().unwrap().seq, 2);
+    assert_eq!(o.read(1, 2, 10).unwrap().len(), 1);
+}

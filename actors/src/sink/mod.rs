@@ -1,0 +1,76 @@
+//! The log sink: where the cloud writes readings, exactly once.
+//!
+//! The ingest actor for an edge owns one [`EdgeLogWriter`]. Each call to
+//! [`EdgeLogWriter::commit`] is one transaction that holds the readings of one
+//! or more segments *and* the edge's new high-water mark, so that a reader of
+//! the log and the recovery of the mark can never disagree.
+//!
+//! The trait is synchronous on purpose: the real implementation blocks on
+//! broker round trips (the ingest actor runs it on a blocking thread), and the
+//! simulated one must run inside a deterministic simulation.
+
+pub mod kafka;
+pub mod memory;
+
+use crate::reading::Reading;
+
+/// How far an edge's stream is durably in the log: every segment of `epoch`
+/// up to and including `seq` is committed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Hwm {
+    pub epoch: u64,
+    pub seq: u64,
+}
+
+/// The readings of one outbox segment, as the cloud received them.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SegmentBatch {
+    pub seq: u64,
+    pub readings: Vec<Reading>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum SinkError {
+    #[error("configuring the log client failed: {0}")]
+    Config(String),
+    #[error("fencing the previous writer of edge {edge} failed: {reason}")]
+    Fence { edge: String, reason: String },
+    #[error("recovering the high-water mark of edge {edge} failed: {reason}")]
+    RecoverHwm { edge: String, reason: String },
+    #[error("a high-water mark record for edge {edge} is malformed: {reason}")]
+    CorruptHwm { edge: String, reason: String },
+    #[error("the transaction for edge {edge} failed and was aborted: {reason}")]
+    Aborted { edge: String, reason: String },
+    /// The writer was fenced by a newer one; it must not be used again.
+    #[error("the writer for edge {edge} was fenced by a newer writer")]
+    Fenced { edge: String },
+}
+
+impl SinkError {
+    /// Whether a fresh writer may succeed where this one failed.
+    pub fn is_retriable(&self) -> bool {
+        !matches!(self, SinkError::Config(_) | SinkError::CorruptHwm { .. })
+    }
+}
+
+/// Opens per-edge writers. One sink serves every edge of a cloud node.
+pub trait LogSink: Send + Sync + 'static {
+    /// Opens the writer for one edge. Opening fences any earlier writer of the
+    /// same edge (in this process or another), so that a zombie cannot commit.
+    fn open_edge(&self, edge_id: &str) -> Result<Box<dyn EdgeLogWriter>, SinkError>;
+}
+
+/// The transactional writer of one edge's stream.
+pub trait EdgeLogWriter: Send + 'static {
+    /// The last committed mark of this edge, read back from the log.
+    fn high_water_mark(&mut self) -> Result<Option<Hwm>, SinkError>;
+
+    /// Writes the batches and the new mark in one transaction. On error,
+    /// nothing of the batch is visible to read_committed consumers.
+    fn commit(
+        &mut self,
+        edge_id: &str,
+        hwm: Hwm,
+        batches: &[SegmentBatch],
+    ) -> Result<(), SinkError>;
+}

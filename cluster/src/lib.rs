@@ -1,0 +1,17 @@
+//! Tributary's cluster transport.
+//!
+//! This is the only crate that knows quinn, rustls and ractor_cluster: the
+//! rest of Tributary sees node identities, links and frames, never sockets or
+//! certificates.
+//!
+//! - [`tls`]: the cluster CA, node certificates and the peer identity check.
+//! - [`quic`]: QUIC endpoints and stream routing.
+//! - [`session`]: the ractor_cluster session over a QUIC stream.
+//! - [`backoff`]: reconnect delays with jitter.
+//! - [`uplink`]: the edge-to-cloud protocol: frames, sans-IO cores, and links.
+
+pub mod backoff;
+pub mod quic;
+pub mod session;
+pub mod tls;
+pub mod uplink;
