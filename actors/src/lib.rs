@@ -1,6 +1,12 @@
 //! Tributary's domain: readings, the store-and-forward outbox, the log sink,
 //! and the edge and cloud actors that drive them.
+//!
+//! **Boundary:** only [`sink::kafka`] knows rdkafka; only the cluster crate
+//! knows quinn and rustls.
 
+pub mod cloud;
+pub mod edge;
 pub mod outbox;
 pub mod reading;
 pub mod sink;
+pub mod supervision;

@@ -120,3 +120,218 @@ impl LinkHandle {
         &self.conn
     }
 }
+
+/// Why an uplink could not be set up.
+#[derive(Debug, thiserror::Error)]
+pub enum UplinkSetupError {
+    #[error(transparent)]
+    Quic(#[from] crate::quic::QuicError),
+    #[error(transparent)]
+    Link(#[from] LinkError),
+    #[error("the edge's first frame was not Hello")]
+    NoHello,
+    #[error("no Hello within {0} ms")]
+    HelloTimeout(u64),
+    #[error("the edge id {claimed:?} in Hello is not a valid node id: {reason}")]
+    BadEdgeId { claimed: String, reason: String },
+    #[error("the edge says it is {claimed:?} but its certificate does not name it: {reason}")]
+    IdentityMismatch { claimed: String, reason: String },
+}
+
+/// The edge's end of a fresh uplink: Hello is not sent yet.
+pub struct DialedUplink {
+    pub reader: FrameReader,
+    pub writer: FrameWriter,
+    pub handle: LinkHandle,
+}
+
+/// Connects to a cloud node and opens the uplink stream.
+pub async fn dial_uplink(
+    endpoint: &quinn::Endpoint,
+    addr: std::net::SocketAddr,
+    quic: &crate::quic::QuicConfig,
+    frame_bytes_max: usize,
+) -> Result<DialedUplink, UplinkSetupError> {
+    let conn = crate::quic::connect(endpoint, addr, quic).await?;
+    let (send, recv) = match crate::quic::open_stream(&conn, crate::quic::StreamKind::Uplink).await {
+        Ok(s) => s,
+        Err(e) => {
+            conn.close(crate::quic::CLOSE_SHUTDOWN, b"opening the uplink stream failed");
+            return Err(e.into());
+        }
+    };
+    Ok(DialedUplink {
+        reader: FrameReader::new(recv, frame_bytes_max),
+        writer: FrameWriter::new(send),
+        handle: LinkHandle::new(conn),
+    })
+}
+
+/// The cloud's end of an uplink whose Hello was read and whose claimed edge
+/// id was checked against the peer's certificate.
+pub struct AcceptedUplink {
+    pub edge_id: crate::tls::NodeId,
+    pub epoch: u64,
+    pub next_seq: u64,
+    pub reader: FrameReader,
+    pub writer: FrameWriter,
+    pub handle: LinkHandle,
+}
+
+/// Reads the Hello on an uplink stream and binds its edge id to the
+/// connection's certificate. On error the caller closes the connection.
+pub async fn accept_uplink(
+    conn: &quinn::Connection,
+    send: quinn::SendStream,
+    recv: quinn::RecvStream,
+    frame_bytes_max: usize,
+    hello_timeout_ms: u64,
+) -> Result<AcceptedUplink, UplinkSetupError> {
+    let mut reader = FrameReader::new(recv, frame_bytes_max);
+    let first = tokio::time::timeout(Duration::from_millis(hello_timeout_ms), reader.recv())
+        .await
+        .map_err(|_| UplinkSetupError::HelloTimeout(hello_timeout_ms))??;
+    let Some(Frame::Hello { edge_id, epoch, next_seq }) = first else {
+        return Err(UplinkSetupError::NoHello);
+    };
+    let id = crate::tls::NodeId::new(edge_id.clone())
+        .map_err(|e| UplinkSetupError::BadEdgeId { claimed: edge_id.clone(), reason: e.to_string() })?;
+    let certs = crate::quic::peer_certificates(conn);
+    crate::tls::verify_peer_identity(&certs, &id, crate::tls::Role::Edge).map_err(|e| {
+        UplinkSetupError::IdentityMismatch { claimed: edge_id.clone(), reason: e.to_string() }
+    })?;
+    Ok(AcceptedUplink {
+        edge_id: id,
+        epoch,
+        next_seq,
+        reader,
+        writer: FrameWriter::new(send),
+        handle: LinkHandle::new(conn.clone()),
+    })
+}
+
+/// What an edge needs to (re)connect its uplink: the endpoint and where the
+/// cloud is. Cheap to clone.
+#[derive(Clone)]
+pub struct EdgeConnector {
+    endpoint: quinn::Endpoint,
+    cloud_addr: std::net::SocketAddr,
+    quic: crate::quic::QuicConfig,
+    frame_bytes_max: usize,
+}
+
+impl EdgeConnector {
+    pub fn new(
+        identity: &crate::tls::NodeIdentity,
+        cloud_addr: std::net::SocketAddr,
+        quic: crate::quic::QuicConfig,
+        frame_bytes_max: usize,
+    ) -> Result<Self, UplinkSetupError> {
+        let bind = crate::quic::unspecified_bind_for(cloud_addr);
+        let endpoint = crate::quic::client_endpoint(bind, identity, &quic)?;
+        Ok(Self { endpoint, cloud_addr, quic, frame_bytes_max })
+    }
+
+    pub fn cloud_addr(&self) -> std::net::SocketAddr {
+        self.cloud_addr
+    }
+
+    pub async fn connect(&self) -> Result<DialedUplink, UplinkSetupError> {
+        dial_uplink(&self.endpoint, self.cloud_addr, &self.quic, self.frame_bytes_max).await
+    }
+}
+
+/// The cloud's QUIC endpoint, accepting edges.
+pub struct CloudEndpoint {
+    endpoint: quinn::Endpoint,
+    quic: crate::quic::QuicConfig,
+    frame_bytes_max: usize,
+    hello_timeout_ms: u64,
+}
+
+/// A bi-stream that carries a ractor_cluster session, handed to
+/// [`crate::session`] as is.
+pub struct SessionStreams {
+    pub send: quinn::SendStream,
+    pub recv: quinn::RecvStream,
+}
+
+pub enum IncomingStream {
+    Uplink(Box<AcceptedUplink>),
+    Session(SessionStreams),
+}
+
+/// One edge's connection, before its streams are known.
+#[derive(Clone)]
+pub struct IncomingConnection {
+    conn: quinn::Connection,
+    quic: crate::quic::QuicConfig,
+    frame_bytes_max: usize,
+    hello_timeout_ms: u64,
+}
+
+impl CloudEndpoint {
+    pub fn bind(
+        addr: std::net::SocketAddr,
+        identity: &crate::tls::NodeIdentity,
+        quic: crate::quic::QuicConfig,
+        frame_bytes_max: usize,
+        hello_timeout_ms: u64,
+    ) -> Result<Self, UplinkSetupError> {
+        let endpoint = crate::quic::server_endpoint(addr, identity, &quic)?;
+        Ok(Self { endpoint, quic, frame_bytes_max, hello_timeout_ms })
+    }
+
+    pub fn local_addr(&self) -> std::io::Result<std::net::SocketAddr> {
+        self.endpoint.local_addr()
+    }
+
+    /// The next connection whose handshake (and so its certificate chain)
+    /// succeeded; `None` once the endpoint is closed.
+    pub async fn accept(&self) -> Option<Result<IncomingConnection, UplinkSetupError>> {
+        let result = crate::quic::accept(&self.endpoint, &self.quic).await?;
+        Some(result.map_err(Into::into).map(|conn| IncomingConnection {
+            conn,
+            quic: self.quic.clone(),
+            frame_bytes_max: self.frame_bytes_max,
+            hello_timeout_ms: self.hello_timeout_ms,
+        }))
+    }
+
+    pub fn close(&self) {
+        self.endpoint.close(crate::quic::CLOSE_SHUTDOWN, b"cloud node stopping");
+    }
+}
+
+impl IncomingConnection {
+    pub fn remote_address(&self) -> std::net::SocketAddr {
+        self.conn.remote_address()
+    }
+
+    pub fn handle(&self) -> LinkHandle {
+        LinkHandle::new(self.conn.clone())
+    }
+
+    /// The next stream the edge opens, routed by its kind byte. An uplink
+    /// stream comes back with its Hello read and its edge id verified.
+    pub async fn next_stream(&self) -> Result<IncomingStream, UplinkSetupError> {
+        let (kind, send, recv) = crate::quic::accept_stream(&self.conn, &self.quic).await?;
+        match kind {
+            crate::quic::StreamKind::Uplink => {
+                let up = accept_uplink(&self.conn, send, recv, self.frame_bytes_max, self.hello_timeout_ms)
+                    .await?;
+                Ok(IncomingStream::Uplink(Box::new(up)))
+            }
+            crate::quic::StreamKind::Session => Ok(IncomingStream::Session(SessionStreams { send, recv })),
+        }
+    }
+
+    /// Closes the connection, telling the peer why.
+    pub fn close_protocol_error(&self, reason: &str) {
+        self.conn.close(crate::quic::CLOSE_PROTOCOL_ERROR, reason.as_bytes());
+    }
+
+    pub fn close_identity_mismatch(&self, reason: &str) {
+        self.conn.close(crate::quic::CLOSE_IDENTITY_MISMATCH, reason.as_bytes());
+    }
+}

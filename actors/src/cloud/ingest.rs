@@ -1,0 +1,246 @@
+//! The ingest actor: one per connected edge, a thin driver around the
+//! sans-IO [`Ingest`] core and the edge's transactional log writer.
+//!
+//! Log calls block (they wait on the broker), so they run on tokio's blocking
+//! pool, one at a time; the writer travels into the blocking task and back.
+//! On any log error the actor closes the link and stops: the edge reconnects
+//! with backoff, and a fresh writer fences whatever the broken one left
+//! behind. Transactions make that safe; retrying in place would not be
+//! simpler once a producer is in an unknown state.
+
+use std::sync::Arc;
+
+
+use ractor::{Actor, ActorProcessingErr, ActorRef};
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
+use tributary_cluster::uplink::link::{AcceptedUplink, LinkHandle};
+use tributary_cluster::uplink::{CommitBatch, Frame, Ingest, IngestConfig};
+
+use super::{CloudCounters, WriterPool};
+use crate::outbox::segment;
+use crate::sink::{EdgeLogWriter, Hwm, LogSink, SegmentBatch, SinkError};
+
+/// Close code when the cloud gives up on a link (protocol error or log down).
+const CLOSE_PROTOCOL: u32 = 1;
+
+pub struct IngestArgs {
+    pub uplink: Box<AcceptedUplink>,
+    pub sink: Arc<dyn LogSink>,
+    pub pool: WriterPool,
+    pub core: IngestConfig,
+    pub counters: Arc<CloudCounters>,
+}
+
+pub enum IngestMsg {
+    Frame(Frame),
+    LinkDown(String),
+    Recovered(Result<(Box<dyn EdgeLogWriter>, Option<Hwm>), SinkError>),
+    Committed(Box<dyn EdgeLogWriter>, CommitBatch, Result<u64, SinkError>),
+}
+
+impl ractor::Message for IngestMsg {}
+
+#[derive(Clone, Default)]
+pub struct IngestActor;
+
+pub struct IngestState {
+    edge_id: String,
+    core: Ingest,
+    writer: Option<Box<dyn EdgeLogWriter>>,
+    committing: bool,
+    tx: mpsc::Sender<Frame>,
+    handle: LinkHandle,
+    tasks: Vec<JoinHandle<()>>,
+    pool: WriterPool,
+    counters: Arc<CloudCounters>,
+}
+
+impl IngestState {
+    fn fail(&mut self, myself: &ActorRef<IngestMsg>, reason: String) {
+        tracing::warn!(edge = %self.edge_id, %reason, "closing the edge's link");
+        self.flush_transmit();
+        self.handle.close(CLOSE_PROTOCOL, &reason);
+        myself.stop(Some(reason));
+    }
+
+    fn flush_transmit(&mut self) {
+        while let Some(frame) = self.core.poll_transmit() {
+            // Sized for the window plus control frames; a full channel means
+            // the edge stopped reading, and the link is closed below anyway.
+            if self.tx.try_send(frame).is_err() {
+                break;
+            }
+        }
+    }
+
+    fn pump(&mut self, myself: &ActorRef<IngestMsg>) {
+        self.flush_transmit();
+        if self.committing || self.writer.is_none() {
+            return;
+        }
+        let Some(batch) = self.core.poll_commit() else { return };
+        let mut batches = Vec::with_capacity(batch.segments.len());
+        for seg in &batch.segments {
+            match segment::decode_payload(&seg.bytes, seg.readings_count) {
+                Ok(readings) => batches.push(SegmentBatch { seq: seg.seq, readings }),
+                Err(e) => {
+                    self.counters.segments_malformed.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    self.fail(myself, format!("segment {} does not decode: {e}", seg.seq));
+                    return;
+                }
+            }
+        }
+        let mut writer = self.writer.take().expect("checked above");
+        self.committing = true;
+        let edge = self.edge_id.clone();
+        let me = myself.clone();
+        tokio::task::spawn_blocking(move || {
+            let hwm = Hwm { epoch: batch.epoch, seq: batch.seq_through };
+            let readings: u64 = batches.iter().map(|b| b.readings.len() as u64).sum();
+            let result = writer.commit(&edge, hwm, &batches).map(|_| readings);
+            let _ = me.send_message(IngestMsg::Committed(writer, batch, result));
+        });
+    }
+}
+
+impl Actor for IngestActor {
+    type Msg = IngestMsg;
+    type State = IngestState;
+    type Arguments = IngestArgs;
+
+    async fn pre_start(&self, myself: ActorRef<IngestMsg>, args: IngestArgs) -> Result<IngestState, ActorProcessingErr> {
+        let up = *args.uplink;
+        let edge_id = up.edge_id.to_string();
+        let core = Ingest::new(args.core.clone(), edge_id.clone(), up.epoch);
+        let (tx, mut rx) = mpsc::channel::<Frame>(args.core.pending_segments_max + 8);
+        let mut writer = up.writer;
+        let mut reader = up.reader;
+        let me = myself.clone();
+        let write_task = tokio::spawn(async move {
+            while let Some(frame) = rx.recv().await {
+                if let Err(e) = writer.send(&frame).await {
+                    let _ = me.send_message(IngestMsg::LinkDown(e.to_string()));
+                    return;
+                }
+            }
+        });
+        let me = myself.clone();
+        let read_task = tokio::spawn(async move {
+            loop {
+                let msg = match reader.recv().await {
+                    Ok(Some(frame)) => IngestMsg::Frame(frame),
+                    Ok(None) => IngestMsg::LinkDown("the edge closed the uplink".into()),
+                    Err(e) => IngestMsg::LinkDown(e.to_string()),
+                };
+                let last = matches!(msg, IngestMsg::LinkDown(_));
+                if me.send_message(msg).is_err() || last {
+                    return;
+                }
+            }
+        });
+        let me = myself.clone();
+        let handle = up.handle.clone();
+        let watch_task = tokio::spawn(async move {
+            let reason = handle.closed().await;
+            let _ = me.send_message(IngestMsg::LinkDown(reason));
+        });
+        // Recovery blocks on the broker: take a pooled writer or open (and
+        // fence) a new one, then read the mark.
+        let pooled = args.pool.take(&edge_id);
+        let sink = args.sink.clone();
+        let edge = edge_id.clone();
+        let me = myself.clone();
+        tokio::task::spawn_blocking(move || {
+            let result = (|| {
+                let mut writer = match pooled {
+                    Some(w) => w,
+                    None => sink.open_edge(&edge)?,
+                };
+                let hwm = writer.high_water_mark()?;
+                Ok((writer, hwm))
+            })();
+            let _ = me.send_message(IngestMsg::Recovered(result));
+        });
+        tracing::info!(edge = %edge_id, epoch = up.epoch, next_seq = up.next_seq, peer = %up.handle.remote_address(), "edge connected");
+        Ok(IngestState {
+            edge_id,
+            core,
+            writer: None,
+            committing: false,
+            tx,
+            handle: up.handle,
+            tasks: vec![write_task, read_task, watch_task],
+            pool: args.pool,
+            counters: args.counters,
+        })
+    }
+
+    async fn handle(&self, myself: ActorRef<IngestMsg>, msg: IngestMsg, state: &mut IngestState) -> Result<(), ActorProcessingErr> {
+        use std::sync::atomic::Ordering::Relaxed;
+        match msg {
+            IngestMsg::Recovered(Ok((writer, hwm))) => {
+                state.writer = Some(writer);
+                let mark = hwm.map(|h| (h.epoch, h.seq));
+                tracing::info!(edge = %state.edge_id, hwm = ?mark, "high-water mark recovered");
+                if let Err(e) = state.core.handle_hwm(mark) {
+                    state.fail(&myself, e.to_string());
+                    return Ok(());
+                }
+                state.pump(&myself);
+            }
+            IngestMsg::Recovered(Err(e)) => {
+                state.counters.log_errors.fetch_add(1, Relaxed);
+                state.fail(&myself, format!("the log is unavailable: {e}"));
+            }
+            IngestMsg::Frame(frame) => {
+                let before = state.core.duplicates();
+                if let Err(e) = state.core.handle_frame(frame) {
+                    state.counters.protocol_errors.fetch_add(1, Relaxed);
+                    state.fail(&myself, e.to_string());
+                    return Ok(());
+                }
+                state.counters.segments_duplicate.fetch_add(state.core.duplicates() - before, Relaxed);
+                state.pump(&myself);
+            }
+            IngestMsg::Committed(writer, batch, result) => {
+                state.committing = false;
+                match result {
+                    Ok(readings) => {
+                        state.writer = Some(writer);
+                        state.core.handle_commit_succeeded(&batch);
+                        state.counters.readings_committed.fetch_add(readings, Relaxed);
+                        state.counters.segments_committed.fetch_add(batch.segments.len() as u64, Relaxed);
+                        state.counters.transactions.fetch_add(1, Relaxed);
+                        tracing::debug!(edge = %state.edge_id, seq_through = batch.seq_through, readings, "committed");
+                        state.pump(&myself);
+                    }
+                    Err(e) => {
+                        // The writer may be fenced or in an unknown state: drop it.
+                        drop(writer);
+                        state.core.handle_commit_failed(batch);
+                        state.counters.log_errors.fetch_add(1, Relaxed);
+                        state.fail(&myself, format!("the log transaction failed: {e}"));
+                    }
+                }
+            }
+            IngestMsg::LinkDown(reason) => {
+                tracing::info!(edge = %state.edge_id, %reason, "edge link down");
+                myself.stop(Some(reason));
+            }
+        }
+        Ok(())
+    }
+
+    async fn post_stop(&self, _myself: ActorRef<IngestMsg>, state: &mut IngestState) -> Result<(), ActorProcessingErr> {
+        for t in state.tasks.drain(..) {
+            t.abort();
+        }
+        state.handle.close(0, "ingest stopped");
+        if let Some(w) = state.writer.take() {
+            state.pool.put(&state.edge_id, w);
+        }
+        Ok(())
+    }
+}
+

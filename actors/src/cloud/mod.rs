@@ -1,0 +1,254 @@
+//! The cloud node: a listener that accepts edges over QUIC, one ingest actor
+//! per connected edge, and the log sink they write through.
+//!
+//! ```text
+//! tributary.listener           binds the endpoint, accepts connections
+//! └── ingest/<edge-id> ...     one per connected edge (linked, not restarted:
+//!                              the edge reconnects, which starts a new one)
+//! ```
+
+pub mod ingest;
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort, SupervisionEvent};
+use tokio::task::JoinHandle;
+use tributary_cluster::tls::NodeIdentity;
+use tributary_cluster::uplink::link::{CloudEndpoint, IncomingConnection, IncomingStream};
+use tributary_cluster::uplink::IngestConfig;
+use tributary_cluster::quic::QuicConfig;
+
+use crate::sink::{EdgeLogWriter, LogSink};
+use ingest::{IngestActor, IngestArgs};
+
+pub const LISTENER_NAME: &str = "tributary.listener";
+/// How long a stale ingest for the same edge may take to stop.
+const REPLACE_TIMEOUT_MS: u64 = 10_000;
+/// Connections being set up at once; more wait in the endpoint's queue,
+/// itself bounded by `incoming_max`.
+const CONNECTIONS_SETTING_UP_MAX: usize = 256;
+
+/// Counters of the cloud's data path; they only grow.
+#[derive(Debug, Default)]
+pub struct CloudCounters {
+    pub connections_accepted: AtomicU64,
+    pub connections_refused: AtomicU64,
+    pub readings_committed: AtomicU64,
+    pub segments_committed: AtomicU64,
+    pub segments_duplicate: AtomicU64,
+    pub segments_malformed: AtomicU64,
+    pub transactions: AtomicU64,
+    pub protocol_errors: AtomicU64,
+    pub log_errors: AtomicU64,
+}
+
+/// Writers kept between connections of the same edge, so that a reconnect
+/// does not pay for a new transactional producer and a mark recovery.
+#[derive(Clone, Default)]
+pub struct WriterPool {
+    inner: Arc<Mutex<HashMap<String, Box<dyn EdgeLogWriter>>>>,
+}
+
+impl WriterPool {
+    pub fn take(&self, edge: &str) -> Option<Box<dyn EdgeLogWriter>> {
+        self.inner.lock().expect("writer pool lock").remove(edge)
+    }
+
+    pub fn put(&self, edge: &str, writer: Box<dyn EdgeLogWriter>) {
+        self.inner.lock().expect("writer pool lock").entry(edge.to_string()).or_insert(writer);
+    }
+}
+
+#[derive(Clone)]
+pub struct CloudArgs {
+    pub listen_addr: SocketAddr,
+    pub identity: NodeIdentity,
+    pub quic: QuicConfig,
+    pub frame_bytes_max: usize,
+    pub hello_timeout_ms: u64,
+    pub ingest: IngestConfig,
+    pub sink: Arc<dyn LogSink>,
+    /// How often the listener logs what flows; 0 turns it off.
+    pub report_interval_ms: u64,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct CloudStatus {
+    pub listen_addr: SocketAddr,
+    pub readings_committed: u64,
+    pub transactions: u64,
+    pub edges_connected: usize,
+}
+
+pub enum ListenerMsg {
+    Incoming(Box<tributary_cluster::uplink::link::AcceptedUplink>),
+    Report,
+    Status(RpcReplyPort<CloudStatus>),
+}
+
+impl ractor::Message for ListenerMsg {}
+
+#[derive(Clone, Default)]
+pub struct Listener;
+
+pub struct ListenerState {
+    args: CloudArgs,
+    endpoint: Arc<CloudEndpoint>,
+    local_addr: SocketAddr,
+    accept_task: JoinHandle<()>,
+    counters: Arc<CloudCounters>,
+    pool: WriterPool,
+    last_reported: u64,
+}
+
+fn ingest_name(edge: &str) -> String {
+    format!("ingest/{edge}")
+}
+
+async fn serve_connection(conn: IncomingConnection, listener: ActorRef<ListenerMsg>, counters: Arc<CloudCounters>) {
+    loop {
+        match conn.next_stream().await {
+            Ok(IncomingStream::Uplink(up)) => {
+                counters.connections_accepted.fetch_add(1, Relaxed);
+                if listener.send_message(ListenerMsg::Incoming(up)).is_err() {
+                    return;
+                }
+            }
+            Ok(IncomingStream::Session(_streams)) => {
+                // The cluster session is served by the node (see `node`); a
+                // cloud without one drops the stream.
+            }
+            Err(e) => {
+                use tributary_cluster::uplink::link::UplinkSetupError as E;
+                match &e {
+                    E::IdentityMismatch { .. } | E::BadEdgeId { .. } => {
+                        counters.connections_refused.fetch_add(1, Relaxed);
+                        tracing::warn!(peer = %conn.remote_address(), error = %e, "edge refused");
+                        conn.close_identity_mismatch(&e.to_string());
+                    }
+                    E::Quic(_) => {
+                        tracing::debug!(peer = %conn.remote_address(), error = %e, "connection ended");
+                    }
+                    _ => {
+                        counters.protocol_errors.fetch_add(1, Relaxed);
+                        tracing::warn!(peer = %conn.remote_address(), error = %e, "edge broke the protocol");
+                        conn.close_protocol_error(&e.to_string());
+                    }
+                }
+                return;
+            }
+        }
+    }
+}
+
+impl Actor for Listener {
+    type Msg = ListenerMsg;
+    type State = ListenerState;
+    type Arguments = CloudArgs;
+
+    async fn pre_start(&self, myself: ActorRef<ListenerMsg>, args: CloudArgs) -> Result<ListenerState, ActorProcessingErr> {
+        let endpoint = Arc::new(CloudEndpoint::bind(
+            args.listen_addr,
+            &args.identity,
+            args.quic.clone(),
+            args.frame_bytes_max,
+            args.hello_timeout_ms,
+        )?);
+        let local_addr = endpoint.local_addr()?;
+        let counters = Arc::new(CloudCounters::default());
+        let ep = endpoint.clone();
+        let me = myself.clone();
+        let c = counters.clone();
+        let setting_up = Arc::new(tokio::sync::Semaphore::new(CONNECTIONS_SETTING_UP_MAX));
+        let accept_task = tokio::spawn(async move {
+            while let Some(result) = ep.accept().await {
+                match result {
+                    Ok(conn) => {
+                        let Ok(permit) = setting_up.clone().acquire_owned().await else { return };
+                        let (me, c) = (me.clone(), c.clone());
+                        tokio::spawn(async move {
+                            serve_connection(conn, me, c).await;
+                            drop(permit);
+                        });
+                    }
+                    Err(e) => {
+                        c.connections_refused.fetch_add(1, Relaxed);
+                        tracing::warn!(error = %e, "handshake refused");
+                    }
+                }
+            }
+        });
+        if args.report_interval_ms > 0 {
+            myself.send_interval(Duration::from_millis(args.report_interval_ms), || ListenerMsg::Report);
+        }
+        tracing::info!(addr = %local_addr, "cloud listening for edges");
+        Ok(ListenerState { args, endpoint, local_addr, accept_task, counters, pool: WriterPool::default(), last_reported: 0 })
+    }
+
+    async fn handle(&self, myself: ActorRef<ListenerMsg>, msg: ListenerMsg, state: &mut ListenerState) -> Result<(), ActorProcessingErr> {
+        match msg {
+            ListenerMsg::Incoming(up) => {
+                let name = ingest_name(up.edge_id.as_str());
+                // A reconnecting edge may find its previous ingest still alive
+                // (its link not yet timed out): stop it first, so that one
+                // writer per edge exists and goes back to the pool.
+                if let Some(old) = ractor::registry::where_is(name.clone()) {
+                    let _ = old.stop_and_wait(Some("replaced by a new connection".into()), Some(Duration::from_millis(REPLACE_TIMEOUT_MS))).await;
+                }
+                let args = IngestArgs {
+                    uplink: up,
+                    sink: state.args.sink.clone(),
+                    pool: state.pool.clone(),
+                    core: state.args.ingest.clone(),
+                    counters: state.counters.clone(),
+                };
+                if let Err(e) = Actor::spawn_linked(Some(name), IngestActor, args, myself.get_cell()).await {
+                    tracing::error!(error = %e, "starting an ingest failed");
+                }
+            }
+            ListenerMsg::Report => {
+                let committed = state.counters.readings_committed.load(Relaxed);
+                let delta = committed - state.last_reported;
+                state.last_reported = committed;
+                let edges = myself.get_children().len();
+                let secs = state.args.report_interval_ms as f64 / 1000.0;
+                tracing::info!(
+                    edges,
+                    readings_committed = committed,
+                    readings_per_s = (delta as f64 / secs).round(),
+                    transactions = state.counters.transactions.load(Relaxed),
+                    duplicates_skipped = state.counters.segments_duplicate.load(Relaxed),
+                    "cloud flow"
+                );
+            }
+            ListenerMsg::Status(reply) => {
+                let _ = reply.send(CloudStatus {
+                    listen_addr: state.local_addr,
+                    readings_committed: state.counters.readings_committed.load(Relaxed),
+                    transactions: state.counters.transactions.load(Relaxed),
+                    edges_connected: myself.get_children().len(),
+                });
+            }
+        }
+        Ok(())
+    }
+
+    async fn handle_supervisor_evt(&self, _myself: ActorRef<ListenerMsg>, evt: SupervisionEvent, _state: &mut ListenerState) -> Result<(), ActorProcessingErr> {
+        // An ingest ends with its link; the edge reconnects and a new one
+        // starts. Its failure must not take the listener down.
+        if let SupervisionEvent::ActorFailed(cell, err) = evt {
+            tracing::warn!(actor = ?cell.get_name(), error = %err, "ingest failed");
+        }
+        Ok(())
+    }
+
+    async fn post_stop(&self, _myself: ActorRef<ListenerMsg>, state: &mut ListenerState) -> Result<(), ActorProcessingErr> {
+        state.accept_task.abort();
+        state.endpoint.close();
+        Ok(())
+    }
+}

@@ -1,0 +1,79 @@
+//! The edge node: simulated devices under a device supervisor, the gateway
+//! that owns the outbox, and the uplink that owns the link to the cloud.
+//!
+//! ```text
+//! tributary.edge (rest_for_one)
+//! ├── tributary.gateway          the outbox's only owner
+//! ├── tributary.uplink           the link; reads from and acks to the gateway
+//! └── tributary.devices (one_for_one)
+//!     └── device/<id> ...        one simulated sensor each
+//! ```
+//!
+//! rest_for_one because the uplink and the devices depend on the gateway: a
+//! gateway restart re-reads the outbox, so the uplink must start again from
+//! what the outbox says; a device failure concerns that device alone.
+
+pub mod device;
+pub mod gateway;
+pub mod uplink;
+
+use ractor::{Actor, ActorRef, SpawnErr};
+use tokio::task::JoinHandle;
+
+use crate::supervision::{ChildSpec, Restart, Strategy, Supervisor, SupervisorArgs, SupervisorMsg};
+use device::{DeviceArgs, Signal, SimulatedDevice};
+use gateway::{Gateway, GatewayArgs};
+use uplink::{Uplink, UplinkArgs};
+
+pub const EDGE_NAME: &str = "tributary.edge";
+pub const GATEWAY_NAME: &str = "tributary.gateway";
+pub const UPLINK_NAME: &str = "tributary.uplink";
+pub const DEVICES_NAME: &str = "tributary.devices";
+
+/// The simulated devices of an edge.
+#[derive(Debug, Clone)]
+pub struct DevicesConfig {
+    pub count: usize,
+    pub interval_ms: u64,
+    pub signal: Signal,
+    pub seed: u64,
+    /// Device ids are `<prefix><index>`.
+    pub id_prefix: String,
+}
+
+#[derive(Clone)]
+pub struct EdgeArgs {
+    pub gateway: GatewayArgs,
+    pub uplink: UplinkArgs,
+    pub devices: DevicesConfig,
+    pub restarts_max: u32,
+    pub restart_period_ms: u64,
+}
+
+/// Starts the edge's supervision tree.
+pub async fn start_edge(args: EdgeArgs) -> Result<(ActorRef<SupervisorMsg>, JoinHandle<()>), SpawnErr> {
+    let devices = (0..args.devices.count)
+        .map(|i| {
+            let id = format!("{}{i}", args.devices.id_prefix);
+            let dargs = DeviceArgs {
+                device_id: id.clone(),
+                interval_ms: args.devices.interval_ms,
+                signal: args.devices.signal.clone(),
+                seed: args.devices.seed.wrapping_add(i as u64),
+            };
+            ChildSpec::new(format!("device/{id}"), Restart::Permanent, SimulatedDevice, dargs)
+        })
+        .collect();
+    let mut device_sup = SupervisorArgs::new(Strategy::OneForOne, devices);
+    device_sup.restarts_max = args.restarts_max;
+    device_sup.restart_period_ms = args.restart_period_ms;
+    let children = vec![
+        ChildSpec::new(GATEWAY_NAME, Restart::Permanent, Gateway, args.gateway.clone()),
+        ChildSpec::new(UPLINK_NAME, Restart::Permanent, Uplink, args.uplink.clone()),
+        ChildSpec::new(DEVICES_NAME, Restart::Permanent, Supervisor, device_sup),
+    ];
+    let mut root = SupervisorArgs::new(Strategy::RestForOne, children);
+    root.restarts_max = args.restarts_max;
+    root.restart_period_ms = args.restart_period_ms;
+    Actor::spawn(Some(EDGE_NAME.to_string()), Supervisor, root).await
+}

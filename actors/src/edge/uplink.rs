@@ -1,0 +1,311 @@
+//! The uplink actor: owns the edge's link to the cloud and drives the
+//! sans-IO [`EdgeUplink`] core.
+//!
+//! Each connection gets a generation number; messages from the tasks of an
+//! older connection are recognised and ignored, so a late frame or a late
+//! "closed" can never act on the current link.
+
+
+
+use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
+
+use tributary_cluster::backoff::Backoff;
+use tributary_cluster::uplink::link::{EdgeConnector, LinkHandle};
+use tributary_cluster::uplink::{EdgeUplink, EdgeUplinkConfig, Frame, ReadRequest, SegmentFrame};
+
+use super::gateway::{GatewayMsg, GatewayStatus};
+use super::GATEWAY_NAME;
+
+/// How long the uplink waits for the gateway to answer a read.
+const GATEWAY_CALL_TIMEOUT_MS: u64 = 10_000;
+/// Close code sent when the edge itself gives up on a link.
+const CLOSE_PROTOCOL: u32 = 1;
+
+#[derive(Clone)]
+pub struct UplinkArgs {
+    pub edge_id: String,
+    pub connector: EdgeConnector,
+    pub core: EdgeUplinkConfig,
+    pub reconnect_backoff_initial_ms: u64,
+    pub reconnect_backoff_max_ms: u64,
+    /// Called with each new connection, e.g. to start the cluster session on it.
+    pub on_connect: Option<std::sync::Arc<dyn Fn(&LinkHandle) + Send + Sync>>,
+}
+
+/// What the uplink reports about itself.
+#[derive(Debug, Clone, PartialEq)]
+pub struct UplinkStatus {
+    pub up: bool,
+    pub acked_through: u64,
+    pub sealed_through: u64,
+    pub inflight_segments: usize,
+    pub connects: u64,
+    pub segments_sent: u64,
+    pub rtt_ms: Option<u64>,
+}
+
+pub enum UplinkMsg {
+    Connect,
+    Connected(u64, Box<tributary_cluster::uplink::link::DialedUplink>),
+    ConnectFailed(u64, String),
+    Frame(u64, Frame),
+    LinkDown(u64, String),
+    Sealed(u64),
+    Timer,
+    SetPaused(bool),
+    Status(RpcReplyPort<UplinkStatus>),
+}
+
+impl ractor::Message for UplinkMsg {}
+
+#[derive(Clone, Default)]
+pub struct Uplink;
+
+struct Live {
+    generation: u64,
+    tx: mpsc::Sender<Frame>,
+    handle: LinkHandle,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+pub struct UplinkState {
+    args: UplinkArgs,
+    core: EdgeUplink,
+    backoff: Backoff,
+    generation: u64,
+    connecting: bool,
+    live: Option<Live>,
+    connects: u64,
+    segments_sent: u64,
+}
+
+fn gateway() -> Option<ActorRef<GatewayMsg>> {
+    ractor::registry::where_is(GATEWAY_NAME.to_string()).map(Into::into)
+}
+
+impl UplinkState {
+    fn drop_link(&mut self, reason: &str) {
+        if let Some(live) = self.live.take() {
+            live.handle.close(CLOSE_PROTOCOL, reason);
+            for t in live.tasks {
+                t.abort();
+            }
+        }
+        self.core.handle_link_down();
+    }
+
+    fn schedule_connect(&mut self, myself: &ActorRef<UplinkMsg>) {
+        let delay = self.backoff.next_delay();
+        myself.send_after(delay, || UplinkMsg::Connect);
+    }
+
+    /// Drains the core's outputs: deletions, reads, frames, the timer.
+    async fn pump(&mut self, myself: &ActorRef<UplinkMsg>) {
+        if let Some(seq) = self.core.poll_delete() {
+            if let Some(g) = gateway() {
+                let _ = g.send_message(GatewayMsg::Acked(seq));
+            }
+        }
+        while let Some(req) = self.core.poll_read() {
+            let segments = self.read(req).await;
+            self.core.handle_segments_read(req, segments);
+        }
+        while let Some(frame) = self.core.poll_transmit() {
+            let Some(live) = &self.live else { break };
+            if matches!(frame, Frame::Segment(_)) {
+                self.segments_sent += 1;
+            }
+            // The channel holds the window plus the handshake; the core never
+            // has more than that outstanding, so a full channel is a bug.
+            if live.tx.try_send(frame).is_err() {
+                self.drop_link("the send queue overflowed");
+                self.schedule_connect(myself);
+                return;
+            }
+        }
+        if let Some(deadline) = self.core.poll_timeout() {
+            myself.send_after(deadline.saturating_duration_since(std::time::Instant::now()), || UplinkMsg::Timer);
+        }
+    }
+
+    async fn read(&mut self, req: ReadRequest) -> Vec<SegmentFrame> {
+        let Some(g) = gateway() else { return Vec::new() };
+        match ractor::call_t!(g, GatewayMsg::Read, GATEWAY_CALL_TIMEOUT_MS, req) {
+            Ok(Ok(segments)) => segments,
+            Ok(Err(e)) => {
+                tracing::error!(error = %e, "reading segments from the outbox failed");
+                Vec::new()
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "the gateway did not answer a read");
+                Vec::new()
+            }
+        }
+    }
+}
+
+impl Actor for Uplink {
+    type Msg = UplinkMsg;
+    type State = UplinkState;
+    type Arguments = UplinkArgs;
+
+    async fn pre_start(&self, myself: ActorRef<UplinkMsg>, args: UplinkArgs) -> Result<UplinkState, ActorProcessingErr> {
+        let g = gateway().ok_or("the gateway is not running")?;
+        let status: GatewayStatus = ractor::call_t!(g, GatewayMsg::Status, GATEWAY_CALL_TIMEOUT_MS)?;
+        let core = EdgeUplink::new(
+            args.core.clone(),
+            args.edge_id.clone(),
+            status.epoch,
+            status.acked_through,
+            status.sealed_through,
+        );
+        let seed = rand::random::<u64>();
+        let backoff = Backoff::new(args.reconnect_backoff_initial_ms, args.reconnect_backoff_max_ms, seed);
+        myself.send_message(UplinkMsg::Connect)?;
+        Ok(UplinkState { args, core, backoff, generation: 0, connecting: false, live: None, connects: 0, segments_sent: 0 })
+    }
+
+    async fn handle(&self, myself: ActorRef<UplinkMsg>, msg: UplinkMsg, state: &mut UplinkState) -> Result<(), ActorProcessingErr> {
+        match msg {
+            UplinkMsg::Connect => {
+                if state.live.is_some() || state.connecting {
+                    return Ok(());
+                }
+                state.connecting = true;
+                state.generation += 1;
+                let generation = state.generation;
+                let connector = state.args.connector.clone();
+                let me = myself.clone();
+                tokio::spawn(async move {
+                    let msg = match connector.connect().await {
+                        Ok(d) => UplinkMsg::Connected(generation, Box::new(d)),
+                        Err(e) => UplinkMsg::ConnectFailed(generation, e.to_string()),
+                    };
+                    let _ = me.send_message(msg);
+                });
+            }
+            UplinkMsg::ConnectFailed(generation, reason) => {
+                if generation == state.generation {
+                    state.connecting = false;
+                    tracing::warn!(cloud = %state.args.connector.cloud_addr(), %reason, "connecting to the cloud failed");
+                    state.schedule_connect(&myself);
+                }
+            }
+            UplinkMsg::Connected(generation, dialed) => {
+                if generation != state.generation {
+                    dialed.handle.close(0, "superseded");
+                    return Ok(());
+                }
+                state.connecting = false;
+                state.connects += 1;
+                let dialed = *dialed;
+                let (tx, mut rx) = mpsc::channel::<Frame>(state.args.core.inflight_segments_max + 4);
+                let mut writer = dialed.writer;
+                let mut reader = dialed.reader;
+                let me = myself.clone();
+                let write_task = tokio::spawn(async move {
+                    while let Some(frame) = rx.recv().await {
+                        if let Err(e) = writer.send(&frame).await {
+                            let _ = me.send_message(UplinkMsg::LinkDown(generation, e.to_string()));
+                            return;
+                        }
+                    }
+                });
+                let me = myself.clone();
+                let read_task = tokio::spawn(async move {
+                    loop {
+                        match reader.recv().await {
+                            Ok(Some(frame)) => {
+                                if me.send_message(UplinkMsg::Frame(generation, frame)).is_err() {
+                                    return;
+                                }
+                            }
+                            Ok(None) => {
+                                let _ = me.send_message(UplinkMsg::LinkDown(generation, "the cloud closed the uplink".into()));
+                                return;
+                            }
+                            Err(e) => {
+                                let _ = me.send_message(UplinkMsg::LinkDown(generation, e.to_string()));
+                                return;
+                            }
+                        }
+                    }
+                });
+                let me = myself.clone();
+                let handle = dialed.handle.clone();
+                let watch_task = tokio::spawn(async move {
+                    let reason = handle.closed().await;
+                    let _ = me.send_message(UplinkMsg::LinkDown(generation, reason));
+                });
+                if let Some(hook) = &state.args.on_connect {
+                    hook(&dialed.handle);
+                }
+                tracing::info!(cloud = %dialed.handle.remote_address(), "uplink connected");
+                state.live = Some(Live { generation, tx, handle: dialed.handle, tasks: vec![write_task, read_task, watch_task] });
+                state.core.handle_link_up(std::time::Instant::now());
+                state.pump(&myself).await;
+            }
+            UplinkMsg::Frame(generation, frame) => {
+                if state.live.as_ref().map(|l| l.generation) != Some(generation) {
+                    return Ok(());
+                }
+                let was_up = state.core.is_up();
+                if let Err(e) = state.core.handle_frame(frame) {
+                    tracing::error!(error = %e, "uplink protocol error; reconnecting");
+                    state.drop_link(&e.to_string());
+                    state.schedule_connect(&myself);
+                    return Ok(());
+                }
+                if !was_up && state.core.is_up() {
+                    state.backoff.reset();
+                    tracing::info!(acked_through = state.core.acked_through(), sealed_through = state.core.sealed_through(), "uplink streaming");
+                }
+                state.pump(&myself).await;
+            }
+            UplinkMsg::LinkDown(generation, reason) => {
+                if state.live.as_ref().map(|l| l.generation) == Some(generation) {
+                    tracing::warn!(%reason, "uplink down; reconnecting");
+                    state.drop_link(&reason);
+                    state.schedule_connect(&myself);
+                }
+            }
+            UplinkMsg::Sealed(seq) => {
+                if seq > state.core.sealed_through() {
+                    state.core.handle_segment_sealed(seq);
+                    state.pump(&myself).await;
+                }
+            }
+            UplinkMsg::Timer => {
+                if let Err(e) = state.core.handle_timeout(std::time::Instant::now()) {
+                    tracing::warn!(error = %e, "uplink timed out; reconnecting");
+                    state.drop_link(&e.to_string());
+                    state.schedule_connect(&myself);
+                }
+            }
+            UplinkMsg::SetPaused(paused) => {
+                state.core.set_paused(paused);
+                state.pump(&myself).await;
+            }
+            UplinkMsg::Status(reply) => {
+                let _ = reply.send(UplinkStatus {
+                    up: state.core.is_up(),
+                    acked_through: state.core.acked_through(),
+                    sealed_through: state.core.sealed_through(),
+                    inflight_segments: state.core.inflight_segments(),
+                    connects: state.connects,
+                    segments_sent: state.segments_sent,
+                    rtt_ms: state.live.as_ref().map(|l| l.handle.rtt().as_millis() as u64),
+                });
+            }
+        }
+        Ok(())
+    }
+
+    async fn post_stop(&self, _myself: ActorRef<UplinkMsg>, state: &mut UplinkState) -> Result<(), ActorProcessingErr> {
+        state.drop_link("the edge is stopping");
+        Ok(())
+    }
+}
+
