@@ -13,7 +13,9 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
-use ractor::{Actor, ActorCell, ActorProcessingErr, ActorRef, RpcReplyPort, SpawnErr, SupervisionEvent};
+use ractor::{
+    Actor, ActorCell, ActorProcessingErr, ActorRef, RpcReplyPort, SpawnErr, SupervisionEvent,
+};
 use tokio::time::Instant;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -65,7 +67,11 @@ impl ChildSpec {
                 Ok(r.get_cell())
             })
         });
-        Self { name, restart, start }
+        Self {
+            name,
+            restart,
+            start,
+        }
     }
 }
 
@@ -106,7 +112,9 @@ pub struct ChildStatus {
 
 pub enum SupervisorMsg {
     /// Starts the children whose slot is empty, unless a newer restart was planned.
-    Restart { generation: u64 },
+    Restart {
+        generation: u64,
+    },
     Status(RpcReplyPort<Vec<ChildStatus>>),
 }
 
@@ -133,10 +141,17 @@ impl Supervisor {
     /// restart, capped.
     fn backoff(args: &SupervisorArgs, consecutive: u32) -> Duration {
         let factor = 1u64.checked_shl(consecutive.min(32)).unwrap_or(u64::MAX);
-        Duration::from_millis(args.backoff_initial_ms.saturating_mul(factor).min(args.backoff_max_ms))
+        Duration::from_millis(
+            args.backoff_initial_ms
+                .saturating_mul(factor)
+                .min(args.backoff_max_ms),
+        )
     }
 
-    async fn start_missing(myself: &ActorRef<SupervisorMsg>, state: &mut SupervisorState) -> Result<(), ActorProcessingErr> {
+    async fn start_missing(
+        myself: &ActorRef<SupervisorMsg>,
+        state: &mut SupervisorState,
+    ) -> Result<(), ActorProcessingErr> {
         for i in 0..state.cells.len() {
             if state.cells[i].is_none() && !state.retired[i] {
                 let spec = &state.args.children[i];
@@ -227,7 +242,11 @@ impl Actor for Supervisor {
             SupervisionEvent::ActorTerminated(cell, _, _) => (cell, None),
             _ => return Ok(()),
         };
-        let Some(index) = state.cells.iter().position(|c| c.as_ref().is_some_and(|c| c.get_id() == cell.get_id())) else {
+        let Some(index) = state
+            .cells
+            .iter()
+            .position(|c| c.as_ref().is_some_and(|c| c.get_id() == cell.get_id()))
+        else {
             // A child we stopped ourselves for a group restart.
             return Ok(());
         };
@@ -250,7 +269,11 @@ impl Actor for Supervisor {
         }
         let now = Instant::now();
         let period = Duration::from_millis(state.args.restart_period_ms);
-        while state.window.front().is_some_and(|t| now.duration_since(*t) > period) {
+        while state
+            .window
+            .front()
+            .is_some_and(|t| now.duration_since(*t) > period)
+        {
             state.window.pop_front();
         }
         if state.window.is_empty() {

@@ -577,3 +577,24 @@ fn a_reading_larger_than_the_message_limit_aborts_without_retry() {
         Some(hwm)
     );
 }
+
+#[test]
+fn a_full_local_queue_makes_the_commit_wait_not_fail() {
+    let mut config = test_config("queue");
+    // Far fewer than one commit's records: the commit must wait for room.
+    config
+        .client_properties
+        .insert("queue.buffering.max.messages".into(), "16".into());
+    let log = KafkaLog::new(config.clone()).unwrap();
+    let mut writer = log.open_edge("edge-q").unwrap();
+    let hwm = Hwm { epoch: 1, seq: 2 };
+    writer
+        .commit("edge-q", hwm, &[batch(1, "q", 300), batch(2, "q", 300)])
+        .unwrap();
+    assert_eq!(committed_readings(&config).len(), 600);
+    assert_eq!(log.counters().snapshot().records_sent, 600);
+    assert_eq!(
+        log.open_edge("edge-q").unwrap().high_water_mark().unwrap(),
+        Some(hwm)
+    );
+}

@@ -15,3 +15,10 @@ pub mod quic;
 pub mod session;
 pub mod tls;
 pub mod uplink;
+
+/// Names ring as the process's rustls provider. quinn and ractor_cluster
+/// would otherwise link two providers, and rustls then refuses to pick one.
+/// Our own configs name ring explicitly too; this covers code we do not own.
+pub fn install_crypto_provider() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+}

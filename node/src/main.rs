@@ -1,1 +1,237 @@
-fn main() {}
+//! `node`: runs a Tributary edge or cloud node, and manages the cluster's
+//! certificates. See `node --help`.
+
+mod config;
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use anyhow::{bail, Context};
+use clap::{Parser, Subcommand};
+use ractor::ActorRef;
+use tributary_actors::cloud::{CloudArgs, Listener, LISTENER_NAME};
+use tributary_actors::edge::device::Signal;
+use tributary_actors::edge::gateway::{GatewayArgs, StoreFactory};
+use tributary_actors::edge::uplink::UplinkArgs;
+use tributary_actors::edge::{start_edge, DevicesConfig, EdgeArgs};
+use tributary_actors::outbox::{OutboxStore, SledStore};
+use tributary_actors::sink::kafka::{KafkaLog, KafkaSinkConfig};
+use tributary_cluster::tls::{self, NodeId, NodeIdentity, Role};
+use tributary_cluster::uplink::link::EdgeConnector;
+use tributary_cluster::uplink::{EdgeUplinkConfig, IngestConfig};
+
+/// Tributary: carries industrial IoT readings from edge nodes into a durable
+/// log, exactly once.
+#[derive(Parser)]
+#[command(name = "node", version, about, long_about = None)]
+struct Cli {
+    #[command(subcommand)]
+    command: Option<Command>,
+    /// Run as an edge node or a cloud node.
+    #[arg(long, env = "TRIBUTARY_ROLE")]
+    role: Option<Role>,
+    /// A TOML file of settings; flags and TRIBUTARY_* variables override it.
+    #[arg(long, env = "TRIBUTARY_CONFIG")]
+    config: Option<PathBuf>,
+    #[command(flatten)]
+    settings: config::Settings,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Manage the cluster's certificate authority and node certificates.
+    Certs {
+        #[command(subcommand)]
+        command: CertsCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum CertsCommand {
+    /// Create a cluster CA (ca.pem, ca.key) in DIR.
+    Init {
+        #[arg(long)]
+        dir: PathBuf,
+    },
+    /// Issue a node certificate (<id>.pem, <id>.key) signed by the CA in DIR.
+    Issue {
+        #[arg(long)]
+        dir: PathBuf,
+        #[arg(long)]
+        id: String,
+        #[arg(long)]
+        role: Role,
+        /// Validity in days.
+        #[arg(long, default_value_t = 365)]
+        days: u32,
+    },
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .init();
+    tributary_cluster::install_crypto_provider();
+    match cli.command {
+        Some(Command::Certs { command }) => certs(command),
+        None => {
+            let role = cli
+                .role
+                .context("--role edge|cloud is required (or TRIBUTARY_ROLE)")?;
+            let file = match &cli.config {
+                Some(p) => config::load_file(p)?,
+                None => config::Settings::default(),
+            };
+            let mut settings = cli.settings.resolve(file);
+            settings.validate()?;
+            let runtime = tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()?;
+            runtime.block_on(run(role, settings))
+        }
+    }
+}
+
+fn certs(command: CertsCommand) -> anyhow::Result<()> {
+    match command {
+        CertsCommand::Init { dir } => {
+            let paths = tls::init_ca(&dir)?;
+            println!("created the cluster CA: {}", paths.cert.display());
+        }
+        CertsCommand::Issue {
+            dir,
+            id,
+            role,
+            days,
+        } => {
+            let id = NodeId::new(id)?;
+            let paths = tls::issue(&dir, &id, role, days)?;
+            println!(
+                "issued {role} certificate for {id}: {}",
+                paths.cert.display()
+            );
+        }
+    }
+    Ok(())
+}
+
+async fn run(role: Role, s: config::Resolved) -> anyhow::Result<()> {
+    let id = NodeId::new(s.node_id.clone())?;
+    let identity = NodeIdentity::load_from_dir(&s.tls_dir, &id).with_context(|| {
+        format!(
+            "loading this node's certificate from tls_dir {}",
+            s.tls_dir.display()
+        )
+    })?;
+    if identity.role() != role {
+        bail!(
+            "the certificate of {id} is for role {}, but the node runs as {role}",
+            identity.role()
+        );
+    }
+    match role {
+        Role::Edge => run_edge(id, identity, s).await,
+        Role::Cloud => run_cloud(identity, s).await,
+    }
+}
+
+async fn run_edge(id: NodeId, identity: NodeIdentity, s: config::Resolved) -> anyhow::Result<()> {
+    let connector = EdgeConnector::new(&identity, s.cloud_addr, s.quic(), s.frame_bytes_max)?;
+    let outbox_dir = s.outbox_dir.clone();
+    let cache = s.sled_cache_bytes_max;
+    let store: StoreFactory = Arc::new(move || {
+        SledStore::open(&outbox_dir, cache).map(|st| Box::new(st) as Box<dyn OutboxStore>)
+    });
+    let args = EdgeArgs {
+        gateway: GatewayArgs {
+            store,
+            outbox: s.outbox(),
+            ack_log: (!s.ack_log.as_os_str().is_empty()).then(|| s.ack_log.clone()),
+        },
+        uplink: UplinkArgs {
+            edge_id: id.to_string(),
+            connector,
+            core: EdgeUplinkConfig {
+                inflight_segments_max: s.uplink_inflight_segments_max,
+                welcome_timeout_ms: s.welcome_timeout_ms,
+            },
+            reconnect_backoff_initial_ms: s.reconnect_backoff_initial_ms,
+            reconnect_backoff_max_ms: s.reconnect_backoff_max_ms,
+            on_connect: None,
+        },
+        devices: DevicesConfig {
+            count: s.device_count,
+            interval_ms: ((1000.0 / s.device_rate_hz).round() as u64).max(1),
+            signal: Signal {
+                base: s.signal_base,
+                amplitude: s.signal_amplitude,
+                period_s: s.signal_period_s,
+                noise: s.signal_noise,
+                spike_probability: s.spike_probability,
+                spike_magnitude: s.spike_magnitude,
+            },
+            seed: s.device_seed,
+            id_prefix: s.device_id_prefix.clone(),
+        },
+        restarts_max: s.restarts_max,
+        restart_period_ms: s.restart_period_ms,
+    };
+    let (root, handle) = start_edge(args)
+        .await
+        .context("starting the edge's actors")?;
+    tracing::info!(edge = %id, cloud = %s.cloud_addr, devices = s.device_count, outbox = %s.outbox_dir.display(), "edge running");
+    wait_for_stop(root.get_cell(), handle).await
+}
+
+async fn run_cloud(identity: NodeIdentity, s: config::Resolved) -> anyhow::Result<()> {
+    let sink_cfg = KafkaSinkConfig {
+        bootstrap_servers: s.kafka_bootstrap.clone(),
+        readings_topic: s.readings_topic.clone(),
+        readings_partitions: s.readings_partitions,
+        hwm_topic: s.hwm_topic.clone(),
+        transactional_id_prefix: s.transactional_id_prefix.clone(),
+        transaction_timeout_ms: s.transaction_timeout_ms,
+        commit_timeout_ms: s.commit_timeout_ms,
+        ..KafkaSinkConfig::default()
+    };
+    let log = tokio::task::spawn_blocking(move || KafkaLog::new(sink_cfg))
+        .await?
+        .context("connecting to the log")?;
+    let args = CloudArgs {
+        listen_addr: s.listen_addr,
+        identity,
+        quic: s.quic(),
+        frame_bytes_max: s.frame_bytes_max,
+        hello_timeout_ms: s.hello_timeout_ms,
+        ingest: IngestConfig {
+            commit_segments_max: s.commit_segments_max,
+            pending_segments_max: s.pending_segments_max,
+        },
+        sink: Arc::new(log),
+        report_interval_ms: s.report_interval_ms,
+    };
+    let (listener, handle): (ActorRef<_>, _) =
+        ractor::Actor::spawn(Some(LISTENER_NAME.to_string()), Listener, args)
+            .await
+            .context("starting the cloud listener")?;
+    wait_for_stop(listener.get_cell(), handle).await
+}
+
+/// Runs until the root actor ends or the process is asked to stop.
+async fn wait_for_stop(
+    root: ractor::ActorCell,
+    handle: tokio::task::JoinHandle<()>,
+) -> anyhow::Result<()> {
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => tracing::info!("interrupted; stopping"),
+        _ = term.recv() => tracing::info!("terminated; stopping"),
+        _ = handle => bail!("the node's root actor stopped (see the errors above)"),
+    }
+    root.stop(Some("node stopping".into()));
+    Ok(())
+}

@@ -10,7 +10,6 @@
 
 use std::sync::Arc;
 
-
 use ractor::{Actor, ActorProcessingErr, ActorRef};
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
@@ -79,13 +78,20 @@ impl IngestState {
         if self.committing || self.writer.is_none() {
             return;
         }
-        let Some(batch) = self.core.poll_commit() else { return };
+        let Some(batch) = self.core.poll_commit() else {
+            return;
+        };
         let mut batches = Vec::with_capacity(batch.segments.len());
         for seg in &batch.segments {
             match segment::decode_payload(&seg.bytes, seg.readings_count) {
-                Ok(readings) => batches.push(SegmentBatch { seq: seg.seq, readings }),
+                Ok(readings) => batches.push(SegmentBatch {
+                    seq: seg.seq,
+                    readings,
+                }),
                 Err(e) => {
-                    self.counters.segments_malformed.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    self.counters
+                        .segments_malformed
+                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                     self.fail(myself, format!("segment {} does not decode: {e}", seg.seq));
                     return;
                 }
@@ -96,7 +102,10 @@ impl IngestState {
         let edge = self.edge_id.clone();
         let me = myself.clone();
         tokio::task::spawn_blocking(move || {
-            let hwm = Hwm { epoch: batch.epoch, seq: batch.seq_through };
+            let hwm = Hwm {
+                epoch: batch.epoch,
+                seq: batch.seq_through,
+            };
             let readings: u64 = batches.iter().map(|b| b.readings.len() as u64).sum();
             let result = writer.commit(&edge, hwm, &batches).map(|_| readings);
             let _ = me.send_message(IngestMsg::Committed(writer, batch, result));
@@ -109,7 +118,11 @@ impl Actor for IngestActor {
     type State = IngestState;
     type Arguments = IngestArgs;
 
-    async fn pre_start(&self, myself: ActorRef<IngestMsg>, args: IngestArgs) -> Result<IngestState, ActorProcessingErr> {
+    async fn pre_start(
+        &self,
+        myself: ActorRef<IngestMsg>,
+        args: IngestArgs,
+    ) -> Result<IngestState, ActorProcessingErr> {
         let up = *args.uplink;
         let edge_id = up.edge_id.to_string();
         let core = Ingest::new(args.core.clone(), edge_id.clone(), up.epoch);
@@ -176,7 +189,12 @@ impl Actor for IngestActor {
         })
     }
 
-    async fn handle(&self, myself: ActorRef<IngestMsg>, msg: IngestMsg, state: &mut IngestState) -> Result<(), ActorProcessingErr> {
+    async fn handle(
+        &self,
+        myself: ActorRef<IngestMsg>,
+        msg: IngestMsg,
+        state: &mut IngestState,
+    ) -> Result<(), ActorProcessingErr> {
         use std::sync::atomic::Ordering::Relaxed;
         match msg {
             IngestMsg::Recovered(Ok((writer, hwm))) => {
@@ -200,7 +218,10 @@ impl Actor for IngestActor {
                     state.fail(&myself, e.to_string());
                     return Ok(());
                 }
-                state.counters.segments_duplicate.fetch_add(state.core.duplicates() - before, Relaxed);
+                state
+                    .counters
+                    .segments_duplicate
+                    .fetch_add(state.core.duplicates() - before, Relaxed);
                 state.pump(&myself);
             }
             IngestMsg::Committed(writer, batch, result) => {
@@ -209,8 +230,14 @@ impl Actor for IngestActor {
                     Ok(readings) => {
                         state.writer = Some(writer);
                         state.core.handle_commit_succeeded(&batch);
-                        state.counters.readings_committed.fetch_add(readings, Relaxed);
-                        state.counters.segments_committed.fetch_add(batch.segments.len() as u64, Relaxed);
+                        state
+                            .counters
+                            .readings_committed
+                            .fetch_add(readings, Relaxed);
+                        state
+                            .counters
+                            .segments_committed
+                            .fetch_add(batch.segments.len() as u64, Relaxed);
                         state.counters.transactions.fetch_add(1, Relaxed);
                         tracing::debug!(edge = %state.edge_id, seq_through = batch.seq_through, readings, "committed");
                         state.pump(&myself);
@@ -232,7 +259,11 @@ impl Actor for IngestActor {
         Ok(())
     }
 
-    async fn post_stop(&self, _myself: ActorRef<IngestMsg>, state: &mut IngestState) -> Result<(), ActorProcessingErr> {
+    async fn post_stop(
+        &self,
+        _myself: ActorRef<IngestMsg>,
+        state: &mut IngestState,
+    ) -> Result<(), ActorProcessingErr> {
         for t in state.tasks.drain(..) {
             t.abort();
         }
@@ -243,4 +274,3 @@ impl Actor for IngestActor {
         Ok(())
     }
 }
-

@@ -17,10 +17,10 @@ use std::time::Duration;
 
 use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort, SupervisionEvent};
 use tokio::task::JoinHandle;
+use tributary_cluster::quic::QuicConfig;
 use tributary_cluster::tls::NodeIdentity;
 use tributary_cluster::uplink::link::{CloudEndpoint, IncomingConnection, IncomingStream};
 use tributary_cluster::uplink::IngestConfig;
-use tributary_cluster::quic::QuicConfig;
 
 use crate::sink::{EdgeLogWriter, LogSink};
 use ingest::{IngestActor, IngestArgs};
@@ -59,7 +59,11 @@ impl WriterPool {
     }
 
     pub fn put(&self, edge: &str, writer: Box<dyn EdgeLogWriter>) {
-        self.inner.lock().expect("writer pool lock").entry(edge.to_string()).or_insert(writer);
+        self.inner
+            .lock()
+            .expect("writer pool lock")
+            .entry(edge.to_string())
+            .or_insert(writer);
     }
 }
 
@@ -109,7 +113,11 @@ fn ingest_name(edge: &str) -> String {
     format!("ingest/{edge}")
 }
 
-async fn serve_connection(conn: IncomingConnection, listener: ActorRef<ListenerMsg>, counters: Arc<CloudCounters>) {
+async fn serve_connection(
+    conn: IncomingConnection,
+    listener: ActorRef<ListenerMsg>,
+    counters: Arc<CloudCounters>,
+) {
     loop {
         match conn.next_stream().await {
             Ok(IncomingStream::Uplink(up)) => {
@@ -150,7 +158,11 @@ impl Actor for Listener {
     type State = ListenerState;
     type Arguments = CloudArgs;
 
-    async fn pre_start(&self, myself: ActorRef<ListenerMsg>, args: CloudArgs) -> Result<ListenerState, ActorProcessingErr> {
+    async fn pre_start(
+        &self,
+        myself: ActorRef<ListenerMsg>,
+        args: CloudArgs,
+    ) -> Result<ListenerState, ActorProcessingErr> {
         let endpoint = Arc::new(CloudEndpoint::bind(
             args.listen_addr,
             &args.identity,
@@ -168,7 +180,9 @@ impl Actor for Listener {
             while let Some(result) = ep.accept().await {
                 match result {
                     Ok(conn) => {
-                        let Ok(permit) = setting_up.clone().acquire_owned().await else { return };
+                        let Ok(permit) = setting_up.clone().acquire_owned().await else {
+                            return;
+                        };
                         let (me, c) = (me.clone(), c.clone());
                         tokio::spawn(async move {
                             serve_connection(conn, me, c).await;
@@ -183,13 +197,28 @@ impl Actor for Listener {
             }
         });
         if args.report_interval_ms > 0 {
-            myself.send_interval(Duration::from_millis(args.report_interval_ms), || ListenerMsg::Report);
+            myself.send_interval(Duration::from_millis(args.report_interval_ms), || {
+                ListenerMsg::Report
+            });
         }
         tracing::info!(addr = %local_addr, "cloud listening for edges");
-        Ok(ListenerState { args, endpoint, local_addr, accept_task, counters, pool: WriterPool::default(), last_reported: 0 })
+        Ok(ListenerState {
+            args,
+            endpoint,
+            local_addr,
+            accept_task,
+            counters,
+            pool: WriterPool::default(),
+            last_reported: 0,
+        })
     }
 
-    async fn handle(&self, myself: ActorRef<ListenerMsg>, msg: ListenerMsg, state: &mut ListenerState) -> Result<(), ActorProcessingErr> {
+    async fn handle(
+        &self,
+        myself: ActorRef<ListenerMsg>,
+        msg: ListenerMsg,
+        state: &mut ListenerState,
+    ) -> Result<(), ActorProcessingErr> {
         match msg {
             ListenerMsg::Incoming(up) => {
                 let name = ingest_name(up.edge_id.as_str());
@@ -197,7 +226,12 @@ impl Actor for Listener {
                 // (its link not yet timed out): stop it first, so that one
                 // writer per edge exists and goes back to the pool.
                 if let Some(old) = ractor::registry::where_is(name.clone()) {
-                    let _ = old.stop_and_wait(Some("replaced by a new connection".into()), Some(Duration::from_millis(REPLACE_TIMEOUT_MS))).await;
+                    let _ = old
+                        .stop_and_wait(
+                            Some("replaced by a new connection".into()),
+                            Some(Duration::from_millis(REPLACE_TIMEOUT_MS)),
+                        )
+                        .await;
                 }
                 let args = IngestArgs {
                     uplink: up,
@@ -206,7 +240,9 @@ impl Actor for Listener {
                     core: state.args.ingest.clone(),
                     counters: state.counters.clone(),
                 };
-                if let Err(e) = Actor::spawn_linked(Some(name), IngestActor, args, myself.get_cell()).await {
+                if let Err(e) =
+                    Actor::spawn_linked(Some(name), IngestActor, args, myself.get_cell()).await
+                {
                     tracing::error!(error = %e, "starting an ingest failed");
                 }
             }
@@ -237,7 +273,12 @@ impl Actor for Listener {
         Ok(())
     }
 
-    async fn handle_supervisor_evt(&self, _myself: ActorRef<ListenerMsg>, evt: SupervisionEvent, _state: &mut ListenerState) -> Result<(), ActorProcessingErr> {
+    async fn handle_supervisor_evt(
+        &self,
+        _myself: ActorRef<ListenerMsg>,
+        evt: SupervisionEvent,
+        _state: &mut ListenerState,
+    ) -> Result<(), ActorProcessingErr> {
         // An ingest ends with its link; the edge reconnects and a new one
         // starts. Its failure must not take the listener down.
         if let SupervisionEvent::ActorFailed(cell, err) = evt {
@@ -246,7 +287,11 @@ impl Actor for Listener {
         Ok(())
     }
 
-    async fn post_stop(&self, _myself: ActorRef<ListenerMsg>, state: &mut ListenerState) -> Result<(), ActorProcessingErr> {
+    async fn post_stop(
+        &self,
+        _myself: ActorRef<ListenerMsg>,
+        state: &mut ListenerState,
+    ) -> Result<(), ActorProcessingErr> {
         state.accept_task.abort();
         state.endpoint.close();
         Ok(())

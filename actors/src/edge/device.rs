@@ -9,9 +9,9 @@
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use ractor::{Actor, ActorProcessingErr, ActorRef};
 use rand::rngs::SmallRng;
 use rand::{RngExt, SeedableRng};
-use ractor::{Actor, ActorProcessingErr, ActorRef};
 use tokio::time::Instant;
 
 use super::gateway::{GatewayMsg, IngestReply};
@@ -40,7 +40,14 @@ pub struct Signal {
 
 impl Default for Signal {
     fn default() -> Self {
-        Self { base: 60.0, amplitude: 10.0, period_s: 60.0, noise: 0.5, spike_probability: 0.001, spike_magnitude: 40.0 }
+        Self {
+            base: 60.0,
+            amplitude: 10.0,
+            period_s: 60.0,
+            noise: 0.5,
+            spike_probability: 0.001,
+            spike_magnitude: 40.0,
+        }
     }
 }
 
@@ -74,14 +81,21 @@ pub struct DeviceState {
 }
 
 fn unix_us() -> i64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_micros() as i64).unwrap_or(0)
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_micros() as i64)
+        .unwrap_or(0)
 }
 
 impl DeviceState {
     fn sample(&mut self) -> Reading {
         let s = &self.args.signal;
         let t = self.started.elapsed().as_secs_f64();
-        let phase = if s.period_s > 0.0 { 2.0 * std::f64::consts::PI * t / s.period_s } else { 0.0 };
+        let phase = if s.period_s > 0.0 {
+            2.0 * std::f64::consts::PI * t / s.period_s
+        } else {
+            0.0
+        };
         let mut v = s.base + s.amplitude * phase.sin();
         if s.noise > 0.0 {
             v += self.rng.random_range(-s.noise..=s.noise);
@@ -99,8 +113,16 @@ impl DeviceState {
             device_ts_us: ts,
             edge_ts_us: 0,
             metrics: vec![
-                Metric { name: "temperature".into(), value: Value::F64(v), unit: Some("°C".into()) },
-                Metric { name: "n".into(), value: Value::I64(self.counter), unit: None },
+                Metric {
+                    name: "temperature".into(),
+                    value: Value::F64(v),
+                    unit: Some("°C".into()),
+                },
+                Metric {
+                    name: "n".into(),
+                    value: Value::I64(self.counter),
+                    unit: None,
+                },
             ],
         }
     }
@@ -111,7 +133,11 @@ impl Actor for SimulatedDevice {
     type State = DeviceState;
     type Arguments = DeviceArgs;
 
-    async fn pre_start(&self, myself: ActorRef<DeviceMsg>, args: DeviceArgs) -> Result<DeviceState, ActorProcessingErr> {
+    async fn pre_start(
+        &self,
+        myself: ActorRef<DeviceMsg>,
+        args: DeviceArgs,
+    ) -> Result<DeviceState, ActorProcessingErr> {
         if args.interval_ms == 0 {
             return Err("device interval_ms must be at least 1".into());
         }
@@ -128,7 +154,12 @@ impl Actor for SimulatedDevice {
         })
     }
 
-    async fn handle(&self, myself: ActorRef<DeviceMsg>, msg: DeviceMsg, state: &mut DeviceState) -> Result<(), ActorProcessingErr> {
+    async fn handle(
+        &self,
+        myself: ActorRef<DeviceMsg>,
+        msg: DeviceMsg,
+        state: &mut DeviceState,
+    ) -> Result<(), ActorProcessingErr> {
         match msg {
             DeviceMsg::Crash(reason) => return Err(reason.into()),
             DeviceMsg::Tick => {}

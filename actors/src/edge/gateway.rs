@@ -16,8 +16,8 @@ use tributary_cluster::uplink::{ReadRequest, SegmentFrame};
 
 use super::uplink::UplinkMsg;
 use super::UPLINK_NAME;
-use crate::outbox::{Committed, OutboxConfig, OutboxStats, OutboxStore, Refusal, StoreError};
 use crate::outbox::Outbox;
+use crate::outbox::{Committed, OutboxConfig, OutboxStats, OutboxStore, Refusal, StoreError};
 use crate::reading::Reading;
 
 /// How many devices the gateway remembers the last accepted reading of, to
@@ -82,7 +82,10 @@ pub struct GatewayState {
 }
 
 fn now_us() -> i64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_micros() as i64).unwrap_or(0)
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_micros() as i64)
+        .unwrap_or(0)
 }
 
 impl GatewayState {
@@ -110,6 +113,18 @@ impl GatewayState {
         }
     }
 
+    /// Records what `drop-oldest` evicted, as soon as it happens.
+    fn audit_dropped(&mut self) {
+        for d in self.outbox.poll_dropped() {
+            tracing::warn!(
+                seq = d.seq,
+                readings = d.readings,
+                "outbox full: dropped the oldest segment"
+            );
+            self.audit('D', &d.keys);
+        }
+    }
+
     fn commit(&mut self, myself: &ActorRef<GatewayMsg>) {
         match self.outbox.commit() {
             Ok(Some(Committed { seq, tickets, keys })) => {
@@ -125,13 +140,11 @@ impl GatewayState {
             Err(e) => {
                 // The readings stay open and unacknowledged; retry on a timer.
                 tracing::error!(error = %e, "outbox commit failed; will retry");
-                self.arm_timer(myself, std::time::Duration::from_millis(self.outbox.config().commit_interval_ms));
+                self.arm_timer(
+                    myself,
+                    std::time::Duration::from_millis(self.outbox.config().commit_interval_ms),
+                );
             }
-        }
-        let dropped = self.outbox.poll_dropped();
-        for d in dropped {
-            tracing::warn!(seq = d.seq, readings = d.readings, "outbox full: dropped the oldest segment");
-            self.audit('D', &d.keys);
         }
     }
 
@@ -175,7 +188,13 @@ impl Actor for Gateway {
             )),
             None => None,
         };
-        Ok(GatewayState { outbox, ack_log, last_ts: HashMap::new(), timer_generation: 0, timer_armed: false })
+        Ok(GatewayState {
+            outbox,
+            ack_log,
+            last_ts: HashMap::new(),
+            timer_generation: 0,
+            timer_armed: false,
+        })
     }
 
     async fn handle(
@@ -195,7 +214,9 @@ impl Actor for Gateway {
                 let now = Instant::now();
                 match state.outbox.handle_reading(now, reading, reply) {
                     Ok(()) => {
-                        if state.last_ts.len() >= DEVICES_TRACKED_MAX && !state.last_ts.contains_key(&device) {
+                        if state.last_ts.len() >= DEVICES_TRACKED_MAX
+                            && !state.last_ts.contains_key(&device)
+                        {
                             state.last_ts.clear();
                         }
                         state.last_ts.insert(device, ts);
@@ -208,9 +229,12 @@ impl Actor for Gateway {
                         let _ = reply.send(IngestReply::Invalid(e.to_string()));
                     }
                     Err(Refusal::TooLarge(n, reply)) => {
-                        let _ = reply.send(IngestReply::Invalid(format!("reading of {n} bytes exceeds segment_bytes_max")));
+                        let _ = reply.send(IngestReply::Invalid(format!(
+                            "reading of {n} bytes exceeds segment_bytes_max"
+                        )));
                     }
                 }
+                state.audit_dropped();
                 if state.outbox.commit_due(now) {
                     state.commit(&myself);
                 } else if !state.timer_armed {
@@ -225,7 +249,10 @@ impl Actor for Gateway {
                     state.commit(&myself);
                     if !state.timer_armed {
                         if let Some(deadline) = state.outbox.poll_timeout() {
-                            state.arm_timer(&myself, deadline.saturating_duration_since(Instant::now()));
+                            state.arm_timer(
+                                &myself,
+                                deadline.saturating_duration_since(Instant::now()),
+                            );
                         }
                     }
                 }

@@ -51,7 +51,9 @@ pub struct EdgeArgs {
 }
 
 /// Starts the edge's supervision tree.
-pub async fn start_edge(args: EdgeArgs) -> Result<(ActorRef<SupervisorMsg>, JoinHandle<()>), SpawnErr> {
+pub async fn start_edge(
+    args: EdgeArgs,
+) -> Result<(ActorRef<SupervisorMsg>, JoinHandle<()>), SpawnErr> {
     let devices = (0..args.devices.count)
         .map(|i| {
             let id = format!("{}{i}", args.devices.id_prefix);
@@ -61,14 +63,24 @@ pub async fn start_edge(args: EdgeArgs) -> Result<(ActorRef<SupervisorMsg>, Join
                 signal: args.devices.signal.clone(),
                 seed: args.devices.seed.wrapping_add(i as u64),
             };
-            ChildSpec::new(format!("device/{id}"), Restart::Permanent, SimulatedDevice, dargs)
+            ChildSpec::new(
+                format!("device/{id}"),
+                Restart::Permanent,
+                SimulatedDevice,
+                dargs,
+            )
         })
         .collect();
     let mut device_sup = SupervisorArgs::new(Strategy::OneForOne, devices);
     device_sup.restarts_max = args.restarts_max;
     device_sup.restart_period_ms = args.restart_period_ms;
     let children = vec![
-        ChildSpec::new(GATEWAY_NAME, Restart::Permanent, Gateway, args.gateway.clone()),
+        ChildSpec::new(
+            GATEWAY_NAME,
+            Restart::Permanent,
+            Gateway,
+            args.gateway.clone(),
+        ),
         ChildSpec::new(UPLINK_NAME, Restart::Permanent, Uplink, args.uplink.clone()),
         ChildSpec::new(DEVICES_NAME, Restart::Permanent, Supervisor, device_sup),
     ];

@@ -5,8 +5,6 @@
 //! older connection are recognised and ignored, so a late frame or a late
 //! "closed" can never act on the current link.
 
-
-
 use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
@@ -126,12 +124,17 @@ impl UplinkState {
             }
         }
         if let Some(deadline) = self.core.poll_timeout() {
-            myself.send_after(deadline.saturating_duration_since(std::time::Instant::now()), || UplinkMsg::Timer);
+            myself.send_after(
+                deadline.saturating_duration_since(std::time::Instant::now()),
+                || UplinkMsg::Timer,
+            );
         }
     }
 
     async fn read(&mut self, req: ReadRequest) -> Vec<SegmentFrame> {
-        let Some(g) = gateway() else { return Vec::new() };
+        let Some(g) = gateway() else {
+            return Vec::new();
+        };
         match ractor::call_t!(g, GatewayMsg::Read, GATEWAY_CALL_TIMEOUT_MS, req) {
             Ok(Ok(segments)) => segments,
             Ok(Err(e)) => {
@@ -151,9 +154,14 @@ impl Actor for Uplink {
     type State = UplinkState;
     type Arguments = UplinkArgs;
 
-    async fn pre_start(&self, myself: ActorRef<UplinkMsg>, args: UplinkArgs) -> Result<UplinkState, ActorProcessingErr> {
+    async fn pre_start(
+        &self,
+        myself: ActorRef<UplinkMsg>,
+        args: UplinkArgs,
+    ) -> Result<UplinkState, ActorProcessingErr> {
         let g = gateway().ok_or("the gateway is not running")?;
-        let status: GatewayStatus = ractor::call_t!(g, GatewayMsg::Status, GATEWAY_CALL_TIMEOUT_MS)?;
+        let status: GatewayStatus =
+            ractor::call_t!(g, GatewayMsg::Status, GATEWAY_CALL_TIMEOUT_MS)?;
         let core = EdgeUplink::new(
             args.core.clone(),
             args.edge_id.clone(),
@@ -162,12 +170,30 @@ impl Actor for Uplink {
             status.sealed_through,
         );
         let seed = rand::random::<u64>();
-        let backoff = Backoff::new(args.reconnect_backoff_initial_ms, args.reconnect_backoff_max_ms, seed);
+        let backoff = Backoff::new(
+            args.reconnect_backoff_initial_ms,
+            args.reconnect_backoff_max_ms,
+            seed,
+        );
         myself.send_message(UplinkMsg::Connect)?;
-        Ok(UplinkState { args, core, backoff, generation: 0, connecting: false, live: None, connects: 0, segments_sent: 0 })
+        Ok(UplinkState {
+            args,
+            core,
+            backoff,
+            generation: 0,
+            connecting: false,
+            live: None,
+            connects: 0,
+            segments_sent: 0,
+        })
     }
 
-    async fn handle(&self, myself: ActorRef<UplinkMsg>, msg: UplinkMsg, state: &mut UplinkState) -> Result<(), ActorProcessingErr> {
+    async fn handle(
+        &self,
+        myself: ActorRef<UplinkMsg>,
+        msg: UplinkMsg,
+        state: &mut UplinkState,
+    ) -> Result<(), ActorProcessingErr> {
         match msg {
             UplinkMsg::Connect => {
                 if state.live.is_some() || state.connecting {
@@ -201,7 +227,8 @@ impl Actor for Uplink {
                 state.connecting = false;
                 state.connects += 1;
                 let dialed = *dialed;
-                let (tx, mut rx) = mpsc::channel::<Frame>(state.args.core.inflight_segments_max + 4);
+                let (tx, mut rx) =
+                    mpsc::channel::<Frame>(state.args.core.inflight_segments_max + 4);
                 let mut writer = dialed.writer;
                 let mut reader = dialed.reader;
                 let me = myself.clone();
@@ -218,16 +245,23 @@ impl Actor for Uplink {
                     loop {
                         match reader.recv().await {
                             Ok(Some(frame)) => {
-                                if me.send_message(UplinkMsg::Frame(generation, frame)).is_err() {
+                                if me
+                                    .send_message(UplinkMsg::Frame(generation, frame))
+                                    .is_err()
+                                {
                                     return;
                                 }
                             }
                             Ok(None) => {
-                                let _ = me.send_message(UplinkMsg::LinkDown(generation, "the cloud closed the uplink".into()));
+                                let _ = me.send_message(UplinkMsg::LinkDown(
+                                    generation,
+                                    "the cloud closed the uplink".into(),
+                                ));
                                 return;
                             }
                             Err(e) => {
-                                let _ = me.send_message(UplinkMsg::LinkDown(generation, e.to_string()));
+                                let _ =
+                                    me.send_message(UplinkMsg::LinkDown(generation, e.to_string()));
                                 return;
                             }
                         }
@@ -243,7 +277,12 @@ impl Actor for Uplink {
                     hook(&dialed.handle);
                 }
                 tracing::info!(cloud = %dialed.handle.remote_address(), "uplink connected");
-                state.live = Some(Live { generation, tx, handle: dialed.handle, tasks: vec![write_task, read_task, watch_task] });
+                state.live = Some(Live {
+                    generation,
+                    tx,
+                    handle: dialed.handle,
+                    tasks: vec![write_task, read_task, watch_task],
+                });
                 state.core.handle_link_up(std::time::Instant::now());
                 state.pump(&myself).await;
             }
@@ -260,7 +299,11 @@ impl Actor for Uplink {
                 }
                 if !was_up && state.core.is_up() {
                     state.backoff.reset();
-                    tracing::info!(acked_through = state.core.acked_through(), sealed_through = state.core.sealed_through(), "uplink streaming");
+                    tracing::info!(
+                        acked_through = state.core.acked_through(),
+                        sealed_through = state.core.sealed_through(),
+                        "uplink streaming"
+                    );
                 }
                 state.pump(&myself).await;
             }
@@ -296,16 +339,22 @@ impl Actor for Uplink {
                     inflight_segments: state.core.inflight_segments(),
                     connects: state.connects,
                     segments_sent: state.segments_sent,
-                    rtt_ms: state.live.as_ref().map(|l| l.handle.rtt().as_millis() as u64),
+                    rtt_ms: state
+                        .live
+                        .as_ref()
+                        .map(|l| l.handle.rtt().as_millis() as u64),
                 });
             }
         }
         Ok(())
     }
 
-    async fn post_stop(&self, _myself: ActorRef<UplinkMsg>, state: &mut UplinkState) -> Result<(), ActorProcessingErr> {
+    async fn post_stop(
+        &self,
+        _myself: ActorRef<UplinkMsg>,
+        state: &mut UplinkState,
+    ) -> Result<(), ActorProcessingErr> {
         state.drop_link("the edge is stopping");
         Ok(())
     }
 }
-

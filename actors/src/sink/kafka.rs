@@ -60,11 +60,26 @@ const HWM_SEGMENT_BYTES: &str = "8388608";
 const BROKER_MESSAGE_BYTES_DEFAULT: u64 = 1_048_588;
 /// Room for the record batch framing around the largest single message.
 const BATCH_FRAMING_BYTES: u64 = 1024;
-/// Bounds each writer's local queue: librdkafka's default is 1 GiB per producer,
-/// too much with one producer per edge. A commit that fills it waits for room.
-const PRODUCER_QUEUE_KBYTES_MAX: &str = "32768";
+/// The producer's tunables; `client_properties` may override them.
+const PRODUCER_DEFAULTS: &[(&str, &str)] = &[
+    // Bounds each writer's local queue: librdkafka's default is 1 GiB per
+    // producer, too much with one producer per edge. A commit that fills it
+    // waits for room.
+    ("queue.buffering.max.kbytes", "32768"),
+    // A commit flushes anyway; a short linger only groups the records
+    // produced in one go.
+    ("linger.ms", "5"),
+    // No codec is compiled into librdkafka.
+    ("compression.type", "none"),
+    // Java clients' partitioner: a device lands on the same partition
+    // whichever client wrote it.
+    ("partitioner", "murmur2_random"),
+];
 /// How long a commit waits for room in a full local queue before trying again.
 const QUEUE_FULL_BACKOFF_MS: u64 = 5;
+/// How long a flush waits per poll for delivery reports: the latency it adds
+/// to a commit at most.
+const FLUSH_POLL_MS: u64 = 1;
 /// How long a recovery waits per poll, so that it checks its deadline often.
 const RECOVER_POLL_MS: u64 = 100;
 /// Bounds how long a broker holds an empty fetch, so that a recovery notices
@@ -244,7 +259,16 @@ impl KafkaSinkConfig {
     }
 
     fn client_config(&self) -> ClientConfig {
+        self.client_config_over(&[])
+    }
+
+    /// A client config with the sink's tunable `defaults`, which the extra
+    /// client properties may override.
+    fn client_config_over(&self, defaults: &[(&str, &str)]) -> ClientConfig {
         let mut config = ClientConfig::new();
+        for (key, value) in defaults {
+            config.set(*key, *value);
+        }
         for (key, value) in &self.client_properties {
             config.set(key, value);
         }
@@ -589,7 +613,7 @@ impl KafkaEdgeWriter {
             reason,
         };
         let producer: BaseProducer<WriterContext> = config
-            .client_config()
+            .client_config_over(PRODUCER_DEFAULTS)
             .set("transactional.id", config.transactional_id(edge_id))
             .set("enable.idempotence", "true")
             .set(
@@ -597,15 +621,6 @@ impl KafkaEdgeWriter {
                 config.transaction_timeout_ms.to_string(),
             )
             .set("message.max.bytes", config.message_bytes_max.to_string())
-            .set("queue.buffering.max.kbytes", PRODUCER_QUEUE_KBYTES_MAX)
-            // A commit flushes anyway; a short linger only groups the records
-            // produced in one go.
-            .set("linger.ms", "5")
-            // No codec is compiled into librdkafka.
-            .set("compression.type", "none")
-            // Java clients' partitioner: a device lands on the same partition
-            // whichever client wrote it.
-            .set("partitioner", "murmur2_random")
             .create_with_context(WriterContext {
                 edge_id: edge_id.to_string(),
                 delivery_failure: Mutex::new(None),
@@ -631,7 +646,7 @@ impl KafkaEdgeWriter {
         let config = &self.shared.config;
         let topic = config.hwm_topic.as_str();
         let deadline = Instant::now() + Duration::from_millis(config.hwm_recover_timeout_ms);
-        let fail = |reason: String| SinkError::RecoverHwm {
+        let recover_error = |reason: String| SinkError::RecoverHwm {
             edge: self.edge_id.clone(),
             reason,
         };
@@ -642,7 +657,7 @@ impl KafkaEdgeWriter {
             .shared
             .watermarks
             .fetch_watermarks(topic, HWM_PARTITION, remaining(deadline))
-            .map_err(|e| fail(format!("fetching the watermarks of {topic}: {e}")))?;
+            .map_err(|e| recover_error(format!("fetching the watermarks of {topic}: {e}")))?;
         if high <= low {
             return Ok(None);
         }
@@ -661,12 +676,12 @@ impl KafkaEdgeWriter {
             .create_with_context(LogContext {
                 role: format!("hwm-recovery-{}", self.edge_id),
             })
-            .map_err(|e| fail(format!("creating the recovery consumer: {e}")))?;
+            .map_err(|e| recover_error(format!("creating the recovery consumer: {e}")))?;
         let mut assignment = TopicPartitionList::new();
         assignment
             .add_partition_offset(topic, HWM_PARTITION, Offset::Beginning)
             .and_then(|()| consumer.assign(&assignment))
-            .map_err(|e| fail(format!("assigning {topic}: {e}")))?;
+            .map_err(|e| recover_error(format!("assigning {topic}: {e}")))?;
 
         // The latest record of this edge wins; a malformed one only matters
         // if nothing newer replaces it.
@@ -674,9 +689,10 @@ impl KafkaEdgeWriter {
         loop {
             if Instant::now() >= deadline {
                 let at = position(&consumer, topic).map_or("none".to_string(), |o| o.to_string());
-                return Err(fail(format!(
-                    "timed out after {} ms at offset {at} of {high}; a transaction left open by \
-                     another writer holds read_committed reads back until the broker aborts it",
+                return Err(recover_error(format!(
+                    "timed out after {} ms at offset {at} of {high}; the likely cause is a \
+                     transaction left open by a crashed writer, which holds read_committed \
+                     reads back until the broker aborts it",
                     config.hwm_recover_timeout_ms
                 )));
             }
@@ -699,7 +715,7 @@ impl KafkaEdgeWriter {
                 }
                 Some(Err(KafkaError::PartitionEOF(_))) | None => {}
                 Some(Err(KafkaError::MessageConsumptionFatal(code))) => {
-                    return Err(fail(format!("reading {topic}: {code}")));
+                    return Err(recover_error(format!("reading {topic}: {code}")));
                 }
                 // librdkafka retries transient errors by itself; the deadline
                 // bounds how long it may try.
@@ -828,8 +844,25 @@ impl KafkaEdgeWriter {
         let deadline = Instant::now() + timeout;
         self.producer
             .purge(PurgeConfig::default().queue().inflight());
-        self.producer.flush(remaining(deadline))?;
+        self.flush(deadline)?;
         self.producer.abort_transaction(remaining(deadline))
+    }
+
+    /// Waits until every record is acknowledged and its delivery report
+    /// served. The base producer's own flush polls in steps of 100 ms, which
+    /// would add up to that much to every commit.
+    fn flush(&self, deadline: Instant) -> Result<(), KafkaError> {
+        loop {
+            self.producer.poll(Duration::ZERO);
+            if self.producer.in_flight_count() == 0 {
+                return Ok(());
+            }
+            if Instant::now() >= deadline {
+                return Err(KafkaError::Flush(RDKafkaErrorCode::OperationTimedOut));
+            }
+            self.producer
+                .poll(Duration::from_millis(FLUSH_POLL_MS).min(remaining(deadline)));
+        }
     }
 
     /// Enqueues one record, waiting for room in a full local queue until
@@ -899,8 +932,7 @@ impl KafkaEdgeWriter {
 
         // commit_transaction flushes too, but with its whole timeout: flushing
         // first keeps the two within the commit deadline.
-        self.producer
-            .flush(remaining(deadline))
+        self.flush(deadline)
             .map_err(|e| self.classify("flushing", e))?;
         loop {
             match self.producer.commit_transaction(remaining(deadline)) {
@@ -919,10 +951,20 @@ impl KafkaEdgeWriter {
 
 impl EdgeLogWriter for KafkaEdgeWriter {
     fn high_water_mark(&mut self) -> Result<Option<Hwm>, SinkError> {
-        if let Some(Dead::Fenced) = &self.dead {
-            return Err(SinkError::Fenced {
-                edge: self.edge_id.clone(),
-            });
+        match &self.dead {
+            Some(Dead::Fenced) => {
+                return Err(SinkError::Fenced {
+                    edge: self.edge_id.clone(),
+                })
+            }
+            // The outcome of its last commit may be unknown, and so the mark.
+            Some(Dead::Broken(reason)) => {
+                return Err(SinkError::RecoverHwm {
+                    edge: self.edge_id.clone(),
+                    reason: format!("the writer is unusable, open a new one: {reason}"),
+                })
+            }
+            None => {}
         }
         if let Some(hwm) = self.hwm {
             return Ok(hwm);

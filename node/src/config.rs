@@ -1,0 +1,301 @@
+//! Node settings. Every setting is a TOML key, a flag (`--outbox-bytes-max`)
+//! and an environment variable (`TRIBUTARY_OUTBOX_BYTES_MAX`); a flag beats
+//! the environment, which beats the file, which beats the default.
+//!
+//! Only this crate reads the CLI and the environment.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use serde::Deserialize;
+use tributary_actors::outbox::FullPolicy;
+
+/// Declares the settings once: the clap flags with their env vars, the TOML
+/// keys, the defaults and the merge, so the three can never drift apart.
+macro_rules! settings {
+    ($( $(#[doc = $doc:expr])* $name:ident : $ty:ty = $default:expr, $env:literal; )*) => {
+        #[derive(Debug, Clone, Default, clap::Args, Deserialize)]
+        #[serde(deny_unknown_fields)]
+        pub struct Settings {
+            $(
+                $(#[doc = $doc])*
+                #[arg(long, env = $env)]
+                #[serde(default)]
+                pub $name: Option<$ty>,
+            )*
+        }
+
+        /// Settings with every value resolved.
+        #[derive(Debug, Clone)]
+        pub struct Resolved {
+            $( pub $name: $ty, )*
+        }
+
+        impl Settings {
+            /// Fills what `self` (flags and env) leaves open from `file`, then
+            /// from the defaults.
+            pub fn resolve(self, file: Settings) -> Resolved {
+                Resolved {
+                    $( $name: self.$name.or(file.$name).unwrap_or_else(|| $default), )*
+                }
+            }
+        }
+    };
+}
+
+settings! {
+    /// This node's id; its certificate must name it. [required]
+    node_id: String = String::new(), "TRIBUTARY_NODE_ID";
+    /// Directory with ca.pem, <node_id>.pem and <node_id>.key.
+    tls_dir: PathBuf = PathBuf::from("pki"), "TRIBUTARY_TLS_DIR";
+    /// Edge: the cloud node's QUIC address.
+    cloud_addr: SocketAddr = "127.0.0.1:7400".parse().expect("valid"), "TRIBUTARY_CLOUD_ADDR";
+    /// Cloud: the UDP address to accept edges on.
+    listen_addr: SocketAddr = "127.0.0.1:7400".parse().expect("valid"), "TRIBUTARY_LISTEN_ADDR";
+    /// Edge: the outbox directory [default: data/<node_id>/outbox].
+    outbox_dir: PathBuf = PathBuf::new(), "TRIBUTARY_OUTBOX_DIR";
+    /// Edge: the most bytes the outbox may hold [default: 268435456].
+    outbox_bytes_max: u64 = 256 * 1024 * 1024, "TRIBUTARY_OUTBOX_BYTES_MAX";
+    /// Edge: readings per segment before it is sealed [default: 1000].
+    segment_readings_max: usize = 1000, "TRIBUTARY_SEGMENT_READINGS_MAX";
+    /// Edge: payload bytes per segment before it is sealed [default: 1048576].
+    segment_bytes_max: usize = 1024 * 1024, "TRIBUTARY_SEGMENT_BYTES_MAX";
+    /// Edge: the longest a reading waits for its segment's fsync [default: 50].
+    commit_interval_ms: u64 = 50, "TRIBUTARY_COMMIT_INTERVAL_MS";
+    /// Edge: what a full outbox does: block or drop-oldest [default: block].
+    full_policy: FullPolicy = FullPolicy::Block, "TRIBUTARY_FULL_POLICY";
+    /// Edge: sled's page cache bound [default: 16777216].
+    sled_cache_bytes_max: u64 = 16 * 1024 * 1024, "TRIBUTARY_SLED_CACHE_BYTES_MAX";
+    /// Edge: segments sent and not yet acknowledged [default: 8].
+    uplink_inflight_segments_max: usize = 8, "TRIBUTARY_UPLINK_INFLIGHT_SEGMENTS_MAX";
+    /// Edge: how long to wait for the cloud's Welcome [default: 10000].
+    welcome_timeout_ms: u64 = 10_000, "TRIBUTARY_WELCOME_TIMEOUT_MS";
+    /// Edge: the first reconnect delay [default: 100].
+    reconnect_backoff_initial_ms: u64 = 100, "TRIBUTARY_RECONNECT_BACKOFF_INITIAL_MS";
+    /// Edge: the longest reconnect delay [default: 5000].
+    reconnect_backoff_max_ms: u64 = 5_000, "TRIBUTARY_RECONNECT_BACKOFF_MAX_MS";
+    /// Edge: append "A <device> <ts_us>" per acknowledged reading here (audit).
+    ack_log: PathBuf = PathBuf::new(), "TRIBUTARY_ACK_LOG";
+    /// Edge: simulated devices to run [default: 10].
+    device_count: usize = 10, "TRIBUTARY_DEVICE_COUNT";
+    /// Edge: readings per second per simulated device [default: 10].
+    device_rate_hz: f64 = 10.0, "TRIBUTARY_DEVICE_RATE_HZ";
+    /// Edge: prefix of simulated device ids [default: <node_id>-dev-].
+    device_id_prefix: String = String::new(), "TRIBUTARY_DEVICE_ID_PREFIX";
+    /// Edge: the signal's mean [default: 60].
+    signal_base: f64 = 60.0, "TRIBUTARY_SIGNAL_BASE";
+    /// Edge: the sine's amplitude [default: 10].
+    signal_amplitude: f64 = 10.0, "TRIBUTARY_SIGNAL_AMPLITUDE";
+    /// Edge: the sine's period in seconds [default: 60].
+    signal_period_s: f64 = 60.0, "TRIBUTARY_SIGNAL_PERIOD_S";
+    /// Edge: half-width of the uniform noise [default: 0.5].
+    signal_noise: f64 = 0.5, "TRIBUTARY_SIGNAL_NOISE";
+    /// Edge: the chance that a reading is a spike [default: 0.001].
+    spike_probability: f64 = 0.001, "TRIBUTARY_SPIKE_PROBABILITY";
+    /// Edge: how far a spike jumps [default: 40].
+    spike_magnitude: f64 = 40.0, "TRIBUTARY_SPIKE_MAGNITUDE";
+    /// Edge: the seed of the simulated signals [default: 1].
+    device_seed: u64 = 1, "TRIBUTARY_DEVICE_SEED";
+    /// Cloud: Kafka bootstrap servers [default: 127.0.0.1:9092].
+    kafka_bootstrap: String = "127.0.0.1:9092".into(), "TRIBUTARY_KAFKA_BOOTSTRAP";
+    /// Cloud: the topic readings are written to [default: tributary.readings].
+    readings_topic: String = "tributary.readings".into(), "TRIBUTARY_READINGS_TOPIC";
+    /// Cloud: partitions of the readings topic when it is created [default: 3].
+    readings_partitions: i32 = 3, "TRIBUTARY_READINGS_PARTITIONS";
+    /// Cloud: the compacted topic of per-edge high-water marks [default: tributary.hwm].
+    hwm_topic: String = "tributary.hwm".into(), "TRIBUTARY_HWM_TOPIC";
+    /// Cloud: prefix of the per-edge transactional.id [default: tributary-ingest].
+    transactional_id_prefix: String = "tributary-ingest".into(), "TRIBUTARY_TRANSACTIONAL_ID_PREFIX";
+    /// Cloud: the broker aborts a transaction left open this long [default: 60000].
+    transaction_timeout_ms: u64 = 60_000, "TRIBUTARY_TRANSACTION_TIMEOUT_MS";
+    /// Cloud: bound on one log commit [default: 30000].
+    commit_timeout_ms: u64 = 30_000, "TRIBUTARY_COMMIT_TIMEOUT_MS";
+    /// Cloud: segments per log transaction [default: 16].
+    commit_segments_max: usize = 16, "TRIBUTARY_COMMIT_SEGMENTS_MAX";
+    /// Cloud: segments an edge may have pending [default: 64].
+    pending_segments_max: usize = 64, "TRIBUTARY_PENDING_SEGMENTS_MAX";
+    /// Cloud: how long an edge has to say Hello [default: 5000].
+    hello_timeout_ms: u64 = 5_000, "TRIBUTARY_HELLO_TIMEOUT_MS";
+    /// Cloud: how often to log what flows, 0 for never [default: 2000].
+    report_interval_ms: u64 = 2_000, "TRIBUTARY_REPORT_INTERVAL_MS";
+    /// The largest uplink frame accepted [default: 8388608].
+    frame_bytes_max: usize = 8 * 1024 * 1024, "TRIBUTARY_FRAME_BYTES_MAX";
+    /// QUIC keep-alive period [default: 500].
+    keep_alive_interval_ms: u64 = 500, "TRIBUTARY_KEEP_ALIVE_INTERVAL_MS";
+    /// QUIC idle timeout: a silent link is declared dead after this [default: 2000].
+    idle_timeout_ms: u64 = 2_000, "TRIBUTARY_IDLE_TIMEOUT_MS";
+    /// QUIC handshake bound [default: 5000].
+    connect_timeout_ms: u64 = 5_000, "TRIBUTARY_CONNECT_TIMEOUT_MS";
+    /// Supervisors: restarts allowed per period before escalating [default: 5].
+    restarts_max: u32 = 5, "TRIBUTARY_RESTARTS_MAX";
+    /// Supervisors: the period of restarts_max [default: 10000].
+    restart_period_ms: u64 = 10_000, "TRIBUTARY_RESTART_PERIOD_MS";
+}
+
+/// A bad setting, named by its key.
+#[derive(Debug)]
+pub struct SettingError {
+    pub key: &'static str,
+    pub problem: String,
+}
+
+impl std::fmt::Display for SettingError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "invalid setting {}: {}", self.key, self.problem)
+    }
+}
+
+impl std::error::Error for SettingError {}
+
+fn bad(key: &'static str, problem: impl Into<String>) -> SettingError {
+    SettingError {
+        key,
+        problem: problem.into(),
+    }
+}
+
+/// Reads the TOML file, refusing unknown keys (a typo must not silently
+/// fall back to a default).
+pub fn load_file(path: &std::path::Path) -> anyhow::Result<Settings> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| anyhow::anyhow!("reading the config file {}: {e}", path.display()))?;
+    toml::from_str(&text).map_err(|e| anyhow::anyhow!("in the config file {}: {e}", path.display()))
+}
+
+impl Resolved {
+    /// Checks what the components' own validation cannot know about.
+    pub fn validate(&mut self) -> Result<(), SettingError> {
+        tributary_cluster::tls::NodeId::new(self.node_id.clone()).map_err(|e| {
+            bad(
+                "node_id",
+                if self.node_id.is_empty() {
+                    "is required".to_string()
+                } else {
+                    e.to_string()
+                },
+            )
+        })?;
+        if self.outbox_dir.as_os_str().is_empty() {
+            self.outbox_dir = PathBuf::from("data").join(&self.node_id).join("outbox");
+        }
+        if self.device_id_prefix.is_empty() {
+            self.device_id_prefix = format!("{}-dev-", self.node_id);
+        }
+        if !(self.device_rate_hz > 0.0 && self.device_rate_hz <= 1000.0) {
+            return Err(bad(
+                "device_rate_hz",
+                format!("must be in (0, 1000], not {}", self.device_rate_hz),
+            ));
+        }
+        if self.device_count > 100_000 {
+            return Err(bad("device_count", "must be at most 100000"));
+        }
+        if !(0.0..=1.0).contains(&self.spike_probability) {
+            return Err(bad("spike_probability", "must be between 0 and 1"));
+        }
+        if self.uplink_inflight_segments_max == 0 || self.uplink_inflight_segments_max > 1024 {
+            return Err(bad(
+                "uplink_inflight_segments_max",
+                "must be between 1 and 1024",
+            ));
+        }
+        if self.commit_segments_max == 0 || self.pending_segments_max < self.commit_segments_max {
+            return Err(bad(
+                "commit_segments_max",
+                "must be at least 1 and at most pending_segments_max",
+            ));
+        }
+        if self.pending_segments_max < self.uplink_inflight_segments_max {
+            return Err(bad(
+                "pending_segments_max",
+                "must be at least the edges' uplink_inflight_segments_max",
+            ));
+        }
+        if self.frame_bytes_max < self.segment_bytes_max + 1024 {
+            return Err(bad(
+                "frame_bytes_max",
+                "must exceed segment_bytes_max by at least 1 KiB",
+            ));
+        }
+        if self.reconnect_backoff_initial_ms == 0
+            || self.reconnect_backoff_max_ms < self.reconnect_backoff_initial_ms
+        {
+            return Err(bad(
+                "reconnect_backoff_max_ms",
+                "must be at least reconnect_backoff_initial_ms, which must be positive",
+            ));
+        }
+        if self.restarts_max == 0 {
+            return Err(bad("restarts_max", "must be at least 1"));
+        }
+        Ok(())
+    }
+
+    pub fn outbox(&self) -> tributary_actors::outbox::OutboxConfig {
+        tributary_actors::outbox::OutboxConfig {
+            outbox_bytes_max: self.outbox_bytes_max,
+            segment_readings_max: self.segment_readings_max,
+            segment_bytes_max: self.segment_bytes_max,
+            commit_interval_ms: self.commit_interval_ms,
+            full_policy: self.full_policy,
+        }
+    }
+
+    pub fn quic(&self) -> tributary_cluster::quic::QuicConfig {
+        tributary_cluster::quic::QuicConfig {
+            keep_alive_interval_ms: self.keep_alive_interval_ms,
+            idle_timeout_ms: self.idle_timeout_ms,
+            connect_timeout_ms: self.connect_timeout_ms,
+            ..Default::default()
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn flags_beat_the_file_which_beats_defaults() {
+        let file: Settings =
+            toml::from_str("node_id = \"edge-1\"\noutbox_bytes_max = 5\ncommit_interval_ms = 7")
+                .unwrap();
+        let flags = Settings {
+            commit_interval_ms: Some(9),
+            ..Default::default()
+        };
+        let r = flags.resolve(file);
+        assert_eq!(
+            (
+                r.outbox_bytes_max,
+                r.commit_interval_ms,
+                r.segment_readings_max
+            ),
+            (5, 9, 1000)
+        );
+    }
+
+    #[test]
+    fn unknown_keys_are_refused_by_name() {
+        let err = toml::from_str::<Settings>("outbox_byte_max = 5")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("outbox_byte_max"), "{err}");
+    }
+
+    #[test]
+    fn bad_values_name_their_key() {
+        let file: Settings = toml::from_str("node_id = \"edge-1\"\ndevice_rate_hz = 0.0").unwrap();
+        let err = Settings::default().resolve(file).validate().unwrap_err();
+        assert_eq!(err.key, "device_rate_hz");
+        let err = Settings::default()
+            .resolve(Settings::default())
+            .validate()
+            .unwrap_err();
+        assert_eq!(err.key, "node_id");
+        let err = toml::from_str::<Settings>("full_policy = \"drop-newest\"")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("full_policy"), "{err}");
+    }
+}
