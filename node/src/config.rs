@@ -126,6 +126,8 @@ settings! {
     idle_timeout_ms: u64 = 2_000, "TRIBUTARY_IDLE_TIMEOUT_MS";
     /// QUIC handshake bound [default: 5000].
     connect_timeout_ms: u64 = 5_000, "TRIBUTARY_CONNECT_TIMEOUT_MS";
+    /// The ractor cluster's shared cookie (QUIC's mutual TLS already authenticates peers) [default: tributary].
+    cluster_cookie: String = "tributary".into(), "TRIBUTARY_CLUSTER_COOKIE";
     /// Supervisors: restarts allowed per period before escalating [default: 5].
     restarts_max: u32 = 5, "TRIBUTARY_RESTARTS_MAX";
     /// Supervisors: the period of restarts_max [default: 10000].

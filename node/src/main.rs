@@ -1,6 +1,7 @@
 //! `node`: runs a Tributary edge or cloud node, and manages the cluster's
 //! certificates. See `node --help`.
 
+mod cluster;
 mod config;
 
 use std::path::PathBuf;
@@ -141,6 +142,8 @@ async fn run(role: Role, s: config::Resolved) -> anyhow::Result<()> {
 
 async fn run_edge(id: NodeId, identity: NodeIdentity, s: config::Resolved) -> anyhow::Result<()> {
     let connector = EdgeConnector::new(&identity, s.cloud_addr, s.quic(), s.frame_bytes_max)?;
+    let node_server =
+        tributary_cluster::session::start_node_server(&id, s.cluster_cookie.clone()).await?;
     let outbox_dir = s.outbox_dir.clone();
     let cache = s.sled_cache_bytes_max;
     let store: StoreFactory = Arc::new(move || {
@@ -161,7 +164,7 @@ async fn run_edge(id: NodeId, identity: NodeIdentity, s: config::Resolved) -> an
             },
             reconnect_backoff_initial_ms: s.reconnect_backoff_initial_ms,
             reconnect_backoff_max_ms: s.reconnect_backoff_max_ms,
-            on_connect: None,
+            on_connect: Some(cluster::edge_on_connect(node_server, id.to_string())),
         },
         devices: DevicesConfig {
             count: s.device_count,
@@ -201,6 +204,12 @@ async fn run_cloud(identity: NodeIdentity, s: config::Resolved) -> anyhow::Resul
     let log = tokio::task::spawn_blocking(move || KafkaLog::new(sink_cfg))
         .await?
         .context("connecting to the log")?;
+    let node_server =
+        tributary_cluster::session::start_node_server(identity.id(), s.cluster_cookie.clone())
+            .await?;
+    ractor::Actor::spawn(Some("tributary.control".into()), cluster::Control, ())
+        .await
+        .context("starting the control actor")?;
     let args = CloudArgs {
         listen_addr: s.listen_addr,
         identity,
@@ -213,6 +222,7 @@ async fn run_cloud(identity: NodeIdentity, s: config::Resolved) -> anyhow::Resul
         },
         sink: Arc::new(log),
         report_interval_ms: s.report_interval_ms,
+        on_session: Some(cluster::cloud_on_session(node_server)),
     };
     let (listener, handle): (ActorRef<_>, _) =
         ractor::Actor::spawn(Some(LISTENER_NAME.to_string()), Listener, args)

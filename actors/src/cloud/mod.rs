@@ -19,7 +19,9 @@ use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort, SupervisionEvent
 use tokio::task::JoinHandle;
 use tributary_cluster::quic::QuicConfig;
 use tributary_cluster::tls::NodeIdentity;
-use tributary_cluster::uplink::link::{CloudEndpoint, IncomingConnection, IncomingStream};
+use tributary_cluster::uplink::link::{
+    CloudEndpoint, IncomingConnection, IncomingStream, LinkHandle, SessionStreams,
+};
 use tributary_cluster::uplink::IngestConfig;
 
 use crate::sink::{EdgeLogWriter, LogSink};
@@ -78,7 +80,13 @@ pub struct CloudArgs {
     pub sink: Arc<dyn LogSink>,
     /// How often the listener logs what flows; 0 turns it off.
     pub report_interval_ms: u64,
+    /// Serves a cluster session stream an edge opened; without it, session
+    /// streams are dropped.
+    pub on_session: Option<SessionHook>,
 }
+
+/// Takes over a session stream, with a handle on its connection.
+pub type SessionHook = Arc<dyn Fn(LinkHandle, SessionStreams) + Send + Sync>;
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct CloudStatus {
@@ -117,6 +125,7 @@ async fn serve_connection(
     conn: IncomingConnection,
     listener: ActorRef<ListenerMsg>,
     counters: Arc<CloudCounters>,
+    on_session: Option<SessionHook>,
 ) {
     loop {
         match conn.next_stream().await {
@@ -126,10 +135,12 @@ async fn serve_connection(
                     return;
                 }
             }
-            Ok(IncomingStream::Session(_streams)) => {
-                // The cluster session is served by the node (see `node`); a
-                // cloud without one drops the stream.
-            }
+            Ok(IncomingStream::Session(streams)) => match &on_session {
+                Some(hook) => hook(conn.handle(), streams),
+                None => {
+                    tracing::debug!(peer = %conn.remote_address(), "no cluster session served here; stream dropped")
+                }
+            },
             Err(e) => {
                 use tributary_cluster::uplink::link::UplinkSetupError as E;
                 match &e {
@@ -176,6 +187,7 @@ impl Actor for Listener {
         let me = myself.clone();
         let c = counters.clone();
         let setting_up = Arc::new(tokio::sync::Semaphore::new(CONNECTIONS_SETTING_UP_MAX));
+        let on_session = args.on_session.clone();
         let accept_task = tokio::spawn(async move {
             while let Some(result) = ep.accept().await {
                 match result {
@@ -183,9 +195,9 @@ impl Actor for Listener {
                         let Ok(permit) = setting_up.clone().acquire_owned().await else {
                             return;
                         };
-                        let (me, c) = (me.clone(), c.clone());
+                        let (me, c, hook) = (me.clone(), c.clone(), on_session.clone());
                         tokio::spawn(async move {
-                            serve_connection(conn, me, c).await;
+                            serve_connection(conn, me, c, hook).await;
                             drop(permit);
                         });
                     }

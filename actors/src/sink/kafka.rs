@@ -32,7 +32,7 @@ use rdkafka::config::{ClientConfig, RDKafkaLogLevel};
 use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{DeliveryResult, Header, Message, OwnedHeaders};
-use rdkafka::producer::{BaseProducer, BaseRecord, Producer, ProducerContext, PurgeConfig};
+use rdkafka::producer::{BaseProducer, BaseRecord, Producer, ProducerContext};
 use rdkafka::{Offset, TopicPartitionList};
 use serde::{Deserialize, Serialize};
 
@@ -80,6 +80,9 @@ const QUEUE_FULL_BACKOFF_MS: u64 = 5;
 /// How long a flush waits per poll for delivery reports: the latency it adds
 /// to a commit at most.
 const FLUSH_POLL_MS: u64 = 1;
+/// How long one attempt of an abort waits before the writer serves the
+/// delivery reports it waits for.
+const ABORT_STEP_MS: u64 = 100;
 /// How long a recovery waits per poll, so that it checks its deadline often.
 const RECOVER_POLL_MS: u64 = 100;
 /// Bounds how long a broker holds an empty fetch, so that a recovery notices
@@ -789,7 +792,7 @@ impl KafkaEdgeWriter {
     fn fail(&mut self, failure: Failure) -> SinkError {
         let counters = &self.shared.counters;
         let failure = match failure {
-            Failure::Abortable(_) | Failure::TooLarge(_) => {
+            Failure::Abortable(ref first) | Failure::TooLarge(ref first) => {
                 let timeout = Duration::from_millis(self.shared.config.commit_timeout_ms);
                 match self.abort(timeout) {
                     Ok(()) => {
@@ -800,12 +803,10 @@ impl KafkaEdgeWriter {
                     }
                     Err(e) => match self.classify("aborting", e) {
                         Failure::Fenced => Failure::Fenced,
-                        Failure::Fatal(r) | Failure::Abortable(r) | Failure::TooLarge(r) => {
-                            let reason = match failure {
-                                Failure::Abortable(f) | Failure::TooLarge(f) => f,
-                                _ => String::new(),
-                            };
-                            Failure::Fatal(format!("{reason}; then {r}; the outcome is unknown"))
+                        Failure::Fatal(then)
+                        | Failure::Abortable(then)
+                        | Failure::TooLarge(then) => {
+                            Failure::Fatal(format!("{first}; then {then}; the outcome is unknown"))
                         }
                     },
                 }
@@ -837,15 +838,24 @@ impl KafkaEdgeWriter {
         }
     }
 
-    /// Aborts the open transaction. A base producer serves delivery reports
-    /// only when polled, and the abort waits for the reports of the records
-    /// it discards: purging and flushing first serves them.
+    /// Aborts the open transaction. The abort purges the queued records and
+    /// waits for their delivery reports, which a base producer serves only
+    /// when polled: it gives up after a step, and resumes when called again
+    /// once they are served.
     fn abort(&self, timeout: Duration) -> Result<(), KafkaError> {
         let deadline = Instant::now() + timeout;
-        self.producer
-            .purge(PurgeConfig::default().queue().inflight());
-        self.flush(deadline)?;
-        self.producer.abort_transaction(remaining(deadline))
+        loop {
+            let step = Duration::from_millis(ABORT_STEP_MS).min(remaining(deadline));
+            match self.producer.abort_transaction(step) {
+                Ok(()) => return Ok(()),
+                Err(KafkaError::Transaction(e))
+                    if e.is_retriable() && !e.is_fatal() && Instant::now() < deadline =>
+                {
+                    self.flush(deadline)?;
+                }
+                Err(e) => return Err(e),
+            }
+        }
     }
 
     /// Waits until every record is acknowledged and its delivery report

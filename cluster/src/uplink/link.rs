@@ -153,10 +153,14 @@ pub async fn dial_uplink(
     frame_bytes_max: usize,
 ) -> Result<DialedUplink, UplinkSetupError> {
     let conn = crate::quic::connect(endpoint, addr, quic).await?;
-    let (send, recv) = match crate::quic::open_stream(&conn, crate::quic::StreamKind::Uplink).await {
+    let (send, recv) = match crate::quic::open_stream(&conn, crate::quic::StreamKind::Uplink).await
+    {
         Ok(s) => s,
         Err(e) => {
-            conn.close(crate::quic::CLOSE_SHUTDOWN, b"opening the uplink stream failed");
+            conn.close(
+                crate::quic::CLOSE_SHUTDOWN,
+                b"opening the uplink stream failed",
+            );
             return Err(e.into());
         }
     };
@@ -191,14 +195,24 @@ pub async fn accept_uplink(
     let first = tokio::time::timeout(Duration::from_millis(hello_timeout_ms), reader.recv())
         .await
         .map_err(|_| UplinkSetupError::HelloTimeout(hello_timeout_ms))??;
-    let Some(Frame::Hello { edge_id, epoch, next_seq }) = first else {
+    let Some(Frame::Hello {
+        edge_id,
+        epoch,
+        next_seq,
+    }) = first
+    else {
         return Err(UplinkSetupError::NoHello);
     };
-    let id = crate::tls::NodeId::new(edge_id.clone())
-        .map_err(|e| UplinkSetupError::BadEdgeId { claimed: edge_id.clone(), reason: e.to_string() })?;
+    let id = crate::tls::NodeId::new(edge_id.clone()).map_err(|e| UplinkSetupError::BadEdgeId {
+        claimed: edge_id.clone(),
+        reason: e.to_string(),
+    })?;
     let certs = crate::quic::peer_certificates(conn);
     crate::tls::verify_peer_identity(&certs, &id, crate::tls::Role::Edge).map_err(|e| {
-        UplinkSetupError::IdentityMismatch { claimed: edge_id.clone(), reason: e.to_string() }
+        UplinkSetupError::IdentityMismatch {
+            claimed: edge_id.clone(),
+            reason: e.to_string(),
+        }
     })?;
     Ok(AcceptedUplink {
         edge_id: id,
@@ -229,7 +243,12 @@ impl EdgeConnector {
     ) -> Result<Self, UplinkSetupError> {
         let bind = crate::quic::unspecified_bind_for(cloud_addr);
         let endpoint = crate::quic::client_endpoint(bind, identity, &quic)?;
-        Ok(Self { endpoint, cloud_addr, quic, frame_bytes_max })
+        Ok(Self {
+            endpoint,
+            cloud_addr,
+            quic,
+            frame_bytes_max,
+        })
     }
 
     pub fn cloud_addr(&self) -> std::net::SocketAddr {
@@ -237,7 +256,13 @@ impl EdgeConnector {
     }
 
     pub async fn connect(&self) -> Result<DialedUplink, UplinkSetupError> {
-        dial_uplink(&self.endpoint, self.cloud_addr, &self.quic, self.frame_bytes_max).await
+        dial_uplink(
+            &self.endpoint,
+            self.cloud_addr,
+            &self.quic,
+            self.frame_bytes_max,
+        )
+        .await
     }
 }
 
@@ -279,7 +304,12 @@ impl CloudEndpoint {
         hello_timeout_ms: u64,
     ) -> Result<Self, UplinkSetupError> {
         let endpoint = crate::quic::server_endpoint(addr, identity, &quic)?;
-        Ok(Self { endpoint, quic, frame_bytes_max, hello_timeout_ms })
+        Ok(Self {
+            endpoint,
+            quic,
+            frame_bytes_max,
+            hello_timeout_ms,
+        })
     }
 
     pub fn local_addr(&self) -> std::io::Result<std::net::SocketAddr> {
@@ -299,7 +329,8 @@ impl CloudEndpoint {
     }
 
     pub fn close(&self) {
-        self.endpoint.close(crate::quic::CLOSE_SHUTDOWN, b"cloud node stopping");
+        self.endpoint
+            .close(crate::quic::CLOSE_SHUTDOWN, b"cloud node stopping");
     }
 }
 
@@ -318,20 +349,30 @@ impl IncomingConnection {
         let (kind, send, recv) = crate::quic::accept_stream(&self.conn, &self.quic).await?;
         match kind {
             crate::quic::StreamKind::Uplink => {
-                let up = accept_uplink(&self.conn, send, recv, self.frame_bytes_max, self.hello_timeout_ms)
-                    .await?;
+                let up = accept_uplink(
+                    &self.conn,
+                    send,
+                    recv,
+                    self.frame_bytes_max,
+                    self.hello_timeout_ms,
+                )
+                .await?;
                 Ok(IncomingStream::Uplink(Box::new(up)))
             }
-            crate::quic::StreamKind::Session => Ok(IncomingStream::Session(SessionStreams { send, recv })),
+            crate::quic::StreamKind::Session => {
+                Ok(IncomingStream::Session(SessionStreams { send, recv }))
+            }
         }
     }
 
     /// Closes the connection, telling the peer why.
     pub fn close_protocol_error(&self, reason: &str) {
-        self.conn.close(crate::quic::CLOSE_PROTOCOL_ERROR, reason.as_bytes());
+        self.conn
+            .close(crate::quic::CLOSE_PROTOCOL_ERROR, reason.as_bytes());
     }
 
     pub fn close_identity_mismatch(&self, reason: &str) {
-        self.conn.close(crate::quic::CLOSE_IDENTITY_MISMATCH, reason.as_bytes());
+        self.conn
+            .close(crate::quic::CLOSE_IDENTITY_MISMATCH, reason.as_bytes());
     }
 }
