@@ -253,11 +253,10 @@ impl Actor for Supervisor {
         state.cells[index] = None;
         state.status[index].running = false;
         let spec_restart = state.args.children[index].restart;
-        let restart = match (spec_restart, &failure) {
-            (Restart::Permanent, _) => true,
-            (Restart::Transient, Some(_)) => true,
-            _ => false,
-        };
+        let restart = matches!(
+            (spec_restart, &failure),
+            (Restart::Permanent, _) | (Restart::Transient, Some(_))
+        );
         if let Some(reason) = &failure {
             state.status[index].last_failure = Some(reason.clone());
             state.status[index].last_failure_at = Some(SystemTime::now());

@@ -542,10 +542,11 @@ fn a_reading_larger_than_the_message_limit_aborts_without_retry() {
         value: Value::Str("x".repeat(4_000)),
         unit: None,
     });
-    let batches = [SegmentBatch {
-        seq: 1,
-        readings: vec![reading("small", 1), big],
-    }];
+    // Records queued and in flight when the abort comes: it must discard them
+    // and leave the producer's sequence numbers usable.
+    let mut readings: Vec<Reading> = (0..500).map(|i| reading("small", i)).collect();
+    readings.push(big);
+    let batches = [SegmentBatch { seq: 1, readings }];
     let err = writer
         .commit("edge-l", Hwm { epoch: 1, seq: 1 }, &batches)
         .unwrap_err();
@@ -563,7 +564,7 @@ fn a_reading_larger_than_the_message_limit_aborts_without_retry() {
             hwm,
             &[SegmentBatch {
                 seq: 2,
-                readings: vec![reading("small", 2)],
+                readings: vec![reading("small", 1000)],
             }],
         )
         .unwrap();

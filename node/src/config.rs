@@ -80,6 +80,8 @@ settings! {
     device_count: usize = 10, "TRIBUTARY_DEVICE_COUNT";
     /// Edge: readings per second per simulated device [default: 10].
     device_rate_hz: f64 = 10.0, "TRIBUTARY_DEVICE_RATE_HZ";
+    /// Edge: readings each simulated device sends before it stops, 0 for no end [default: 0].
+    device_readings_max: u64 = 0, "TRIBUTARY_DEVICE_READINGS_MAX";
     /// Edge: prefix of simulated device ids [default: <node_id>-dev-].
     device_id_prefix: String = String::new(), "TRIBUTARY_DEVICE_ID_PREFIX";
     /// Edge: the signal's mean [default: 60].
@@ -106,10 +108,10 @@ settings! {
     hwm_topic: String = "tributary.hwm".into(), "TRIBUTARY_HWM_TOPIC";
     /// Cloud: prefix of the per-edge transactional.id [default: tributary-ingest].
     transactional_id_prefix: String = "tributary-ingest".into(), "TRIBUTARY_TRANSACTIONAL_ID_PREFIX";
-    /// Cloud: the broker aborts a transaction left open this long [default: 60000].
-    transaction_timeout_ms: u64 = 60_000, "TRIBUTARY_TRANSACTION_TIMEOUT_MS";
-    /// Cloud: bound on one log commit [default: 30000].
-    commit_timeout_ms: u64 = 30_000, "TRIBUTARY_COMMIT_TIMEOUT_MS";
+    /// Cloud: the broker aborts a transaction left open this long; it bounds how long a crashed cloud node delays every edge's recovery [default: 15000].
+    transaction_timeout_ms: u64 = 15_000, "TRIBUTARY_TRANSACTION_TIMEOUT_MS";
+    /// Cloud: bound on one log commit, below transaction_timeout_ms [default: 10000].
+    commit_timeout_ms: u64 = 10_000, "TRIBUTARY_COMMIT_TIMEOUT_MS";
     /// Cloud: segments per log transaction [default: 16].
     commit_segments_max: usize = 16, "TRIBUTARY_COMMIT_SEGMENTS_MAX";
     /// Cloud: segments an edge may have pending [default: 64].

@@ -71,6 +71,7 @@ enum CertsCommand {
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     tracing_subscriber::fmt()
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stdout()))
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
@@ -179,6 +180,7 @@ async fn run_edge(id: NodeId, identity: NodeIdentity, s: config::Resolved) -> an
             },
             seed: s.device_seed,
             id_prefix: s.device_id_prefix.clone(),
+            readings_max: s.device_readings_max,
         },
         restarts_max: s.restarts_max,
         restart_period_ms: s.restart_period_ms,

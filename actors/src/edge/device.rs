@@ -57,6 +57,9 @@ pub struct DeviceArgs {
     pub interval_ms: u64,
     pub signal: Signal,
     pub seed: u64,
+    /// Stops the device after this many accepted readings; 0 means never.
+    /// A finite workload lets a test know when everything was sent.
+    pub readings_max: u64,
 }
 
 pub enum DeviceMsg {
@@ -76,6 +79,7 @@ pub struct DeviceState {
     pending: Option<Reading>,
     next_due: Instant,
     counter: i64,
+    accepted: u64,
     last_ts_us: i64,
     started: Instant,
 }
@@ -149,6 +153,7 @@ impl Actor for SimulatedDevice {
             pending: None,
             next_due: Instant::now(),
             counter: 0,
+            accepted: 0,
             last_ts_us: 0,
             started: Instant::now(),
         })
@@ -168,7 +173,7 @@ impl Actor for SimulatedDevice {
             state.pending = Some(state.sample());
         }
         let reading = state.pending.clone().expect("set above");
-        let answer = match ractor::registry::where_is(GATEWAY_NAME.to_string()) {
+        let answer = match ractor::registry::where_is(GATEWAY_NAME) {
             Some(cell) => {
                 let gateway: ActorRef<GatewayMsg> = cell.into();
                 ractor::call_t!(gateway, GatewayMsg::Ingest, INGEST_TIMEOUT_MS, reading).ok()
@@ -176,13 +181,21 @@ impl Actor for SimulatedDevice {
             None => None,
         };
         let retry = match answer {
-            Some(IngestReply::Committed { .. }) | Some(IngestReply::Duplicate) => false,
+            Some(IngestReply::Committed { .. }) | Some(IngestReply::Duplicate) => {
+                state.accepted += 1;
+                false
+            }
             Some(IngestReply::Invalid(reason)) => {
                 tracing::warn!(device = %state.args.device_id, %reason, "reading refused; skipped");
                 false
             }
             Some(IngestReply::Full) | None => true,
         };
+        if state.args.readings_max > 0 && state.accepted >= state.args.readings_max {
+            tracing::debug!(device = %state.args.device_id, "device finished its readings");
+            myself.stop(None);
+            return Ok(());
+        }
         let now = Instant::now();
         let next = if retry {
             now + Duration::from_millis(RETRY_MS.min(state.args.interval_ms))

@@ -79,6 +79,8 @@ pub struct GatewayState {
     last_ts: HashMap<String, i64>,
     timer_generation: u64,
     timer_armed: bool,
+    /// Whether the last reading was refused as full, to log episodes, not readings.
+    full: bool,
 }
 
 fn now_us() -> i64 {
@@ -132,7 +134,7 @@ impl GatewayState {
                 for t in tickets {
                     let _ = t.send(IngestReply::Committed { seq });
                 }
-                if let Some(uplink) = ractor::registry::where_is(UPLINK_NAME.to_string()) {
+                if let Some(uplink) = ractor::registry::where_is(UPLINK_NAME) {
                     let _ = uplink.send_message(UplinkMsg::Sealed(seq));
                 }
             }
@@ -194,6 +196,7 @@ impl Actor for Gateway {
             last_ts: HashMap::new(),
             timer_generation: 0,
             timer_armed: false,
+            full: false,
         })
     }
 
@@ -214,6 +217,10 @@ impl Actor for Gateway {
                 let now = Instant::now();
                 match state.outbox.handle_reading(now, reading, reply) {
                     Ok(()) => {
+                        if state.full {
+                            state.full = false;
+                            tracing::info!("outbox has room again: sources resume");
+                        }
                         if state.last_ts.len() >= DEVICES_TRACKED_MAX
                             && !state.last_ts.contains_key(&device)
                         {
@@ -222,6 +229,14 @@ impl Actor for Gateway {
                         state.last_ts.insert(device, ts);
                     }
                     Err(Refusal::Full(_, reply)) => {
+                        if !state.full {
+                            state.full = true;
+                            tracing::warn!(
+                                bytes_used = state.outbox.bytes_used(),
+                                outbox_bytes_max = state.outbox.config().outbox_bytes_max,
+                                "outbox full: sources wait (policy block)"
+                            );
+                        }
                         let _ = reply.send(IngestReply::Full);
                     }
                     Err(Refusal::Invalid(e, reply)) => {

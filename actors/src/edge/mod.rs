@@ -39,6 +39,8 @@ pub struct DevicesConfig {
     pub seed: u64,
     /// Device ids are `<prefix><index>`.
     pub id_prefix: String,
+    /// Readings each device sends before it stops; 0 for no end.
+    pub readings_max: u64,
 }
 
 #[derive(Clone)]
@@ -62,10 +64,12 @@ pub async fn start_edge(
                 interval_ms: args.devices.interval_ms,
                 signal: args.devices.signal.clone(),
                 seed: args.devices.seed.wrapping_add(i as u64),
+                readings_max: args.devices.readings_max,
             };
+            // Transient: a device that finished its readings stays stopped.
             ChildSpec::new(
                 format!("device/{id}"),
-                Restart::Permanent,
+                Restart::Transient,
                 SimulatedDevice,
                 dargs,
             )

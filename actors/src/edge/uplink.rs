@@ -21,6 +21,9 @@ const GATEWAY_CALL_TIMEOUT_MS: u64 = 10_000;
 /// Close code sent when the edge itself gives up on a link.
 const CLOSE_PROTOCOL: u32 = 1;
 
+/// Runs on each new connection, e.g. to start the cluster session on it.
+pub type ConnectHook = std::sync::Arc<dyn Fn(&LinkHandle) + Send + Sync>;
+
 #[derive(Clone)]
 pub struct UplinkArgs {
     pub edge_id: String,
@@ -29,7 +32,7 @@ pub struct UplinkArgs {
     pub reconnect_backoff_initial_ms: u64,
     pub reconnect_backoff_max_ms: u64,
     /// Called with each new connection, e.g. to start the cluster session on it.
-    pub on_connect: Option<std::sync::Arc<dyn Fn(&LinkHandle) + Send + Sync>>,
+    pub on_connect: Option<ConnectHook>,
 }
 
 /// What the uplink reports about itself.
@@ -80,7 +83,7 @@ pub struct UplinkState {
 }
 
 fn gateway() -> Option<ActorRef<GatewayMsg>> {
-    ractor::registry::where_is(GATEWAY_NAME.to_string()).map(Into::into)
+    ractor::registry::where_is(GATEWAY_NAME).map(Into::into)
 }
 
 impl UplinkState {

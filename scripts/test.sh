@@ -1,0 +1,191 @@
+#!/usr/bin/env bash
+# Tributary's test command, locally and in CI (.ci/run calls it).
+#
+# It installs what a fresh Debian machine lacks (mosquitto), fetches the Kafka
+# jars, starts a shared single-node Kafka broker and a mosquitto broker on free
+# loopback ports, then runs rustfmt, the build, clippy and the test suite.
+# The brokers are stopped on every exit path.
+#
+# Exported to the tests:
+#   TRIBUTARY_KAFKA_BOOTSTRAP  the shared broker, 127.0.0.1:PORT
+#   TRIBUTARY_KAFKA_LIBS       the Kafka jars, so tests can start private brokers
+#   TRIBUTARY_MQTT_ADDR        the mosquitto broker, 127.0.0.1:PORT
+#
+# Knobs:
+#   TRIBUTARY_TEST_THREADS     cargo test's --test-threads (default 2)
+#   TRIBUTARY_SKIP_LINT=1      skip rustfmt and clippy (a quicker local loop)
+#   extra arguments are passed to `cargo test` before `--`,
+#   e.g. scripts/test.sh -p tributary-tests
+set -uo pipefail
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$ROOT" || exit 1
+
+TEST_THREADS="${TRIBUTARY_TEST_THREADS:-2}"
+MQTT_START_TIMEOUT_S=10
+MQTT_STOP_TIMEOUT_S=5
+# Ports are drawn at random below the kernel's ephemeral range (which outgoing
+# connections take) and probed, so that several checkouts on one machine can run the
+# suite side by side.
+PORT_LOW=20000
+EPHEMERAL_LOW="$(cut -f1 /proc/sys/net/ipv4/ip_local_port_range 2>/dev/null || echo 32768)"
+PORT_SPAN=$((EPHEMERAL_LOW > PORT_LOW + 1000 ? EPHEMERAL_LOW - PORT_LOW : 10000))
+
+T0=$SECONDS
+section() {
+    printf '\n===== %s (t=%ss) =====\n' "$*" "$((SECONDS - T0))"
+}
+
+die() {
+    echo "test.sh: $*" >&2
+    exit 1
+}
+
+port_open() {
+    (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null
+}
+
+taken_ports=" "
+free_port() {
+    local port tries
+    for tries in $(seq 1 200); do
+        port=$((PORT_LOW + (RANDOM * 32768 + RANDOM) % PORT_SPAN))
+        if [[ "$taken_ports" != *" $port "* ]] && ! port_open "$port"; then
+            taken_ports+="$port "
+            echo "$port"
+            return 0
+        fi
+    done
+    die "found no free port after $tries tries"
+}
+
+WORK=""
+MQTT_PID=""
+STATUS=1
+cleanup() {
+    local rc=$?
+    trap - EXIT INT TERM
+    if [[ -n "$WORK" ]]; then
+        section "Stopping the brokers"
+        if [[ -f "$WORK/kafka/kafka.pid" ]]; then
+            scripts/kafka.sh stop "$WORK/kafka" || true
+        fi
+        if [[ -n "$MQTT_PID" ]] && kill -0 "$MQTT_PID" 2>/dev/null; then
+            kill -TERM "$MQTT_PID" 2>/dev/null || true
+            local deadline=$((SECONDS + MQTT_STOP_TIMEOUT_S))
+            while kill -0 "$MQTT_PID" 2>/dev/null && ((SECONDS < deadline)); do sleep 0.1; done
+            kill -KILL "$MQTT_PID" 2>/dev/null || true
+            wait "$MQTT_PID" 2>/dev/null || true
+        fi
+        if [[ "$STATUS" -eq 0 ]]; then
+            rm -rf "$WORK"
+        else
+            echo "test.sh: broker logs kept in $WORK"
+        fi
+    fi
+    if [[ "$rc" -ne 0 && "$STATUS" -eq 0 ]]; then
+        STATUS=$rc
+    fi
+    exit "$STATUS"
+}
+trap cleanup EXIT
+trap 'STATUS=130; exit 130' INT TERM
+
+section "Tools"
+missing=()
+command -v mosquitto >/dev/null || [[ -x /usr/sbin/mosquitto ]] || missing+=(mosquitto)
+command -v mosquitto_sub >/dev/null || missing+=(mosquitto-clients)
+if ((${#missing[@]})); then
+    if [[ "$(id -u)" -ne 0 ]]; then
+        die "missing ${missing[*]}: install them (apt-get install ${missing[*]})"
+    fi
+    echo "installing ${missing[*]}"
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -q >/dev/null || die "apt-get update failed"
+    apt-get install -y -q --no-install-recommends "${missing[@]}" >/dev/null ||
+        die "apt-get install ${missing[*]} failed"
+fi
+for tool in java mvn cargo cmake cc; do
+    command -v "$tool" >/dev/null || die "$tool is missing: this machine should come with it"
+done
+MOSQUITTO="$(command -v mosquitto || echo /usr/sbin/mosquitto)"
+java -version 2>&1 | head -n 1
+cargo --version
+
+section "Kafka jars"
+FETCH_T0=$SECONDS
+scripts/kafka.sh fetch || die "could not fetch the Kafka jars"
+echo "fetch took $((SECONDS - FETCH_T0))s"
+export TRIBUTARY_KAFKA_LIBS="$ROOT/.cache/kafka/libs"
+
+WORK="$(mktemp -d "${TMPDIR:-/tmp}/tributary-test.XXXXXX")"
+
+section "Shared Kafka broker"
+KAFKA_PORT="$(free_port)"
+KAFKA_CONTROLLER_PORT="$(free_port)"
+BROKER_T0=$SECONDS
+scripts/kafka.sh start "$WORK/kafka" "$KAFKA_PORT" "$KAFKA_CONTROLLER_PORT" ||
+    die "the shared Kafka broker did not start"
+echo "broker start took $((SECONDS - BROKER_T0))s"
+export TRIBUTARY_KAFKA_BOOTSTRAP="127.0.0.1:$KAFKA_PORT"
+
+section "Mosquitto"
+MQTT_PORT="$(free_port)"
+mkdir -p "$WORK/mosquitto"
+cat >"$WORK/mosquitto/mosquitto.conf" <<EOF
+listener $MQTT_PORT 127.0.0.1
+allow_anonymous true
+persistence false
+log_dest stdout
+EOF
+"$MOSQUITTO" -c "$WORK/mosquitto/mosquitto.conf" >"$WORK/mosquitto/mosquitto.log" 2>&1 </dev/null &
+MQTT_PID=$!
+deadline=$((SECONDS + MQTT_START_TIMEOUT_S))
+until port_open "$MQTT_PORT"; do
+    if ! kill -0 "$MQTT_PID" 2>/dev/null || ((SECONDS >= deadline)); then
+        cat "$WORK/mosquitto/mosquitto.log" >&2
+        die "mosquitto did not listen on $MQTT_PORT"
+    fi
+    sleep 0.1
+done
+export TRIBUTARY_MQTT_ADDR="127.0.0.1:$MQTT_PORT"
+echo "mosquitto on $TRIBUTARY_MQTT_ADDR (pid $MQTT_PID)"
+
+export RUST_BACKTRACE=1
+failed=()
+
+if [[ "${TRIBUTARY_SKIP_LINT:-0}" != 1 ]]; then
+    section "cargo fmt --check"
+    cargo fmt --all -- --check || failed+=("cargo fmt")
+fi
+
+section "cargo build"
+if ! cargo build --workspace --all-targets; then
+    failed+=("cargo build")
+    echo "test.sh: FAILED: ${failed[*]}" >&2
+    STATUS=1
+    exit 1
+fi
+
+if [[ "${TRIBUTARY_SKIP_LINT:-0}" != 1 ]]; then
+    section "cargo clippy"
+    cargo clippy --workspace --all-targets -- -D warnings || failed+=("cargo clippy")
+fi
+
+section "cargo test"
+if [[ $# -gt 0 ]]; then
+    cargo test --no-fail-fast "$@" -- --test-threads="$TEST_THREADS" || failed+=("cargo test")
+else
+    cargo test --workspace --no-fail-fast -- --test-threads="$TEST_THREADS" ||
+        failed+=("cargo test")
+fi
+
+section "Summary"
+if ((${#failed[@]})); then
+    echo "test.sh: FAILED: ${failed[*]}"
+    STATUS=1
+else
+    echo "test.sh: all steps passed"
+    STATUS=0
+fi
+exit "$STATUS"

@@ -1,0 +1,296 @@
+//! A small cluster of real `node` processes for scenario tests: one cloud node
+//! writing into Kafka and any number of edges, each optionally behind a fault
+//! proxy, all with their own certificates, topics and directories.
+
+use std::net::{SocketAddr, UdpSocket};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use crate::broker::unique_topic;
+use crate::checker::{check, consume_all, read_ack_logs, AckLog, Report};
+use crate::process::{node_binary, NodeProcess};
+use crate::proxy::UdpProxy;
+
+/// Bound on waiting for a node to start or reach a state.
+pub const NODE_READY: Duration = Duration::from_secs(60);
+/// Bound on a whole workload reaching Kafka.
+pub const DRAIN: Duration = Duration::from_secs(120);
+const POLL: Duration = Duration::from_millis(100);
+
+/// How an edge's simulated devices behave.
+#[derive(Debug, Clone)]
+pub struct Workload {
+    pub devices: usize,
+    pub rate_hz: f64,
+    /// Readings each device sends before it stops.
+    pub readings: u64,
+}
+
+impl Workload {
+    pub fn total(&self) -> usize {
+        self.devices * self.readings as usize
+    }
+}
+
+pub struct Edge {
+    pub id: String,
+    pub process: Option<NodeProcess>,
+    pub ack_log: PathBuf,
+    pub proxy: Option<UdpProxy>,
+    args: Vec<String>,
+    log: PathBuf,
+}
+
+impl Edge {
+    /// Starts (or restarts, on the same outbox and ack log) the edge process.
+    pub fn start(&mut self) {
+        let p = NodeProcess::spawn(&self.args, [("RUST_LOG", "info")], &self.log)
+            .expect("spawning the edge");
+        self.process = Some(p);
+    }
+
+    pub fn process(&mut self) -> &mut NodeProcess {
+        self.process.as_mut().expect("edge running")
+    }
+
+    pub async fn wait_log(&mut self, pattern: &str) -> String {
+        self.process()
+            .wait_for_log_line(pattern, NODE_READY)
+            .await
+            .unwrap_or_else(|e| panic!("edge: {e}"))
+    }
+
+    /// Waits until the edge has logged `pattern` `count` times since its start.
+    pub async fn wait_log_count(&mut self, pattern: &str, count: usize) -> String {
+        self.process()
+            .wait_for_log_count(pattern, count, NODE_READY)
+            .await
+            .unwrap_or_else(|e| panic!("edge: {e}"))
+    }
+
+    /// Lines of `A` (acknowledged) in the ack log so far.
+    pub fn acked(&self) -> usize {
+        read_ack_logs([&self.ack_log])
+            .map(|a| a.acked.len())
+            .unwrap_or(0)
+    }
+
+    /// Waits, bounded, until the ack log holds at least `n` acknowledged readings.
+    pub async fn wait_acked(&self, n: usize, timeout: Duration) {
+        let deadline = tokio::time::Instant::now() + timeout;
+        while self.acked() < n {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "edge {}: only {} of {n} readings acknowledged after {timeout:?}",
+                self.id,
+                self.acked()
+            );
+            // The ack log is a file another process appends to: poll it.
+            tokio::time::sleep(POLL).await;
+        }
+    }
+
+    /// Extra `--key value` settings for the next start.
+    pub fn set(&mut self, key: &str, value: &str) {
+        let flag = format!("--{key}");
+        match self.args.iter().position(|a| *a == flag) {
+            Some(i) => self.args[i + 1] = value.to_string(),
+            None => {
+                self.args.push(flag);
+                self.args.push(value.to_string());
+            }
+        }
+    }
+}
+
+pub struct Fixture {
+    pub dir: tempfile::TempDir,
+    pub bootstrap: String,
+    pub topic: String,
+    pub cloud_addr: SocketAddr,
+    pub cloud: Option<NodeProcess>,
+    pub edges: Vec<Edge>,
+    cloud_args: Vec<String>,
+    cloud_log: PathBuf,
+}
+
+/// A free UDP port on loopback (the cloud's QUIC port).
+pub fn free_udp_addr() -> SocketAddr {
+    let s = UdpSocket::bind("127.0.0.1:0").expect("binding a UDP socket");
+    s.local_addr().expect("local addr")
+}
+
+fn node(args: &[&str]) {
+    let out = std::process::Command::new(node_binary())
+        .args(args)
+        .output()
+        .expect("running node");
+    assert!(
+        out.status.success(),
+        "node {args:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// Creates a CA and certificates for `cloud-1` and the given edges in `dir`.
+pub fn make_pki(dir: &Path, edges: &[&str]) {
+    let d = dir.to_str().expect("utf-8 path");
+    node(&["certs", "init", "--dir", d]);
+    node(&[
+        "certs", "issue", "--dir", d, "--id", "cloud-1", "--role", "cloud",
+    ]);
+    for e in edges {
+        node(&["certs", "issue", "--dir", d, "--id", e, "--role", "edge"]);
+    }
+}
+
+impl Fixture {
+    /// Sets up certificates and topics names; starts nothing yet.
+    pub fn new(name: &str, bootstrap: &str, edge_ids: &[&str]) -> Self {
+        let dir = tempfile::Builder::new()
+            .prefix(&format!("tributary-{name}-"))
+            .tempdir()
+            .expect("tempdir");
+        let pki = dir.path().join("pki");
+        make_pki(&pki, edge_ids);
+        let topic = unique_topic(&format!("{name}-readings"));
+        let hwm = unique_topic(&format!("{name}-hwm"));
+        let txn_prefix = unique_topic(&format!("{name}-txn"));
+        let cloud_addr = free_udp_addr();
+        let cloud_args: Vec<String> = [
+            "--role",
+            "cloud",
+            "--node-id",
+            "cloud-1",
+            "--tls-dir",
+            pki.to_str().expect("utf-8"),
+            "--listen-addr",
+            &cloud_addr.to_string(),
+            "--kafka-bootstrap",
+            bootstrap,
+            "--readings-topic",
+            &topic,
+            "--hwm-topic",
+            &hwm,
+            "--transactional-id-prefix",
+            &txn_prefix,
+            "--transaction-timeout-ms",
+            "10000",
+            "--commit-timeout-ms",
+            "8000",
+            "--report-interval-ms",
+            "1000",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        let cloud_log = dir.path().join("cloud.log");
+        let edges = edge_ids
+            .iter()
+            .map(|id| {
+                let ack_log = dir.path().join(format!("{id}.acks"));
+                let args: Vec<String> = [
+                    "--role",
+                    "edge",
+                    "--node-id",
+                    id,
+                    "--tls-dir",
+                    pki.to_str().expect("utf-8"),
+                    "--cloud-addr",
+                    &cloud_addr.to_string(),
+                    "--outbox-dir",
+                    dir.path()
+                        .join(format!("{id}.outbox"))
+                        .to_str()
+                        .expect("utf-8"),
+                    "--ack-log",
+                    ack_log.to_str().expect("utf-8"),
+                    "--commit-interval-ms",
+                    "20",
+                    "--segment-readings-max",
+                    "50",
+                    "--reconnect-backoff-initial-ms",
+                    "50",
+                    "--reconnect-backoff-max-ms",
+                    "500",
+                ]
+                .iter()
+                .map(|s| s.to_string())
+                .collect();
+                Edge {
+                    id: id.to_string(),
+                    process: None,
+                    ack_log,
+                    proxy: None,
+                    args,
+                    log: dir.path().join(format!("{id}.log")),
+                }
+            })
+            .collect();
+        Fixture {
+            dir,
+            bootstrap: bootstrap.to_string(),
+            topic,
+            cloud_addr,
+            cloud: None,
+            edges,
+            cloud_args,
+            cloud_log,
+        }
+    }
+
+    /// Starts (or restarts) the cloud and waits until it listens.
+    pub async fn start_cloud(&mut self) {
+        let mut p = NodeProcess::spawn(&self.cloud_args, [("RUST_LOG", "info")], &self.cloud_log)
+            .expect("spawning the cloud");
+        p.wait_for_log_line("cloud listening for edges", NODE_READY)
+            .await
+            .unwrap_or_else(|e| panic!("cloud: {e}"));
+        self.cloud = Some(p);
+    }
+
+    pub fn cloud(&mut self) -> &mut NodeProcess {
+        self.cloud.as_mut().expect("cloud running")
+    }
+
+    /// Puts a fault proxy between edge `i` and the cloud (before its start).
+    pub async fn proxy_edge(&mut self, i: usize) {
+        let (proxy, addr) = UdpProxy::start(self.cloud_addr)
+            .await
+            .expect("starting the proxy");
+        let edge = &mut self.edges[i];
+        edge.set("cloud-addr", &addr.to_string());
+        edge.proxy = Some(proxy);
+    }
+
+    /// Sets the workload of edge `i` (before its start).
+    pub fn workload(&mut self, i: usize, w: &Workload) {
+        let e = &mut self.edges[i];
+        e.set("device-count", &w.devices.to_string());
+        e.set("device-rate-hz", &w.rate_hz.to_string());
+        e.set("device-readings-max", &w.readings.to_string());
+    }
+
+    pub fn ack_logs(&self) -> AckLog {
+        read_ack_logs(self.edges.iter().map(|e| e.ack_log.clone())).expect("reading the ack logs")
+    }
+
+    /// Reads the topic back once every acknowledged reading can be there, and checks it.
+    pub async fn check(&self) -> Report {
+        let acks = self.ack_logs();
+        let expected = acks.acked.len() - acks.dropped.intersection(&acks.acked).count();
+        let consumed = consume_all(&self.bootstrap, &self.topic, expected, DRAIN)
+            .await
+            .expect("consuming the readings topic");
+        check(&consumed, &acks)
+    }
+}
+
+/// Panics with the report when it is not exactly-once.
+pub fn assert_exactly_once(report: &Report) {
+    assert!(report.is_exactly_once(), "not exactly once:\n{report}");
+    assert!(
+        report.acked > 0,
+        "nothing was acknowledged: the scenario did not run"
+    );
+}
