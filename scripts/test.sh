@@ -24,12 +24,8 @@ cd "$ROOT" || exit 1
 TEST_THREADS="${TRIBUTARY_TEST_THREADS:-2}"
 MQTT_START_TIMEOUT_S=10
 MQTT_STOP_TIMEOUT_S=5
-# Ports are drawn at random below the kernel's ephemeral range (which outgoing
-# connections take) and probed, so that several checkouts on one machine can run the
-# suite side by side.
-PORT_LOW=20000
-EPHEMERAL_LOW="$(cut -f1 /proc/sys/net/ipv4/ip_local_port_range 2>/dev/null || echo 32768)"
-PORT_SPAN=$((EPHEMERAL_LOW > PORT_LOW + 1000 ? EPHEMERAL_LOW - PORT_LOW : 10000))
+# shellcheck source=scripts/lib.sh
+source "$ROOT/scripts/lib.sh"
 
 T0=$SECONDS
 section() {
@@ -39,24 +35,6 @@ section() {
 die() {
     echo "test.sh: $*" >&2
     exit 1
-}
-
-port_open() {
-    (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null
-}
-
-taken_ports=" "
-free_port() {
-    local port tries
-    for tries in $(seq 1 200); do
-        port=$((PORT_LOW + (RANDOM * 32768 + RANDOM) % PORT_SPAN))
-        if [[ "$taken_ports" != *" $port "* ]] && ! port_open "$port"; then
-            taken_ports+="$port "
-            echo "$port"
-            return 0
-        fi
-    done
-    die "found no free port after $tries tries"
 }
 
 WORK=""
@@ -121,8 +99,8 @@ export TRIBUTARY_KAFKA_LIBS="$ROOT/.cache/kafka/libs"
 WORK="$(mktemp -d "${TMPDIR:-/tmp}/tributary-test.XXXXXX")"
 
 section "Shared Kafka broker"
-KAFKA_PORT="$(free_port)"
-KAFKA_CONTROLLER_PORT="$(free_port)"
+free_port KAFKA_PORT || die "no free port"
+free_port KAFKA_CONTROLLER_PORT || die "no free port"
 BROKER_T0=$SECONDS
 scripts/kafka.sh start "$WORK/kafka" "$KAFKA_PORT" "$KAFKA_CONTROLLER_PORT" ||
     die "the shared Kafka broker did not start"
@@ -130,7 +108,7 @@ echo "broker start took $((SECONDS - BROKER_T0))s"
 export TRIBUTARY_KAFKA_BOOTSTRAP="127.0.0.1:$KAFKA_PORT"
 
 section "Mosquitto"
-MQTT_PORT="$(free_port)"
+free_port MQTT_PORT || die "no free port"
 mkdir -p "$WORK/mosquitto"
 cat >"$WORK/mosquitto/mosquitto.conf" <<EOF
 listener $MQTT_PORT 127.0.0.1

@@ -45,6 +45,27 @@ enum Command {
         #[command(subcommand)]
         command: CertsCommand,
     },
+    /// Print readings as they are committed to the log (read_committed).
+    Tail {
+        #[arg(
+            long,
+            env = "TRIBUTARY_KAFKA_BOOTSTRAP",
+            default_value = "127.0.0.1:9092"
+        )]
+        kafka_bootstrap: String,
+        #[arg(
+            long,
+            env = "TRIBUTARY_READINGS_TOPIC",
+            default_value = "tributary.readings"
+        )]
+        readings_topic: String,
+        /// Stop after this many readings; 0 for no limit.
+        #[arg(long, default_value_t = 10)]
+        count: usize,
+        /// Stop after this many seconds without a reading.
+        #[arg(long, default_value_t = 30)]
+        idle_s: u64,
+    },
 }
 
 #[derive(Subcommand)]
@@ -80,6 +101,32 @@ fn main() -> anyhow::Result<()> {
     tributary_cluster::install_crypto_provider();
     match cli.command {
         Some(Command::Certs { command }) => certs(command),
+        Some(Command::Tail {
+            kafka_bootstrap,
+            readings_topic,
+            count,
+            idle_s,
+        }) => {
+            let config = KafkaSinkConfig {
+                readings_topic,
+                ..KafkaSinkConfig::new(kafka_bootstrap)
+            };
+            let n = tributary_actors::sink::kafka::tail(
+                &config,
+                count,
+                std::time::Duration::from_secs(idle_s),
+                |r| {
+                    let edge = r.edge.as_deref().unwrap_or("?");
+                    let seq = r.seq.as_deref().unwrap_or("?");
+                    println!(
+                        "{edge} seq {seq} p{}@{}: {}",
+                        r.partition, r.offset, r.value
+                    );
+                },
+            )?;
+            eprintln!("{n} readings");
+            Ok(())
+        }
         None => {
             let role = cli
                 .role

@@ -40,6 +40,17 @@ pub struct SimConfig {
     pub commit_segments_max: usize,
     /// Prints every event: for replaying a failure.
     pub verbose: bool,
+    /// A deliberate bug, to prove that the checks catch it.
+    pub mutation: Option<Mutation>,
+}
+
+/// Deliberately broken variants of the system, for testing the simulator.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mutation {
+    /// The edge acknowledges a reading when it is accepted, before the fsync.
+    AckBeforeFsync,
+    /// The cloud forgets the high-water mark it read from the log.
+    ForgetHwm,
 }
 
 impl SimConfig {
@@ -65,6 +76,7 @@ impl SimConfig {
             inflight_segments_max: rng.random_range(1..5),
             commit_segments_max: rng.random_range(1..4),
             verbose: false,
+            mutation: None,
         }
     }
 }
@@ -274,6 +286,9 @@ impl Sim {
             .handle_reading(self.now, reading(d, ts), key.clone())
         {
             Ok(()) => {
+                if self.cfg.mutation == Some(Mutation::AckBeforeFsync) {
+                    self.acked.push(key.clone());
+                }
                 self.produced.insert(key);
                 self.next_ts[d] += 1;
                 self.trace("produce", ts as u64);
@@ -296,7 +311,9 @@ impl Sim {
             if self.cfg.verbose {
                 println!("  acked {:?}", c.tickets);
             }
-            self.acked.extend(c.tickets);
+            if self.cfg.mutation != Some(Mutation::AckBeforeFsync) {
+                self.acked.extend(c.tickets);
+            }
             self.edge.uplink.handle_segment_sealed(c.seq);
         }
         for d in self.edge.outbox.poll_dropped() {
@@ -381,6 +398,7 @@ impl Sim {
             Frame::Hello { epoch, .. } => {
                 let mut writer = self.log.open_edge(EDGE).expect("memory log opens");
                 let hwm = match writer.high_water_mark() {
+                    Ok(_) if self.cfg.mutation == Some(Mutation::ForgetHwm) => None,
                     Ok(h) => h,
                     // The log is down: the cloud closes the link; the edge retries.
                     Err(_) => {
@@ -465,22 +483,27 @@ impl Sim {
     fn check(mut self) -> Result<SimReport, Violation> {
         let records = self.log.records();
         let mut count: HashMap<(String, i64), usize> = HashMap::new();
-        let mut last: HashMap<String, i64> = HashMap::new();
         for r in &records {
             let key = (r.reading.device_id.clone(), r.reading.device_ts_us);
             if !self.produced.contains(&key) {
                 return Err(Violation::Invented(key));
             }
-            *count.entry(key.clone()).or_default() += 1;
-            if let Some(prev) = last.insert(key.0.clone(), key.1) {
-                if key.1 <= prev {
-                    return Err(Violation::OutOfOrder(key.0, key.1, prev));
-                }
-            }
+            *count.entry(key).or_default() += 1;
         }
-        for (key, n) in &count {
-            if *n > 1 {
-                return Err(Violation::Duplicated(key.clone(), *n));
+        // Duplicates first: a replayed reading also breaks the order, and
+        // "duplicated" names the cause.
+        let mut dups: Vec<_> = count.iter().filter(|(_, n)| **n > 1).collect();
+        dups.sort();
+        if let Some((key, n)) = dups.first() {
+            return Err(Violation::Duplicated((*key).clone(), **n));
+        }
+        let mut last: HashMap<&str, i64> = HashMap::new();
+        for r in &records {
+            let (device, ts) = (r.reading.device_id.as_str(), r.reading.device_ts_us);
+            if let Some(prev) = last.insert(device, ts) {
+                if ts <= prev {
+                    return Err(Violation::OutOfOrder(device.to_string(), ts, prev));
+                }
             }
         }
         for key in &self.acked {

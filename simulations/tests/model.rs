@@ -3,7 +3,7 @@
 //! torn writes), disk and log outages, each checked against the simple model
 //! "every acknowledged reading is in the log once, in device order".
 
-use tributary_simulations::{run_seed, Sim, SimConfig};
+use tributary_simulations::{run_seed, Mutation, Sim, SimConfig, Violation};
 
 /// Seeds per test run; each seed is a different configuration and schedule.
 const SEEDS: u64 = 300;
@@ -60,4 +60,29 @@ fn replay_one() {
     cfg.verbose = true;
     println!("{cfg:#?}");
     println!("{:#?}", Sim::new(cfg).run());
+}
+
+/// Seeds within which a deliberately broken variant must be caught.
+const TEETH_SEEDS_MAX: u64 = 50;
+
+fn first_failing_seed(mutation: Mutation) -> Option<(u64, Violation)> {
+    (0..TEETH_SEEDS_MAX).find_map(|seed| {
+        let mut cfg = SimConfig::from_seed(seed, STEPS);
+        cfg.mutation = Some(mutation);
+        Sim::new(cfg).run().err().map(|v| (seed, v))
+    })
+}
+
+#[test]
+fn acking_before_the_fsync_shows_up_as_lost_readings() {
+    let (seed, v) = first_failing_seed(Mutation::AckBeforeFsync)
+        .expect("acking before the fsync went unnoticed");
+    assert!(matches!(v, Violation::Lost(_)), "seed {seed}: {v}");
+}
+
+#[test]
+fn forgetting_the_high_water_mark_shows_up_as_duplicates() {
+    let (seed, v) =
+        first_failing_seed(Mutation::ForgetHwm).expect("forgetting the mark went unnoticed");
+    assert!(matches!(v, Violation::Duplicated(..)), "seed {seed}: {v}");
 }

@@ -31,7 +31,7 @@ use rdkafka::client::ClientContext;
 use rdkafka::config::{ClientConfig, RDKafkaLogLevel};
 use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
-use rdkafka::message::{DeliveryResult, Header, Message, OwnedHeaders};
+use rdkafka::message::{DeliveryResult, Header, Headers, Message, OwnedHeaders};
 use rdkafka::producer::{BaseProducer, BaseRecord, Producer, ProducerContext};
 use rdkafka::{Offset, TopicPartitionList};
 use serde::{Deserialize, Serialize};
@@ -1125,4 +1125,70 @@ mod tests {
         );
         assert!(serde_json::from_str::<KafkaSinkConfig>(r#"{"bootstrap":"k:9092"}"#).is_err());
     }
+}
+
+/// One committed reading as a consumer sees it, for `node tail`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TailRecord {
+    pub partition: i32,
+    pub offset: i64,
+    pub edge: Option<String>,
+    pub seq: Option<String>,
+    pub value: String,
+}
+
+/// Follows the readings topic with `read_committed` from its current end and
+/// hands each new record to `on_record`, until `count` records (0: no limit)
+/// or until `idle` passes without a record.
+pub fn tail(
+    config: &KafkaSinkConfig,
+    count: usize,
+    idle: Duration,
+    mut on_record: impl FnMut(TailRecord),
+) -> Result<usize, SinkError> {
+    let consumer: BaseConsumer<LogContext> = config
+        .client_config_over(&[])
+        .set("group.id", "tributary-tail")
+        .set("enable.auto.commit", "false")
+        .set("isolation.level", "read_committed")
+        .set("auto.offset.reset", "latest")
+        .create_with_context(LogContext {
+            role: "tail".into(),
+        })
+        .map_err(|e| SinkError::Config(format!("creating the tail consumer: {e}")))?;
+    consumer
+        .subscribe(&[&config.readings_topic])
+        .map_err(|e| SinkError::Config(format!("subscribing to {}: {e}", config.readings_topic)))?;
+    let mut seen = 0;
+    let mut last = Instant::now();
+    while count == 0 || seen < count {
+        match consumer.poll(Duration::from_millis(200)) {
+            Some(Ok(m)) => {
+                last = Instant::now();
+                let header = |name: &str| {
+                    m.headers().and_then(|h| {
+                        h.iter()
+                            .find(|x| x.key == name)
+                            .and_then(|x| x.value)
+                            .map(|v| String::from_utf8_lossy(v).into_owned())
+                    })
+                };
+                on_record(TailRecord {
+                    partition: m.partition(),
+                    offset: m.offset(),
+                    edge: header(HEADER_EDGE),
+                    seq: header(HEADER_SEQ),
+                    value: m
+                        .payload()
+                        .map(|p| String::from_utf8_lossy(p).into_owned())
+                        .unwrap_or_default(),
+                });
+                seen += 1;
+            }
+            Some(Err(e)) => tracing::warn!(error = %e, "tail: consumer error"),
+            None if last.elapsed() >= idle => break,
+            None => {}
+        }
+    }
+    Ok(seen)
 }
