@@ -18,6 +18,8 @@ use super::GATEWAY_NAME;
 
 /// How long the uplink waits for the gateway to answer a read.
 const GATEWAY_CALL_TIMEOUT_MS: u64 = 10_000;
+/// How long to wait before asking the gateway again after a failed read.
+const READ_RETRY: std::time::Duration = std::time::Duration::from_millis(200);
 /// Close code sent when the edge itself gives up on a link.
 const CLOSE_PROTOCOL: u32 = 1;
 
@@ -55,6 +57,8 @@ pub enum UplinkMsg {
     LinkDown(u64, String),
     Sealed(u64),
     Timer,
+    /// Drives the core again (after a failed read).
+    Pump,
     SetPaused(bool),
     Status(RpcReplyPort<UplinkStatus>),
 }
@@ -110,8 +114,15 @@ impl UplinkState {
             }
         }
         while let Some(req) = self.core.poll_read() {
-            let segments = self.read(req).await;
-            self.core.handle_segments_read(req, segments);
+            match self.read(req).await {
+                Some(segments) => self.core.handle_segments_read(req, segments),
+                None => {
+                    // Ask again shortly; the range is kept, nothing is skipped.
+                    self.core.handle_read_failed(req);
+                    myself.send_after(READ_RETRY, || UplinkMsg::Pump);
+                    break;
+                }
+            }
         }
         while let Some(frame) = self.core.poll_transmit() {
             let Some(live) = &self.live else { break };
@@ -134,19 +145,18 @@ impl UplinkState {
         }
     }
 
-    async fn read(&mut self, req: ReadRequest) -> Vec<SegmentFrame> {
-        let Some(g) = gateway() else {
-            return Vec::new();
-        };
+    /// The segments asked for, or `None` when the gateway could not answer.
+    async fn read(&mut self, req: ReadRequest) -> Option<Vec<SegmentFrame>> {
+        let g = gateway()?;
         match ractor::call_t!(g, GatewayMsg::Read, GATEWAY_CALL_TIMEOUT_MS, req) {
-            Ok(Ok(segments)) => segments,
+            Ok(Ok(segments)) => Some(segments),
             Ok(Err(e)) => {
                 tracing::error!(error = %e, "reading segments from the outbox failed");
-                Vec::new()
+                None
             }
             Err(e) => {
                 tracing::warn!(error = %e, "the gateway did not answer a read");
-                Vec::new()
+                None
             }
         }
     }
@@ -330,6 +340,7 @@ impl Actor for Uplink {
                     state.schedule_connect(&myself);
                 }
             }
+            UplinkMsg::Pump => state.pump(&myself).await,
             UplinkMsg::SetPaused(paused) => {
                 state.core.set_paused(paused);
                 state.pump(&myself).await;

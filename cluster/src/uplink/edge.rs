@@ -276,6 +276,14 @@ impl EdgeUplink {
         debug_assert!(self.inflight.len() <= self.cfg.inflight_segments_max);
     }
 
+    /// The read could not be made (the outbox failed or did not answer).
+    /// Nothing is skipped: the same range is asked for again by the next poll.
+    pub fn handle_read_failed(&mut self, req: ReadRequest) {
+        if req.link_generation == self.link_generation {
+            self.read_pending = false;
+        }
+    }
+
     pub fn poll_transmit(&mut self) -> Option<Frame> {
         self.transmit.pop_front()
     }
@@ -365,6 +373,16 @@ mod tests {
         // A read answered for the old link is ignored.
         u.handle_segments_read(req, vec![seg(1)]);
         assert_eq!(u.inflight_segments(), 0);
+    }
+
+    #[test]
+    fn a_failed_read_skips_nothing() {
+        let mut u = EdgeUplink::new(EdgeUplinkConfig::default(), "e".into(), 9, 0, 3);
+        up(&mut u, None);
+        let req = u.poll_read().unwrap();
+        u.handle_read_failed(req);
+        let again = u.poll_read().unwrap();
+        assert_eq!((again.from_seq, again.through_seq), (1, 3));
     }
 
     #[test]
