@@ -75,8 +75,8 @@ pub struct QuicConfig {
 impl Default for QuicConfig {
     fn default() -> Self {
         Self {
-            keep_alive_interval_ms: 500,
-            idle_timeout_ms: 2_000,
+            keep_alive_interval_ms: 300,
+            idle_timeout_ms: 1_500,
             connect_timeout_ms: 5_000,
             stream_kind_timeout_ms: 2_000,
             streams_bidi_max: 8,

@@ -122,10 +122,10 @@ settings! {
     report_interval_ms: u64 = 2_000, "TRIBUTARY_REPORT_INTERVAL_MS";
     /// The largest uplink frame accepted [default: 8388608].
     frame_bytes_max: usize = 8 * 1024 * 1024, "TRIBUTARY_FRAME_BYTES_MAX";
-    /// QUIC keep-alive period [default: 500].
-    keep_alive_interval_ms: u64 = 500, "TRIBUTARY_KEEP_ALIVE_INTERVAL_MS";
-    /// QUIC idle timeout: a silent link is declared dead after this [default: 2000].
-    idle_timeout_ms: u64 = 2_000, "TRIBUTARY_IDLE_TIMEOUT_MS";
+    /// QUIC keep-alive period [default: 300].
+    keep_alive_interval_ms: u64 = 300, "TRIBUTARY_KEEP_ALIVE_INTERVAL_MS";
+    /// QUIC idle timeout: a silent link is declared dead after this [default: 1500].
+    idle_timeout_ms: u64 = 1_500, "TRIBUTARY_IDLE_TIMEOUT_MS";
     /// QUIC handshake bound [default: 5000].
     connect_timeout_ms: u64 = 5_000, "TRIBUTARY_CONNECT_TIMEOUT_MS";
     /// The ractor cluster's shared cookie (QUIC's mutual TLS already authenticates peers) [default: tributary].
