@@ -1,11 +1,21 @@
 //! Supervisors in the manner of Erlang/OTP: a declared strategy, a restart
 //! intensity (`restarts_max` within `restart_period_ms`) and exponential
-//! backoff between restarts. Past the intensity the supervisor fails itself,
-//! so the failure escalates to its own parent.
+//! backoff between restarts. Past the intensity the supervisor stops its
+//! children and fails itself, so the failure escalates to its own parent.
 //!
 //! ractor has supervision events but no restart strategies; this module adds
 //! them. Each child's restarts and last failure are recorded for the
 //! dashboard and for tests.
+//!
+//! Exits: an `Err`, a panic or a failed start is a failure. A stop, with or
+//! without a reason, is a normal exit, and so is a kill: ractor reports it
+//! as a termination like any other. Children are started in
+//! declaration order and stopped in reverse order, gracefully (their
+//! `post_stop` runs) within `child_shutdown_timeout_ms`, then killed.
+//!
+//! Backoff spreads restarts out, so a child that keeps failing escalates only
+//! if `restarts_max` + 1 failures fit in `restart_period_ms`; keep
+//! `restarts_max * backoff_max_ms` below the period if it must.
 
 use std::collections::VecDeque;
 use std::future::Future;
@@ -18,13 +28,16 @@ use ractor::{
 };
 use tokio::time::Instant;
 
+/// Restart times kept per child in [`ChildStatus::restarted_at`].
+const RESTART_HISTORY_MAX: usize = 64;
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Strategy {
     /// Restart only the child that failed.
     OneForOne,
     /// Restart every child when one fails.
     OneForAll,
-    /// Restart the failed child and every child started after it.
+    /// Restart the failed child and every child declared after it.
     RestForOne,
 }
 
@@ -34,7 +47,7 @@ pub enum Restart {
     Permanent,
     /// Restarted only after a failure.
     Transient,
-    /// Never restarted.
+    /// Never restarted, not even with a failed sibling.
     Temporary,
 }
 
@@ -50,7 +63,8 @@ pub struct ChildSpec {
 }
 
 impl ChildSpec {
-    /// A child that runs `actor` with a fresh clone of `args` at each start.
+    /// A child that runs `actor` with a fresh clone of `args` at each start,
+    /// registered under `name` (names are global: keep them unique).
     pub fn new<A>(name: impl Into<String>, restart: Restart, actor: A, args: A::Arguments) -> Self
     where
         A: Actor + Clone,
@@ -83,6 +97,8 @@ pub struct SupervisorArgs {
     pub restart_period_ms: u64,
     pub backoff_initial_ms: u64,
     pub backoff_max_ms: u64,
+    /// How long a child may take to stop gracefully before it is killed.
+    pub child_shutdown_timeout_ms: u64,
     pub children: Vec<ChildSpec>,
 }
 
@@ -94,6 +110,7 @@ impl SupervisorArgs {
             restart_period_ms: 10_000,
             backoff_initial_ms: 100,
             backoff_max_ms: 5_000,
+            child_shutdown_timeout_ms: 5_000,
             children,
         }
     }
@@ -104,9 +121,11 @@ impl SupervisorArgs {
 pub struct ChildStatus {
     pub name: String,
     pub running: bool,
+    /// Starts after the first one, including restarts with a failed sibling.
     pub restarts: u32,
     pub last_failure: Option<String>,
     pub last_failure_at: Option<SystemTime>,
+    /// When the latest restarts happened, oldest first (at most 64 kept).
     pub restarted_at: Vec<Instant>,
 }
 
@@ -125,6 +144,7 @@ pub struct Supervisor;
 
 pub struct SupervisorState {
     args: SupervisorArgs,
+    /// The running incarnation of each child; `None` while it is down.
     cells: Vec<Option<ActorCell>>,
     /// Children that ended for good (temporary, or transient that exited normally).
     retired: Vec<bool>,
@@ -132,8 +152,14 @@ pub struct SupervisorState {
     /// Restart times within the intensity window, oldest first.
     window: VecDeque<Instant>,
     consecutive: u32,
+    /// Bumped at each planned restart, so only the latest plan starts children.
     generation: u64,
-    pending_restart: bool,
+}
+
+/// Why a child is down.
+enum Exit {
+    Normal,
+    Failed(String),
 }
 
 impl Supervisor {
@@ -148,18 +174,151 @@ impl Supervisor {
         )
     }
 
+    /// Starts the down children in declaration order. Returns the children
+    /// that failed to start, with the reason. Under one_for_all and
+    /// rest_for_one it stops at the first failure: later children depend on
+    /// the earlier ones.
     async fn start_missing(
         myself: &ActorRef<SupervisorMsg>,
         state: &mut SupervisorState,
-    ) -> Result<(), ActorProcessingErr> {
+        initial: bool,
+    ) -> Vec<(usize, String)> {
+        let mut failed = Vec::new();
         for i in 0..state.cells.len() {
-            if state.cells[i].is_none() && !state.retired[i] {
-                let spec = &state.args.children[i];
-                let cell = (spec.start)(myself.get_cell()).await?;
-                state.cells[i] = Some(cell);
-                state.status[i].running = true;
+            if state.cells[i].is_some() || state.retired[i] {
+                continue;
+            }
+            match (state.args.children[i].start)(myself.get_cell()).await {
+                Ok(cell) => {
+                    state.cells[i] = Some(cell);
+                    let status = &mut state.status[i];
+                    status.running = true;
+                    if !initial {
+                        status.restarts = status.restarts.saturating_add(1);
+                        if status.restarted_at.len() >= RESTART_HISTORY_MAX {
+                            status.restarted_at.remove(0);
+                        }
+                        status.restarted_at.push(Instant::now());
+                    }
+                }
+                Err(e) => {
+                    failed.push((i, format!("start failed: {e}")));
+                    if state.args.strategy != Strategy::OneForOne {
+                        break;
+                    }
+                }
             }
         }
+        failed
+    }
+
+    /// Stops one child gracefully, killing it if it overstays the timeout.
+    /// Waiting keeps the old incarnation from holding the registered name
+    /// when the new one starts.
+    async fn stop_child(cell: ActorCell, reason: &str, timeout: Duration) {
+        if cell
+            .stop_and_wait(Some(reason.to_string()), Some(timeout))
+            .await
+            .is_ok()
+        {
+            return;
+        }
+        // Also reached when the child was already gone: the kill then returns at once.
+        if cell.kill_and_wait(Some(timeout)).await.is_err() {
+            tracing::warn!(child = ?cell.get_name(), "supervised actor did not stop when killed");
+        }
+    }
+
+    /// Stops the running children among `indices`, last declared first.
+    /// Their exit events arrive later and are ignored: their slots are empty.
+    async fn stop_children(state: &mut SupervisorState, indices: &[usize], reason: &str) {
+        let timeout = Duration::from_millis(state.args.child_shutdown_timeout_ms);
+        for &i in indices.iter().rev() {
+            if let Some(cell) = state.cells[i].take() {
+                state.status[i].running = false;
+                Self::stop_child(cell, reason, timeout).await;
+            }
+        }
+    }
+
+    async fn stop_all(state: &mut SupervisorState, reason: &str) {
+        let all: Vec<usize> = (0..state.cells.len()).collect();
+        Self::stop_children(state, &all, reason).await;
+    }
+
+    /// Applies the restart policy to a child that went down: restart it
+    /// (and its group) after a backoff, retire it, or escalate.
+    async fn child_down(
+        myself: &ActorRef<SupervisorMsg>,
+        state: &mut SupervisorState,
+        index: usize,
+        exit: Exit,
+    ) -> Result<(), ActorProcessingErr> {
+        state.cells[index] = None;
+        state.status[index].running = false;
+        let name = state.args.children[index].name.clone();
+        if let Exit::Failed(reason) = &exit {
+            state.status[index].last_failure = Some(reason.clone());
+            state.status[index].last_failure_at = Some(SystemTime::now());
+            tracing::warn!(child = %name, %reason, "supervised actor failed");
+        }
+        let restart = matches!(
+            (state.args.children[index].restart, &exit),
+            (Restart::Permanent, _) | (Restart::Transient, Exit::Failed(_))
+        );
+        if !restart {
+            state.retired[index] = true;
+            return Ok(());
+        }
+
+        let now = Instant::now();
+        let period = Duration::from_millis(state.args.restart_period_ms);
+        while state
+            .window
+            .front()
+            .is_some_and(|t| now.duration_since(*t) > period)
+        {
+            state.window.pop_front();
+        }
+        if state.window.is_empty() {
+            // A quiet period ends the backoff sequence.
+            state.consecutive = 0;
+        }
+        if state.window.len() >= state.args.restarts_max as usize {
+            let why = match exit {
+                Exit::Normal => "exited normally".to_string(),
+                Exit::Failed(reason) => reason,
+            };
+            let msg = format!(
+                "child {name} exceeded {} restarts in {} ms (last: {why}); escalating",
+                state.args.restarts_max, state.args.restart_period_ms
+            );
+            // Graceful here too: on an Err ractor skips post_stop and kills the children.
+            Self::stop_all(state, "supervisor escalating").await;
+            return Err(msg.into());
+        }
+        state.window.push_back(now);
+
+        let n = state.cells.len();
+        let group: Vec<usize> = match state.args.strategy {
+            Strategy::OneForOne => vec![],
+            Strategy::OneForAll => (0..n).filter(|&i| i != index).collect(),
+            Strategy::RestForOne => (index + 1..n).collect(),
+        };
+        // OTP's rule: a temporary sibling stopped for a group restart stays stopped.
+        for &i in &group {
+            if state.args.children[i].restart == Restart::Temporary && state.cells[i].is_some() {
+                state.retired[i] = true;
+            }
+        }
+        Self::stop_children(state, &group, "restarted with a failed sibling").await;
+
+        let delay = Self::backoff(&state.args, state.consecutive);
+        state.consecutive = state.consecutive.saturating_add(1);
+        // An earlier plan still in flight would restart the group before this backoff ends.
+        state.generation += 1;
+        let generation = state.generation;
+        myself.send_after(delay, move || SupervisorMsg::Restart { generation });
         Ok(())
     }
 }
@@ -195,10 +354,25 @@ impl Actor for Supervisor {
             window: VecDeque::new(),
             consecutive: 0,
             generation: 0,
-            pending_restart: false,
         };
-        Self::start_missing(&myself, &mut state).await?;
+        let failed = Self::start_missing(&myself, &mut state, true).await;
+        if let Some((i, reason)) = failed.into_iter().next() {
+            // As in OTP, a child that cannot start at first is the supervisor's failure.
+            Self::stop_all(&mut state, "supervisor failed to start").await;
+            let name = &state.args.children[i].name;
+            return Err(format!("child {name}: {reason}").into());
+        }
         Ok(state)
+    }
+
+    async fn post_stop(
+        &self,
+        _myself: ActorRef<Self::Msg>,
+        state: &mut SupervisorState,
+    ) -> Result<(), ActorProcessingErr> {
+        // Without this ractor kills the children, skipping their post_stop.
+        Self::stop_all(state, "supervisor stopping").await;
+        Ok(())
     }
 
     async fn handle(
@@ -209,19 +383,11 @@ impl Actor for Supervisor {
     ) -> Result<(), ActorProcessingErr> {
         match msg {
             SupervisorMsg::Restart { generation } => {
-                if generation == state.generation {
-                    state.pending_restart = false;
-                    let now = Instant::now();
-                    for (i, c) in state.cells.iter().enumerate() {
-                        if c.is_none() && !state.retired[i] {
-                            state.status[i].restarted_at.push(now);
-                            // Bound the history kept per child.
-                            if state.status[i].restarted_at.len() > 64 {
-                                state.status[i].restarted_at.remove(0);
-                            }
-                        }
-                    }
-                    Self::start_missing(&myself, state).await?;
+                if generation != state.generation {
+                    return Ok(());
+                }
+                for (i, reason) in Self::start_missing(&myself, state, false).await {
+                    Self::child_down(&myself, state, i, Exit::Failed(reason)).await?;
                 }
             }
             SupervisorMsg::Status(reply) => {
@@ -237,9 +403,9 @@ impl Actor for Supervisor {
         evt: SupervisionEvent,
         state: &mut SupervisorState,
     ) -> Result<(), ActorProcessingErr> {
-        let (cell, failure) = match evt {
-            SupervisionEvent::ActorFailed(cell, err) => (cell, Some(err.to_string())),
-            SupervisionEvent::ActorTerminated(cell, _, _) => (cell, None),
+        let (cell, exit) = match evt {
+            SupervisionEvent::ActorFailed(cell, err) => (cell, Exit::Failed(err.to_string())),
+            SupervisionEvent::ActorTerminated(cell, _, _) => (cell, Exit::Normal),
             _ => return Ok(()),
         };
         let Some(index) = state
@@ -247,67 +413,9 @@ impl Actor for Supervisor {
             .iter()
             .position(|c| c.as_ref().is_some_and(|c| c.get_id() == cell.get_id()))
         else {
-            // A child we stopped ourselves for a group restart.
+            // An incarnation we stopped ourselves, or one already replaced.
             return Ok(());
         };
-        state.cells[index] = None;
-        state.status[index].running = false;
-        let spec_restart = state.args.children[index].restart;
-        let restart = matches!(
-            (spec_restart, &failure),
-            (Restart::Permanent, _) | (Restart::Transient, Some(_))
-        );
-        if let Some(reason) = &failure {
-            state.status[index].last_failure = Some(reason.clone());
-            state.status[index].last_failure_at = Some(SystemTime::now());
-            tracing::warn!(child = %state.args.children[index].name, %reason, "supervised actor failed");
-        }
-        if !restart {
-            state.retired[index] = true;
-            return Ok(());
-        }
-        let now = Instant::now();
-        let period = Duration::from_millis(state.args.restart_period_ms);
-        while state
-            .window
-            .front()
-            .is_some_and(|t| now.duration_since(*t) > period)
-        {
-            state.window.pop_front();
-        }
-        if state.window.is_empty() {
-            state.consecutive = 0;
-        }
-        if state.window.len() as u32 >= state.args.restarts_max {
-            let name = &state.args.children[index].name;
-            return Err(format!(
-                "child {name} exceeded {} restarts in {} ms; escalating",
-                state.args.restarts_max, state.args.restart_period_ms
-            )
-            .into());
-        }
-        state.window.push_back(now);
-        state.status[index].restarts += 1;
-        // Stop the siblings the strategy restarts together with the child.
-        let siblings: Vec<usize> = match state.args.strategy {
-            Strategy::OneForOne => vec![],
-            Strategy::OneForAll => (0..state.cells.len()).filter(|&i| i != index).collect(),
-            Strategy::RestForOne => (index + 1..state.cells.len()).collect(),
-        };
-        for i in siblings {
-            if let Some(c) = state.cells[i].take() {
-                c.unlink(myself.get_cell());
-                c.stop(Some("restarted with a failed sibling".into()));
-                state.status[i].running = false;
-                state.status[i].restarts += 1;
-            }
-        }
-        let delay = Self::backoff(&state.args, state.consecutive);
-        state.consecutive += 1;
-        state.generation += 1;
-        state.pending_restart = true;
-        let generation = state.generation;
-        myself.send_after(delay, move || SupervisorMsg::Restart { generation });
-        Ok(())
+        Self::child_down(&myself, state, index, exit).await
     }
 }

@@ -20,14 +20,14 @@ const WAIT: Duration = Duration::from_secs(20);
 const CALL_MS: u64 = 5_000;
 
 async fn gateway_status() -> GatewayStatus {
-    let g: ActorRef<GatewayMsg> = ractor::registry::where_is(GATEWAY_NAME.to_string())
+    let g: ActorRef<GatewayMsg> = ractor::registry::where_is(GATEWAY_NAME)
         .expect("gateway")
         .into();
     ractor::call_t!(g, GatewayMsg::Status, CALL_MS).expect("gateway status")
 }
 
 async fn device_status() -> Vec<ChildStatus> {
-    let s: ActorRef<SupervisorMsg> = ractor::registry::where_is(DEVICES_NAME.to_string())
+    let s: ActorRef<SupervisorMsg> = ractor::registry::where_is(DEVICES_NAME)
         .expect("devices")
         .into();
     ractor::call_t!(s, |r: RpcReplyPort<_>| SupervisorMsg::Status(r), CALL_MS)
@@ -102,7 +102,7 @@ async fn a_crashed_device_restarts_and_accepted_readings_stay() {
     })
     .await;
     let before = gateway_status().await;
-    let device: ActorRef<DeviceMsg> = ractor::registry::where_is("device/dev-0".to_string())
+    let device: ActorRef<DeviceMsg> = ractor::registry::where_is("device/dev-0")
         .expect("device")
         .into();
     device

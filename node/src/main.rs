@@ -280,6 +280,9 @@ async fn run_cloud(identity: NodeIdentity, s: config::Resolved) -> anyhow::Resul
     wait_for_stop(listener.get_cell(), handle).await
 }
 
+/// How long a graceful stop may take before the process exits anyway.
+const SHUTDOWN_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(15);
+
 /// Runs until the root actor ends or the process is asked to stop.
 async fn wait_for_stop(
     root: ractor::ActorCell,
@@ -291,6 +294,10 @@ async fn wait_for_stop(
         _ = term.recv() => tracing::info!("terminated; stopping"),
         _ = handle => bail!("the node's root actor stopped (see the errors above)"),
     }
-    root.stop(Some("node stopping".into()));
+    // Stop gracefully so the gateway commits what is open and answers its
+    // sources; bounded, so a stuck actor cannot hold the process forever.
+    root.stop_and_wait(Some("node stopping".into()), Some(SHUTDOWN_TIMEOUT))
+        .await
+        .map_err(|e| anyhow::anyhow!("stopping the node's actors: {e}"))?;
     Ok(())
 }
