@@ -64,6 +64,8 @@ settings! {
     commit_interval_ms: u64 = 50, "TRIBUTARY_COMMIT_INTERVAL_MS";
     /// Edge: what a full outbox does: block or drop-oldest [default: block].
     full_policy: FullPolicy = FullPolicy::Block, "TRIBUTARY_FULL_POLICY";
+    /// Edge: open an outbox whose data falls short of its guard (damaged), carrying on with what is left; the loss is logged [default: false].
+    outbox_accept_damage: bool = false, "TRIBUTARY_OUTBOX_ACCEPT_DAMAGE";
     /// Edge: sled's page cache bound [default: 16777216].
     sled_cache_bytes_max: u64 = 16 * 1024 * 1024, "TRIBUTARY_SLED_CACHE_BYTES_MAX";
     /// Edge: segments sent and not yet acknowledged [default: 8].

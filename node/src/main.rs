@@ -15,7 +15,7 @@ use tributary_actors::edge::device::Signal;
 use tributary_actors::edge::gateway::{GatewayArgs, StoreFactory};
 use tributary_actors::edge::uplink::UplinkArgs;
 use tributary_actors::edge::{start_edge, DevicesConfig, EdgeArgs};
-use tributary_actors::outbox::{OutboxStore, SledStore};
+use tributary_actors::outbox::{Outbox, OutboxStore, SledStore};
 use tributary_actors::sink::kafka::{KafkaLog, KafkaSinkConfig};
 use tributary_cluster::tls::{self, NodeId, NodeIdentity, Role};
 use tributary_cluster::uplink::link::EdgeConnector;
@@ -194,9 +194,30 @@ async fn run_edge(id: NodeId, identity: NodeIdentity, s: config::Resolved) -> an
         tributary_cluster::session::start_node_server(&id, s.cluster_cookie.clone()).await?;
     let outbox_dir = s.outbox_dir.clone();
     let cache = s.sled_cache_bytes_max;
-    let store: StoreFactory = Arc::new(move || {
-        SledStore::open(&outbox_dir, cache).map(|st| Box::new(st) as Box<dyn OutboxStore>)
-    });
+    let accept_damage = s.outbox_accept_damage;
+    let open_store = move || {
+        SledStore::open(&outbox_dir, cache)
+            .map(|st| Box::new(st.accept_damage(accept_damage)) as Box<dyn OutboxStore>)
+    };
+    // Check the outbox before any actor starts, so that a damaged one is
+    // refused with its own error rather than as an actor's startup failure.
+    // A new outbox's epoch is its creation time, so newer outboxes have larger ones.
+    let epoch = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(1, |d| d.as_micros() as u64);
+    let (_, recovery) =
+        Outbox::<()>::open(open_store()?, s.outbox(), epoch).with_context(|| {
+            format!(
+                "opening the outbox in outbox_dir {}",
+                s.outbox_dir.display()
+            )
+        })?;
+    tracing::info!(
+        segments = recovery.segments,
+        bytes = recovery.bytes,
+        "outbox checked"
+    );
+    let store: StoreFactory = Arc::new(open_store);
     let args = EdgeArgs {
         gateway: GatewayArgs {
             store,

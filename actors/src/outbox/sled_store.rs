@@ -10,6 +10,24 @@
 //! sled's background flusher is off (`flush_every_ms(None)`): the outbox
 //! calls `flush` itself at group commit, so an acknowledgement always
 //! follows the fsync.
+//!
+//! # The guard file
+//! sled recovers its log up to the last valid record and takes an empty or
+//! unreadable `db` file for a new database. A damaged `db` would then open
+//! as an outbox with fewer segments, or none, and the readings acknowledged
+//! in the lost ones would be gone without a word. So beside sled's files the
+//! store keeps `guard`: the epoch and the last sealed seq, rewritten after
+//! each sync (not itself synced: after a power cut it may lag, which is
+//! harmless; it only ever has to be *behind* the store).
+//!
+//! ```text
+//! "TRGD" | version u8 (1) | epoch u64 LE | sealed_through u64 LE | crc32 u32 LE of the 21 bytes before
+//! ```
+//!
+//! On open, a store behind its guard (or with another epoch, or empty) is
+//! refused with [`StoreError::Damaged`]. An operator who accepts the loss
+//! opens it with [`SledStore::accept_damage`]: the epoch and the seqs carry
+//! on above the guard, so new readings are never taken for replays.
 
 use std::path::Path;
 
@@ -43,8 +61,42 @@ fn read_u64(v: &[u8], what: &str) -> Result<u64, StoreError> {
     Ok(u64::from_be_bytes(b))
 }
 
+const GUARD_FILE: &str = "guard";
+const GUARD_MAGIC: &[u8; 4] = b"TRGD";
+const GUARD_BYTES: usize = 25;
+
 pub struct SledStore {
     db: sled::Db,
+    dir: std::path::PathBuf,
+    guard: Option<StoreMeta>,
+    /// The sealed mark written since the last sync, for the guard.
+    sealed: Option<StoreMeta>,
+    accept_damage: bool,
+}
+
+fn encode_guard(meta: StoreMeta) -> [u8; GUARD_BYTES] {
+    let mut b = [0u8; GUARD_BYTES];
+    b[..4].copy_from_slice(GUARD_MAGIC);
+    b[4] = 1;
+    b[5..13].copy_from_slice(&meta.epoch.to_le_bytes());
+    b[13..21].copy_from_slice(&meta.sealed_through.to_le_bytes());
+    let crc = crc32fast::hash(&b[..21]);
+    b[21..].copy_from_slice(&crc.to_le_bytes());
+    b
+}
+
+fn decode_guard(b: &[u8]) -> Option<StoreMeta> {
+    if b.len() != GUARD_BYTES || &b[..4] != GUARD_MAGIC || b[4] != 1 {
+        return None;
+    }
+    let crc = u32::from_le_bytes(b[21..].try_into().ok()?);
+    if crc != crc32fast::hash(&b[..21]) {
+        return None;
+    }
+    Some(StoreMeta {
+        epoch: u64::from_le_bytes(b[5..13].try_into().ok()?),
+        sealed_through: u64::from_le_bytes(b[13..21].try_into().ok()?),
+    })
 }
 
 impl SledStore {
@@ -65,7 +117,74 @@ impl SledStore {
         let db = std::panic::catch_unwind(std::panic::AssertUnwindSafe(move || config.open()))
             .map_err(|_| open_err("sled panicked while reading the files (damaged store?)".into()))?
             .map_err(|e| open_err(e.to_string()))?;
-        Ok(Self { db })
+        let guard = match std::fs::read(dir.join(GUARD_FILE)) {
+            Ok(bytes) => {
+                let g = decode_guard(&bytes);
+                if g.is_none() {
+                    tracing::warn!(path = %dir.display(), "the outbox guard file is damaged; it will be rewritten");
+                }
+                g
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+            Err(e) => return Err(open_err(format!("reading {GUARD_FILE}: {e}"))),
+        };
+        Ok(Self {
+            db,
+            dir: dir.to_path_buf(),
+            guard,
+            sealed: None,
+            accept_damage: false,
+        })
+    }
+
+    /// Opens a store whose data falls short of its guard anyway, carrying the
+    /// epoch and seqs on above the guard. What was lost is logged as an error.
+    pub fn accept_damage(mut self, accept: bool) -> Self {
+        self.accept_damage = accept;
+        self
+    }
+
+    fn write_guard(&mut self, meta: StoreMeta) -> Result<(), StoreError> {
+        std::fs::write(self.dir.join(GUARD_FILE), encode_guard(meta))
+            .map_err(|e| StoreError::Sync(format!("writing the outbox guard: {e}")))?;
+        self.guard = Some(meta);
+        Ok(())
+    }
+
+    /// Compares what sled holds with the guard; see the module doc.
+    fn check_guard(&self, meta: Option<StoreMeta>) -> Result<Option<StoreMeta>, StoreError> {
+        let Some(guard) = self.guard else {
+            return Ok(meta);
+        };
+        let problem = match meta {
+            None => format!(
+                "it is empty, but its guard says it held epoch {} through seq {}",
+                guard.epoch, guard.sealed_through
+            ),
+            Some(m) if m.epoch != guard.epoch => format!(
+                "it holds epoch {}, but its guard says epoch {}: files from another outbox?",
+                m.epoch, guard.epoch
+            ),
+            Some(m) if m.sealed_through < guard.sealed_through => format!(
+                "it was sealed through seq {}, but its guard says {}: segments {}..={} are lost",
+                m.sealed_through,
+                guard.sealed_through,
+                m.sealed_through + 1,
+                guard.sealed_through
+            ),
+            Some(m) => return Ok(Some(m)),
+        };
+        let path = self.dir.display().to_string();
+        if !self.accept_damage {
+            return Err(StoreError::Damaged { path, problem });
+        }
+        tracing::error!(%path, %problem, "opening a damaged outbox as accepted: the readings of the lost segments are gone");
+        Ok(Some(StoreMeta {
+            epoch: guard.epoch,
+            sealed_through: meta
+                .map_or(0, |m| m.sealed_through)
+                .max(guard.sealed_through),
+        }))
     }
 
     /// Bytes sled's files take on disk.
@@ -89,16 +208,32 @@ impl SledStore {
 impl OutboxStore for SledStore {
     fn load_meta(&mut self) -> Result<Option<StoreMeta>, StoreError> {
         let get = |k: &[u8]| self.db.get(k).map_err(|e| StoreError::Read(e.to_string()));
-        match (get(META_EPOCH)?, get(META_SEALED)?) {
-            (None, _) => Ok(None),
-            (Some(e), s) => Ok(Some(StoreMeta {
+        let meta = match (get(META_EPOCH)?, get(META_SEALED)?) {
+            (None, _) => None,
+            (Some(e), s) => Some(StoreMeta {
                 epoch: read_u64(&e, "m/epoch")?,
                 sealed_through: match s {
                     Some(s) => read_u64(&s, "m/sealed")?,
                     None => 0,
                 },
-            })),
+            }),
+        };
+        let checked = self.check_guard(meta)?;
+        if checked != meta {
+            // Damage accepted: sled's own metadata carries on from the guard.
+            if let Some(m) = checked {
+                self.init_meta(m)?;
+            }
+            return Ok(checked);
         }
+        let meta = checked;
+        if let Some(m) = meta {
+            if self.guard != Some(m) {
+                // A store from before guards, or a damaged guard: write it now.
+                self.sealed = Some(m);
+            }
+        }
+        Ok(meta)
     }
 
     fn init_meta(&mut self, meta: StoreMeta) -> Result<(), StoreError> {
@@ -108,7 +243,9 @@ impl OutboxStore for SledStore {
         self.db.apply_batch(b).map_err(|e| StoreError::Append {
             seq: 0,
             reason: e.to_string(),
-        })
+        })?;
+        self.sealed = Some(meta);
+        Ok(())
     }
 
     fn append(&mut self, seq: u64, bytes: &[u8]) -> Result<(), StoreError> {
@@ -118,14 +255,25 @@ impl OutboxStore for SledStore {
         self.db.apply_batch(b).map_err(|e| StoreError::Append {
             seq,
             reason: e.to_string(),
-        })
+        })?;
+        if let Some(epoch) = self.sealed.or(self.guard).map(|m| m.epoch) {
+            self.sealed = Some(StoreMeta {
+                epoch,
+                sealed_through: seq,
+            });
+        }
+        Ok(())
     }
 
     fn sync(&mut self) -> Result<(), StoreError> {
         self.db
             .flush()
-            .map(|_| ())
-            .map_err(|e| StoreError::Sync(e.to_string()))
+            .map_err(|e| StoreError::Sync(e.to_string()))?;
+        // After the data, so the guard is never ahead of what is on disk.
+        if let Some(meta) = self.sealed.take() {
+            self.write_guard(meta)?;
+        }
+        Ok(())
     }
 
     fn list(&self) -> Result<Vec<(u64, u64)>, StoreError> {

@@ -28,6 +28,8 @@ pub enum StoreError {
     Remove(String),
     #[error("the outbox store's metadata is corrupt: {0}")]
     CorruptMeta(String),
+    #[error("the outbox store at {path} is damaged: {problem}. It is left untouched: move it aside to start a new outbox, or set outbox_accept_damage to carry on with what is left")]
+    Damaged { path: String, problem: String },
 }
 
 /// The metadata kept beside the segments.

@@ -258,3 +258,75 @@ fn sled_store_quarantines_a_bit_flipped_segment() {
     assert_eq!(o.commit().unwrap().unwrap().seq, 2);
     assert_eq!(o.read(1, 2, 10).unwrap().len(), 1);
 }
+
+fn fill_sled(dir: &std::path::Path, segments: i64) -> Recovery {
+    let store = SledStore::open(dir, 1 << 20).unwrap();
+    let (mut o, _) = Outbox::<i64>::open(Box::new(store), cfg(1), 42).unwrap();
+    for ts in 1..=segments {
+        add(&mut o, Instant::now(), ts);
+        o.commit().unwrap();
+    }
+    drop(o);
+    let store = SledStore::open(dir, 1 << 20).unwrap();
+    Outbox::<i64>::open(Box::new(store), cfg(1), 99).unwrap().1
+}
+
+#[test]
+fn an_emptied_sled_store_is_refused_not_taken_for_a_new_outbox() {
+    let dir = tempfile::tempdir().unwrap();
+    let rec = fill_sled(dir.path(), 5);
+    assert_eq!((rec.epoch, rec.sealed_through), (42, 5));
+    // Lose sled's data, as a damaged or emptied `db` file would.
+    for entry in std::fs::read_dir(dir.path()).unwrap() {
+        let p = entry.unwrap().path();
+        if p.file_name().unwrap() != "guard" {
+            if p.is_dir() {
+                std::fs::remove_dir_all(&p).unwrap();
+            } else {
+                std::fs::remove_file(&p).unwrap();
+            }
+        }
+    }
+    let store = SledStore::open(dir.path(), 1 << 20).unwrap();
+    let err = Outbox::<i64>::open(Box::new(store), cfg(1), 99)
+        .err()
+        .unwrap();
+    let msg = err.to_string();
+    assert!(
+        msg.contains("damaged") && msg.contains(&dir.path().display().to_string()),
+        "{msg}"
+    );
+    assert!(msg.contains("through seq 5"), "{msg}");
+
+    // Accepting the damage keeps the epoch and carries the seqs on above the guard.
+    let store = SledStore::open(dir.path(), 1 << 20)
+        .unwrap()
+        .accept_damage(true);
+    let (mut o, rec) = Outbox::<i64>::open(Box::new(store), cfg(1), 99).unwrap();
+    assert_eq!((rec.epoch, rec.sealed_through, rec.segments), (42, 5, 0));
+    add(&mut o, Instant::now(), 6);
+    assert_eq!(o.commit().unwrap().unwrap().seq, 6);
+    drop(o);
+    // And from then on the store opens normally.
+    let store = SledStore::open(dir.path(), 1 << 20).unwrap();
+    let (_, rec) = Outbox::<i64>::open(Box::new(store), cfg(1), 99).unwrap();
+    assert_eq!((rec.epoch, rec.sealed_through), (42, 6));
+}
+
+#[test]
+fn another_outboxs_files_are_refused() {
+    let a = tempfile::tempdir().unwrap();
+    let b = tempfile::tempdir().unwrap();
+    fill_sled(a.path(), 2);
+    let store = SledStore::open(b.path(), 1 << 20).unwrap();
+    let (mut o, _) = Outbox::<i64>::open(Box::new(store), cfg(1), 7).unwrap();
+    add(&mut o, Instant::now(), 1);
+    o.commit().unwrap();
+    drop(o);
+    std::fs::copy(b.path().join("guard"), a.path().join("guard")).unwrap();
+    let store = SledStore::open(a.path(), 1 << 20).unwrap();
+    let err = Outbox::<i64>::open(Box::new(store), cfg(1), 99)
+        .err()
+        .unwrap();
+    assert!(err.to_string().contains("another outbox"), "{err}");
+}
