@@ -13,8 +13,8 @@ use std::sync::Arc;
 use ractor::{Actor, ActorProcessingErr, ActorRef};
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
-use tributary_cluster::uplink::link::{AcceptedUplink, LinkHandle};
-use tributary_cluster::uplink::{CommitBatch, Frame, Ingest, IngestConfig};
+use tributary_cluster::uplink::link::{AcceptedUplink, LinkError, LinkHandle};
+use tributary_cluster::uplink::{CommitBatch, Frame, Ingest, IngestConfig, RefuseCode};
 
 use super::{CloudCounters, WriterPool};
 use crate::outbox::segment;
@@ -22,6 +22,10 @@ use crate::sink::{EdgeLogWriter, Hwm, LogSink, SegmentBatch, SinkError};
 
 /// Close code when the cloud gives up on a link (protocol error or log down).
 const CLOSE_PROTOCOL: u32 = 1;
+/// Close code of an orderly end.
+const CLOSE_SHUTDOWN: u32 = 0;
+/// How long the last frames (a Refuse) may take to leave before the close.
+const CLOSE_DRAIN: std::time::Duration = std::time::Duration::from_secs(1);
 
 pub struct IngestArgs {
     pub uplink: Box<AcceptedUplink>,
@@ -34,6 +38,8 @@ pub struct IngestArgs {
 pub enum IngestMsg {
     Frame(Frame),
     LinkDown(String),
+    /// The edge sent bytes that are not a valid frame.
+    Malformed(String),
     Recovered(Result<(Box<dyn EdgeLogWriter>, Option<Hwm>), SinkError>),
     Committed(Box<dyn EdgeLogWriter>, CommitBatch, Result<u64, SinkError>),
 }
@@ -48,26 +54,33 @@ pub struct IngestState {
     core: Ingest,
     writer: Option<Box<dyn EdgeLogWriter>>,
     committing: bool,
-    tx: mpsc::Sender<Frame>,
+    /// `None` once stopping: dropping it lets the writer finish what is queued.
+    tx: Option<mpsc::Sender<Frame>>,
     handle: LinkHandle,
+    write_task: Option<JoinHandle<()>>,
     tasks: Vec<JoinHandle<()>>,
+    /// Why the cloud closes the link, once it decided to.
+    closing: Option<(u32, String)>,
     pool: WriterPool,
     counters: Arc<CloudCounters>,
 }
 
 impl IngestState {
+    /// Closes the link after the frames already queued (a Refuse, most
+    /// often) are written, so the edge learns why.
     fn fail(&mut self, myself: &ActorRef<IngestMsg>, reason: String) {
         tracing::warn!(edge = %self.edge_id, %reason, "closing the edge's link");
         self.flush_transmit();
-        self.handle.close(CLOSE_PROTOCOL, &reason);
+        self.closing = Some((CLOSE_PROTOCOL, reason.clone()));
         myself.stop(Some(reason));
     }
 
     fn flush_transmit(&mut self) {
+        let Some(tx) = &self.tx else { return };
         while let Some(frame) = self.core.poll_transmit() {
             // Sized for the window plus control frames; a full channel means
-            // the edge stopped reading, and the link is closed below anyway.
-            if self.tx.try_send(frame).is_err() {
+            // the edge stopped reading, and the link is closed anyway.
+            if tx.try_send(frame).is_err() {
                 break;
             }
         }
@@ -144,9 +157,12 @@ impl Actor for IngestActor {
                 let msg = match reader.recv().await {
                     Ok(Some(frame)) => IngestMsg::Frame(frame),
                     Ok(None) => IngestMsg::LinkDown("the edge closed the uplink".into()),
+                    Err(e @ (LinkError::Malformed(_) | LinkError::Truncated)) => {
+                        IngestMsg::Malformed(e.to_string())
+                    }
                     Err(e) => IngestMsg::LinkDown(e.to_string()),
                 };
-                let last = matches!(msg, IngestMsg::LinkDown(_));
+                let last = !matches!(msg, IngestMsg::Frame(_));
                 if me.send_message(msg).is_err() || last {
                     return;
                 }
@@ -181,9 +197,11 @@ impl Actor for IngestActor {
             core,
             writer: None,
             committing: false,
-            tx,
+            tx: Some(tx),
             handle: up.handle,
-            tasks: vec![write_task, read_task, watch_task],
+            write_task: Some(write_task),
+            tasks: vec![read_task, watch_task],
+            closing: None,
             pool: args.pool,
             counters: args.counters,
         })
@@ -255,6 +273,17 @@ impl Actor for IngestActor {
                 tracing::info!(edge = %state.edge_id, %reason, "edge link down");
                 myself.stop(Some(reason));
             }
+            IngestMsg::Malformed(reason) => {
+                state.counters.protocol_errors.fetch_add(1, Relaxed);
+                let reason = format!("malformed frame: {reason}");
+                if let Some(tx) = &state.tx {
+                    let _ = tx.try_send(Frame::Refuse {
+                        code: RefuseCode::ProtocolViolation,
+                        reason: reason.clone(),
+                    });
+                }
+                state.fail(&myself, reason);
+            }
         }
         Ok(())
     }
@@ -267,7 +296,21 @@ impl Actor for IngestActor {
         for t in state.tasks.drain(..) {
             t.abort();
         }
-        state.handle.close(0, "ingest stopped");
+        // Let the writer send what is queued, then close, within a bound.
+        state.tx = None;
+        let (code, reason) = state
+            .closing
+            .take()
+            .unwrap_or((CLOSE_SHUTDOWN, "ingest stopped".into()));
+        let (write_task, handle) = (state.write_task.take(), state.handle.clone());
+        tokio::spawn(async move {
+            if let Some(t) = write_task {
+                if tokio::time::timeout(CLOSE_DRAIN, t).await.is_err() {
+                    tracing::debug!("the edge did not take the last frames in time");
+                }
+            }
+            handle.close(code, &reason);
+        });
         if let Some(w) = state.writer.take() {
             state.pool.put(&state.edge_id, w);
         }

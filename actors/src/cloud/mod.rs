@@ -270,6 +270,9 @@ impl Actor for Listener {
                     readings_per_s = (delta as f64 / secs).round(),
                     transactions = state.counters.transactions.load(Relaxed),
                     duplicates_skipped = state.counters.segments_duplicate.load(Relaxed),
+                    connections_refused = state.counters.connections_refused.load(Relaxed),
+                    protocol_errors = state.counters.protocol_errors.load(Relaxed),
+                    log_errors = state.counters.log_errors.load(Relaxed),
                     "cloud flow"
                 );
             }
