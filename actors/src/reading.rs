@@ -11,10 +11,12 @@ use serde::{Deserialize, Serialize};
 pub const DEVICE_ID_BYTES_MAX: usize = 128;
 /// Metric names share the same reasoning as device ids.
 pub const METRIC_NAME_BYTES_MAX: usize = 128;
-/// A reading with more metrics than this is refused at the edge.
-pub const READING_METRICS_MAX: usize = 256;
+/// A reading with more metrics than this is refused at the edge. With the
+/// string bounds below, the JSON of any valid reading (where escapes can
+/// make a byte six) stays under a Kafka record's usual 1 MB limit.
+pub const READING_METRICS_MAX: usize = 64;
 /// String values and units are bounded for the same reason.
-pub const METRIC_STRING_BYTES_MAX: usize = 4096;
+pub const METRIC_STRING_BYTES_MAX: usize = 1024;
 
 /// One measurement of one device at one instant.
 #[derive(Debug, Clone, PartialEq, Encode, Decode, Serialize, Deserialize)]
@@ -110,10 +112,16 @@ impl Reading {
     }
 }
 
-/// Bincode's configuration for everything Tributary encodes: fixed so that
-/// the outbox and the wire agree across builds.
-pub fn bincode_config() -> bincode::config::Configuration {
-    bincode::config::standard()
+/// The most bytes one encoded reading may claim. Above every reading that
+/// passes [`Reading::validate`], so it never refuses a valid one; it exists so
+/// that a damaged length field cannot make the decoder allocate more.
+pub const READING_ENCODED_BYTES_MAX: usize = 1024 * 1024;
+
+/// Bincode's configuration for readings: fixed so that the outbox and the
+/// wire agree across builds, and with a limit so that decoding a damaged or
+/// hostile payload never allocates more than [`READING_ENCODED_BYTES_MAX`].
+pub fn bincode_config() -> impl bincode::config::Config {
+    bincode::config::standard().with_limit::<READING_ENCODED_BYTES_MAX>()
 }
 
 #[cfg(test)]

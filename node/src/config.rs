@@ -70,8 +70,8 @@ settings! {
     sled_cache_bytes_max: u64 = 16 * 1024 * 1024, "TRIBUTARY_SLED_CACHE_BYTES_MAX";
     /// Edge: segments sent and not yet acknowledged [default: 8].
     uplink_inflight_segments_max: usize = 8, "TRIBUTARY_UPLINK_INFLIGHT_SEGMENTS_MAX";
-    /// Edge: how long to wait for the cloud's Welcome [default: 10000].
-    welcome_timeout_ms: u64 = 10_000, "TRIBUTARY_WELCOME_TIMEOUT_MS";
+    /// Edge: how long to wait for the cloud's Welcome; above the cloud's mark recovery, which may wait out a crashed node's transaction [default: 40000].
+    welcome_timeout_ms: u64 = 40_000, "TRIBUTARY_WELCOME_TIMEOUT_MS";
     /// Edge: the first reconnect delay [default: 100].
     reconnect_backoff_initial_ms: u64 = 100, "TRIBUTARY_RECONNECT_BACKOFF_INITIAL_MS";
     /// Edge: the longest reconnect delay [default: 5000].

@@ -137,7 +137,11 @@ fn main() -> anyhow::Result<()> {
             };
             let mut settings = cli.settings.resolve(file);
             settings.validate()?;
+            // At least two workers even on a one-core edge: the gateway's fsync
+            // blocks one, and the QUIC keep-alives must not wait behind it.
+            let workers = std::thread::available_parallelism().map_or(2, |n| n.get().max(2));
             let runtime = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(workers)
                 .enable_all()
                 .build()?;
             runtime.block_on(run(role, settings))

@@ -294,7 +294,7 @@ impl Sim {
                 self.trace("produce", ts as u64);
             }
             // The device keeps the reading and retries it later.
-            Err(Refusal::Full(..)) => self.trace("full", ts as u64),
+            Err(Refusal::Full(..)) | Err(Refusal::SegmentFull(..)) => self.trace("full", ts as u64),
             Err(_) => unreachable!("simulated readings are valid"),
         }
         for d in self.edge.outbox.poll_dropped() {

@@ -28,10 +28,12 @@ use crate::sink::{EdgeLogWriter, LogSink};
 use ingest::{IngestActor, IngestArgs};
 
 pub const LISTENER_NAME: &str = "tributary.listener";
+/// Writers kept for edges that are not connected.
+const WRITERS_POOLED_MAX: usize = 64;
 /// How long a stale ingest for the same edge may take to stop.
 const REPLACE_TIMEOUT_MS: u64 = 10_000;
-/// Connections being set up at once; more wait in the endpoint's queue,
-/// itself bounded by `incoming_max`.
+/// Connections in setup at once (handshake and first stream); more wait in
+/// the endpoint's queue, itself bounded by `incoming_max`.
 const CONNECTIONS_SETTING_UP_MAX: usize = 256;
 
 /// Counters of the cloud's data path; they only grow.
@@ -60,12 +62,14 @@ impl WriterPool {
         self.inner.lock().expect("writer pool lock").remove(edge)
     }
 
+    /// Keeps `writer` for the edge's next connection, unless the pool is full
+    /// (each writer holds a producer and its threads): then it is dropped, and
+    /// the next connection opens a new one.
     pub fn put(&self, edge: &str, writer: Box<dyn EdgeLogWriter>) {
-        self.inner
-            .lock()
-            .expect("writer pool lock")
-            .entry(edge.to_string())
-            .or_insert(writer);
+        let mut pool = self.inner.lock().expect("writer pool lock");
+        if pool.len() < WRITERS_POOLED_MAX || pool.contains_key(edge) {
+            pool.entry(edge.to_string()).or_insert(writer);
+        }
     }
 }
 
@@ -126,9 +130,14 @@ async fn serve_connection(
     listener: ActorRef<ListenerMsg>,
     counters: Arc<CloudCounters>,
     on_session: Option<SessionHook>,
+    permit: tokio::sync::OwnedSemaphorePermit,
 ) {
+    let mut permit = Some(permit);
     loop {
-        match conn.next_stream().await {
+        let next = conn.next_stream().await;
+        // Set up: its first stream is routed, or the attempt failed.
+        permit.take();
+        match next {
             Ok(IncomingStream::Uplink(up)) => {
                 counters.connections_accepted.fetch_add(1, Relaxed);
                 if listener.send_message(ListenerMsg::Incoming(up)).is_err() {
@@ -189,23 +198,22 @@ impl Actor for Listener {
         let setting_up = Arc::new(tokio::sync::Semaphore::new(CONNECTIONS_SETTING_UP_MAX));
         let on_session = args.on_session.clone();
         let accept_task = tokio::spawn(async move {
-            while let Some(result) = ep.accept().await {
-                match result {
-                    Ok(conn) => {
-                        let Ok(permit) = setting_up.clone().acquire_owned().await else {
-                            return;
-                        };
-                        let (me, c, hook) = (me.clone(), c.clone(), on_session.clone());
-                        tokio::spawn(async move {
-                            serve_connection(conn, me, c, hook).await;
-                            drop(permit);
-                        });
+            while let Some(pending) = ep.accept().await {
+                // Bounds the connections in setup (handshake, first stream);
+                // an established connection gives its permit back.
+                let Ok(permit) = setting_up.clone().acquire_owned().await else {
+                    return;
+                };
+                let (me, c, hook) = (me.clone(), c.clone(), on_session.clone());
+                tokio::spawn(async move {
+                    match pending.complete().await {
+                        Ok(conn) => serve_connection(conn, me, c, hook, permit).await,
+                        Err(e) => {
+                            c.connections_refused.fetch_add(1, Relaxed);
+                            tracing::warn!(error = %e, "handshake refused");
+                        }
                     }
-                    Err(e) => {
-                        c.connections_refused.fetch_add(1, Relaxed);
-                        tracing::warn!(error = %e, "handshake refused");
-                    }
-                }
+                });
             }
         });
         if args.report_interval_ms > 0 {

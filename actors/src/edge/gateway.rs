@@ -76,7 +76,13 @@ pub struct Gateway;
 pub struct GatewayState {
     outbox: Outbox<RpcReplyPort<IngestReply>>,
     ack_log: Option<std::io::BufWriter<std::fs::File>>,
-    last_ts: HashMap<String, i64>,
+    /// The last reading admitted per device (in the open segment or later).
+    admitted_ts: HashMap<String, i64>,
+    /// The last reading made durable per device.
+    committed_ts: HashMap<String, i64>,
+    /// Retries of readings still in the open segment, answered at its commit;
+    /// one per device at most.
+    waiting: HashMap<String, (i64, RpcReplyPort<IngestReply>)>,
     timer_generation: u64,
     timer_armed: bool,
     /// Whether the last reading was refused as full, to log episodes, not readings.
@@ -128,9 +134,25 @@ impl GatewayState {
     }
 
     fn commit(&mut self, myself: &ActorRef<GatewayMsg>) {
-        match self.outbox.commit() {
+        // The fsync blocks: tell tokio, so the runtime's other tasks (the
+        // QUIC keep-alives among them) move to another worker meanwhile.
+        let result = match tokio::runtime::Handle::try_current().map(|h| h.runtime_flavor()) {
+            Ok(tokio::runtime::RuntimeFlavor::MultiThread) => {
+                tokio::task::block_in_place(|| self.outbox.commit())
+            }
+            _ => self.outbox.commit(),
+        };
+        match result {
             Ok(Some(Committed { seq, tickets, keys })) => {
                 self.audit('A', &keys);
+                for (device, ts) in &keys {
+                    self.committed_ts.insert(device.clone(), *ts);
+                    if self.waiting.get(device).is_some_and(|(t, _)| t == ts) {
+                        if let Some((_, reply)) = self.waiting.remove(device) {
+                            let _ = reply.send(IngestReply::Committed { seq });
+                        }
+                    }
+                }
                 for t in tickets {
                     let _ = t.send(IngestReply::Committed { seq });
                 }
@@ -193,7 +215,9 @@ impl Actor for Gateway {
         Ok(GatewayState {
             outbox,
             ack_log,
-            last_ts: HashMap::new(),
+            admitted_ts: HashMap::new(),
+            committed_ts: HashMap::new(),
+            waiting: HashMap::new(),
             timer_generation: 0,
             timer_armed: false,
             full: false,
@@ -208,8 +232,16 @@ impl Actor for Gateway {
     ) -> Result<(), ActorProcessingErr> {
         match msg {
             GatewayMsg::Ingest(mut reading, reply) => {
-                if state.last_ts.get(&reading.device_id) == Some(&reading.device_ts_us) {
+                // A source's retry of a reading it already handed over: answer
+                // only once that reading is durable, never before.
+                let key = (reading.device_id.as_str(), reading.device_ts_us);
+                if state.committed_ts.get(key.0) == Some(&key.1) {
                     let _ = reply.send(IngestReply::Duplicate);
+                    return Ok(());
+                }
+                if state.admitted_ts.get(key.0) == Some(&key.1) {
+                    // Replaces an older waiting retry of the same device, if any.
+                    state.waiting.insert(key.0.to_string(), (key.1, reply));
                     return Ok(());
                 }
                 reading.edge_ts_us = now_us();
@@ -221,12 +253,14 @@ impl Actor for Gateway {
                             state.full = false;
                             tracing::info!("outbox has room again: sources resume");
                         }
-                        if state.last_ts.len() >= DEVICES_TRACKED_MAX
-                            && !state.last_ts.contains_key(&device)
+                        if state.admitted_ts.len() >= DEVICES_TRACKED_MAX
+                            && !state.admitted_ts.contains_key(&device)
                         {
-                            state.last_ts.clear();
+                            // Forgetting only weakens retry detection; bounded memory wins.
+                            state.admitted_ts.clear();
+                            state.committed_ts.clear();
                         }
-                        state.last_ts.insert(device, ts);
+                        state.admitted_ts.insert(device, ts);
                     }
                     Err(Refusal::Full(_, reply)) => {
                         if !state.full {
@@ -237,6 +271,11 @@ impl Actor for Gateway {
                                 "outbox full: sources wait (policy block)"
                             );
                         }
+                        let _ = reply.send(IngestReply::Full);
+                    }
+                    Err(Refusal::SegmentFull(_, reply)) => {
+                        // The open segment waits for a commit that failed: the
+                        // source retries after the next attempt.
                         let _ = reply.send(IngestReply::Full);
                     }
                     Err(Refusal::Invalid(e, reply)) => {

@@ -92,7 +92,7 @@ impl Default for OutboxConfig {
 pub enum OutboxConfigError {
     #[error("segment_readings_max must be between 1 and 1000000, not {0}")]
     SegmentReadings(usize),
-    #[error("segment_bytes_max must be between 1 KiB and 64 MiB, not {0}")]
+    #[error("segment_bytes_max must be between 1 KiB and 8 MiB, not {0}")]
     SegmentBytes(usize),
     #[error("commit_interval_ms must be between 1 and 60000, not {0}")]
     CommitInterval(u64),
@@ -107,7 +107,7 @@ impl OutboxConfig {
                 self.segment_readings_max,
             ));
         }
-        if !(1024..=64 * 1024 * 1024).contains(&self.segment_bytes_max) {
+        if !(1024..=8 * 1024 * 1024).contains(&self.segment_bytes_max) {
             return Err(OutboxConfigError::SegmentBytes(self.segment_bytes_max));
         }
         if !(1..=60_000).contains(&self.commit_interval_ms) {
@@ -141,6 +141,9 @@ pub enum Refusal<T> {
     Invalid(ReadingError, T),
     /// The reading alone is larger than a segment may be.
     TooLarge(usize, T),
+    /// The open segment is full and its commit has not succeeded yet (the
+    /// disk is failing): retry after the next commit.
+    SegmentFull(Reading, T),
 }
 
 /// A segment made durable: its readings' tickets may now be acknowledged.
@@ -323,6 +326,15 @@ impl<T> Outbox<T> {
             self.stats.readings_invalid += 1;
             return Err(Refusal::TooLarge(encoded.len(), ticket));
         }
+        // A segment never grows past its bounds, even while commits fail, so
+        // that it always fits in a frame.
+        let open = self.open_tickets.len();
+        if open > 0
+            && (open >= self.cfg.segment_readings_max
+                || self.open_payload.len() + encoded.len() > self.cfg.segment_bytes_max)
+        {
+            return Err(Refusal::SegmentFull(reading, ticket));
+        }
         let extra = encoded.len() as u64
             + if self.open_tickets.is_empty() {
                 segment::HEADER_BYTES as u64
@@ -408,7 +420,8 @@ impl<T> Outbox<T> {
     pub fn commit_due(&self, now: Instant) -> bool {
         !self.open_tickets.is_empty()
             && (self.open_tickets.len() >= self.cfg.segment_readings_max
-                || self.open_payload.len() >= self.cfg.segment_bytes_max
+                // Nearly full: the next reading would likely not fit.
+                || self.open_payload.len() + 256 >= self.cfg.segment_bytes_max
                 || self.poll_timeout().is_some_and(|t| now >= t))
     }
 
@@ -510,10 +523,12 @@ impl<T> Outbox<T> {
         let mut freed = 0;
         for s in acked {
             self.store.remove(s)?;
-            freed += self.segments.remove(&s).unwrap_or(0);
+            // Per segment, so a failure partway keeps the accounting exact.
+            let bytes = self.segments.remove(&s).unwrap_or(0);
+            self.stored_bytes -= bytes;
+            freed += bytes;
             self.stats.segments_acked += 1;
         }
-        self.stored_bytes -= freed;
         self.acked_through = self.acked_through.max(seq);
         Ok(freed)
     }

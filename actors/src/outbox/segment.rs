@@ -122,9 +122,9 @@ pub fn verify(bytes: &[u8], key_seq: u64) -> Result<VerifiedSegment<'_>, Segment
 
 /// Decodes a payload of `count` readings, refusing trailing bytes.
 pub fn decode_payload(payload: &[u8], count: u32) -> Result<Vec<Reading>, SegmentError> {
-    // Bound the pre-allocation by the payload size: a corrupt count must not
-    // make us allocate more than the bytes could possibly hold.
-    let mut out = Vec::with_capacity((count as usize).min(payload.len()));
+    // The count is not covered by the frame's checksum: pre-allocate only
+    // what the bytes could hold (an encoded reading takes at least 4 bytes).
+    let mut out = Vec::with_capacity((count as usize).min(payload.len() / 4));
     let mut at = 0;
     for _ in 0..count {
         let (r, used): (Reading, usize) =

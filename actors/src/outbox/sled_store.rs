@@ -11,18 +11,24 @@
 //! calls `flush` itself at group commit, so an acknowledgement always
 //! follows the fsync.
 //!
-//! # The guard file
+//! # The guard files
 //! sled recovers its log up to the last valid record and takes an empty or
 //! unreadable `db` file for a new database. A damaged `db` would then open
 //! as an outbox with fewer segments, or none, and the readings acknowledged
 //! in the lost ones would be gone without a word. So beside sled's files the
-//! store keeps `guard`: the epoch and the last sealed seq, rewritten after
-//! each sync (not itself synced: after a power cut it may lag, which is
-//! harmless; it only ever has to be *behind* the store).
+//! store keeps a guard: the epoch and the last sealed seq, in two slots,
+//! `guard.a` and `guard.b`, of 25 bytes each:
 //!
 //! ```text
 //! "TRGD" | version u8 (1) | epoch u64 LE | sealed_through u64 LE | crc32 u32 LE of the 21 bytes before
 //! ```
+//!
+//! After each sync the *current* slot is overwritten in place, unsynced; at
+//! most once per `GUARD_SYNC_INTERVAL` it is fsynced and the slots swap
+//! roles. So the other slot always holds a synced, valid guard, and a power
+//! cut can at worst tear the current one: the guard may lag behind the
+//! store (harmless: it only has to be *behind* it) but is never lost. This
+//! costs one small write per commit and at most one fsync per second.
 //!
 //! On open, a store behind its guard (or with another epoch, or empty) is
 //! refused with [`StoreError::Damaged`]. An operator who accepts the loss
@@ -61,7 +67,9 @@ fn read_u64(v: &[u8], what: &str) -> Result<u64, StoreError> {
     Ok(u64::from_be_bytes(b))
 }
 
-const GUARD_FILE: &str = "guard";
+const GUARD_FILES: [&str; 2] = ["guard.a", "guard.b"];
+/// How often the current guard slot is fsynced and the slots swap.
+const GUARD_SYNC_INTERVAL: std::time::Duration = std::time::Duration::from_secs(1);
 const GUARD_MAGIC: &[u8; 4] = b"TRGD";
 const GUARD_BYTES: usize = 25;
 
@@ -69,6 +77,12 @@ pub struct SledStore {
     db: sled::Db,
     dir: std::path::PathBuf,
     guard: Option<StoreMeta>,
+    /// Guard files exist but none decodes: only possible after a crash
+    /// during the store's creation, or damage.
+    guard_unreadable: bool,
+    /// The slot written after each sync; the other holds a synced guard.
+    guard_slot: usize,
+    guard_synced_at: std::time::Instant,
     /// The sealed mark written since the last sync, for the guard.
     sealed: Option<StoreMeta>,
     accept_damage: bool,
@@ -117,21 +131,36 @@ impl SledStore {
         let db = std::panic::catch_unwind(std::panic::AssertUnwindSafe(move || config.open()))
             .map_err(|_| open_err("sled panicked while reading the files (damaged store?)".into()))?
             .map_err(|e| open_err(e.to_string()))?;
-        let guard = match std::fs::read(dir.join(GUARD_FILE)) {
-            Ok(bytes) => {
-                let g = decode_guard(&bytes);
-                if g.is_none() {
-                    tracing::warn!(path = %dir.display(), "the outbox guard file is damaged; it will be rewritten");
+        let mut guard: Option<StoreMeta> = None;
+        let mut found = 0;
+        let mut slot = 0;
+        for (i, name) in GUARD_FILES.iter().enumerate() {
+            match std::fs::read(dir.join(name)) {
+                Ok(bytes) => {
+                    found += 1;
+                    match decode_guard(&bytes) {
+                        Some(g) if guard.is_none_or(|b| g.sealed_through > b.sealed_through) => {
+                            guard = Some(g);
+                            // Keep the newest slot intact: write the other.
+                            slot = 1 - i;
+                        }
+                        Some(_) => {}
+                        None => {
+                            tracing::warn!(file = %dir.join(name).display(), "an outbox guard slot is torn; the other one is used")
+                        }
+                    }
                 }
-                g
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(open_err(format!("reading {name}: {e}"))),
             }
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
-            Err(e) => return Err(open_err(format!("reading {GUARD_FILE}: {e}"))),
-        };
+        }
         Ok(Self {
             db,
             dir: dir.to_path_buf(),
             guard,
+            guard_unreadable: found > 0 && guard.is_none(),
+            guard_slot: slot,
+            guard_synced_at: std::time::Instant::now(),
             sealed: None,
             accept_damage: false,
         })
@@ -144,15 +173,48 @@ impl SledStore {
         self
     }
 
+    fn write_slot(&self, slot: usize, meta: StoreMeta, sync: bool) -> std::io::Result<()> {
+        use std::io::Write;
+        let mut f = std::fs::OpenOptions::new()
+            .create(true)
+            .write(true)
+            .truncate(false)
+            .open(self.dir.join(GUARD_FILES[slot]))?;
+        f.write_all(&encode_guard(meta))?;
+        if sync {
+            f.sync_all()?;
+        }
+        Ok(())
+    }
+
+    /// Records `meta` in the guard; see the module doc for the two slots.
     fn write_guard(&mut self, meta: StoreMeta) -> Result<(), StoreError> {
-        std::fs::write(self.dir.join(GUARD_FILE), encode_guard(meta))
-            .map_err(|e| StoreError::Sync(format!("writing the outbox guard: {e}")))?;
+        let err = |e: std::io::Error| StoreError::Sync(format!("writing the outbox guard: {e}"));
+        if self.guard.is_none() {
+            // A new guard: both slots synced, so one is always valid.
+            self.write_slot(0, meta, true).map_err(err)?;
+            self.write_slot(1, meta, true).map_err(err)?;
+            self.guard_synced_at = std::time::Instant::now();
+        } else {
+            let sync = self.guard_synced_at.elapsed() >= GUARD_SYNC_INTERVAL;
+            self.write_slot(self.guard_slot, meta, sync).map_err(err)?;
+            if sync {
+                self.guard_slot = 1 - self.guard_slot;
+                self.guard_synced_at = std::time::Instant::now();
+            }
+        }
         self.guard = Some(meta);
         Ok(())
     }
 
     /// Compares what sled holds with the guard; see the module doc.
     fn check_guard(&self, meta: Option<StoreMeta>) -> Result<Option<StoreMeta>, StoreError> {
+        if self.guard_unreadable {
+            // Both slots torn: only a crash while the store was being created
+            // does that (afterwards one slot is always synced), so there is
+            // nothing acknowledged to protect; the guard is written anew.
+            tracing::warn!(path = %self.dir.display(), "the outbox guard is unreadable; it will be rewritten");
+        }
         let Some(guard) = self.guard else {
             return Ok(meta);
         };

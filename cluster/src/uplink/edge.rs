@@ -29,7 +29,7 @@ impl Default for EdgeUplinkConfig {
     fn default() -> Self {
         Self {
             inflight_segments_max: 8,
-            welcome_timeout_ms: 10_000,
+            welcome_timeout_ms: 40_000,
         }
     }
 }
@@ -440,7 +440,7 @@ mod tests {
             .is_ok());
         assert_eq!(
             u.handle_timeout(deadline),
-            Err(UplinkError::WelcomeTimeout(10_000))
+            Err(UplinkError::WelcomeTimeout(40_000))
         );
         assert!(!u.is_up());
     }

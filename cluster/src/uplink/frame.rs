@@ -94,8 +94,12 @@ pub enum FrameError {
     Trailing(usize),
 }
 
-fn config() -> bincode::config::Configuration {
-    bincode::config::standard()
+/// The most bytes a frame body may claim, whatever `frame_bytes_max` says:
+/// a length field inside a small frame cannot make the decoder allocate more.
+pub const FRAME_BYTES_LIMIT: usize = 16 * 1024 * 1024;
+
+fn config() -> impl bincode::config::Config {
+    bincode::config::standard().with_limit::<FRAME_BYTES_LIMIT>()
 }
 
 /// Encodes a frame with its length prefix.
@@ -246,6 +250,23 @@ mod tests {
         assert!(seg.checksum_ok());
         seg.bytes[10] ^= 0x04;
         assert!(!seg.checksum_ok());
+    }
+
+    #[test]
+    fn a_huge_claimed_length_is_an_error_not_an_allocation() {
+        // A Segment frame whose bytes field claims 2^62 bytes.
+        let mut body = vec![PROTOCOL_VERSION];
+        body.extend(bincode::encode_to_vec(1u32, bincode::config::standard()).unwrap()); // variant
+        for v in [1u64, 1, 1] {
+            body.extend(bincode::encode_to_vec(v, bincode::config::standard()).unwrap());
+        }
+        body.extend(bincode::encode_to_vec(7u32, bincode::config::standard()).unwrap());
+        body.extend(bincode::encode_to_vec(1u64 << 62, bincode::config::standard()).unwrap());
+        let mut bytes = (body.len() as u32).to_be_bytes().to_vec();
+        bytes.extend(body);
+        let mut dec = FrameDecoder::new(FRAME_BYTES_MAX_DEFAULT);
+        dec.push(&bytes);
+        assert!(matches!(dec.next_frame(), Err(FrameError::Body(_))));
     }
 
     proptest! {

@@ -286,6 +286,28 @@ pub enum IncomingStream {
     Session(SessionStreams),
 }
 
+/// A connection attempt whose handshake has not completed yet.
+pub struct PendingConnection {
+    incoming: quinn::Incoming,
+    quic: crate::quic::QuicConfig,
+    frame_bytes_max: usize,
+    hello_timeout_ms: u64,
+}
+
+impl PendingConnection {
+    /// Completes the handshake (which verifies the peer's certificate chain),
+    /// within `connect_timeout_ms`.
+    pub async fn complete(self) -> Result<IncomingConnection, UplinkSetupError> {
+        let conn = crate::quic::complete_handshake(self.incoming, &self.quic).await?;
+        Ok(IncomingConnection {
+            conn,
+            quic: self.quic,
+            frame_bytes_max: self.frame_bytes_max,
+            hello_timeout_ms: self.hello_timeout_ms,
+        })
+    }
+}
+
 /// One edge's connection, before its streams are known.
 #[derive(Clone)]
 pub struct IncomingConnection {
@@ -316,16 +338,17 @@ impl CloudEndpoint {
         self.endpoint.local_addr()
     }
 
-    /// The next connection whose handshake (and so its certificate chain)
-    /// succeeded; `None` once the endpoint is closed.
-    pub async fn accept(&self) -> Option<Result<IncomingConnection, UplinkSetupError>> {
-        let result = crate::quic::accept(&self.endpoint, &self.quic).await?;
-        Some(result.map_err(Into::into).map(|conn| IncomingConnection {
-            conn,
+    /// The next connection attempt; `None` once the endpoint is closed. Its
+    /// handshake is completed by [`PendingConnection::complete`], which the
+    /// caller runs in its own task, so that one slow peer delays no other.
+    pub async fn accept(&self) -> Option<PendingConnection> {
+        let incoming = self.endpoint.accept().await?;
+        Some(PendingConnection {
+            incoming,
             quic: self.quic.clone(),
             frame_bytes_max: self.frame_bytes_max,
             hello_timeout_ms: self.hello_timeout_ms,
-        }))
+        })
     }
 
     pub fn close(&self) {
