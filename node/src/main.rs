@@ -261,7 +261,57 @@ async fn run_edge(id: NodeId, identity: NodeIdentity, s: config::Resolved) -> an
         .await
         .context("starting the edge's actors")?;
     tracing::info!(edge = %id, cloud = %s.cloud_addr, devices = s.device_count, outbox = %s.outbox_dir.display(), "edge running");
-    wait_for_stop(root.get_cell(), handle).await
+    let reporter = (s.report_interval_ms > 0).then(|| {
+        tokio::spawn(report_edge(std::time::Duration::from_millis(
+            s.report_interval_ms,
+        )))
+    });
+    let result = wait_for_stop(root.get_cell(), handle).await;
+    if let Some(r) = reporter {
+        r.abort();
+    }
+    result
+}
+
+/// Logs what the edge holds and sends, every `every`: the edge's side of
+/// the cloud's "cloud flow" line.
+async fn report_edge(every: std::time::Duration) {
+    use tributary_actors::edge::gateway::GatewayMsg;
+    use tributary_actors::edge::uplink::UplinkMsg;
+    use tributary_actors::edge::{GATEWAY_NAME, UPLINK_NAME};
+    const CALL_MS: u64 = 2_000;
+    let mut tick = tokio::time::interval(every);
+    tick.tick().await;
+    loop {
+        tick.tick().await;
+        let gateway: Option<ActorRef<GatewayMsg>> =
+            ractor::registry::where_is(GATEWAY_NAME).map(Into::into);
+        let uplink: Option<ActorRef<UplinkMsg>> =
+            ractor::registry::where_is(UPLINK_NAME).map(Into::into);
+        let (Some(g), Some(u)) = (gateway, uplink) else {
+            continue;
+        };
+        let (Ok(gs), Ok(us)) = (
+            ractor::call_t!(g, GatewayMsg::Status, CALL_MS),
+            ractor::call_t!(u, UplinkMsg::Status, CALL_MS),
+        ) else {
+            continue;
+        };
+        tracing::info!(
+            link_up = us.up,
+            rtt_ms = us.rtt_ms,
+            readings_received = gs.stats.readings_received,
+            readings_committed = gs.stats.readings_committed,
+            readings_refused_full = gs.stats.readings_refused_full,
+            readings_dropped = gs.stats.readings_dropped,
+            segments_stored = gs.segments_stored,
+            outbox_bytes = gs.bytes_used,
+            sealed_through = gs.sealed_through,
+            acked_through = us.acked_through,
+            segments_quarantined = gs.stats.segments_quarantined,
+            "edge flow"
+        );
+    }
 }
 
 async fn run_cloud(identity: NodeIdentity, s: config::Resolved) -> anyhow::Result<()> {
