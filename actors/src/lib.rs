@@ -10,3 +10,5 @@ pub mod outbox;
 pub mod reading;
 pub mod sink;
 pub mod supervision;
+pub mod stages;
+pub mod topology;

@@ -1,0 +1,1 @@
+//! Hot-path stages: event-time windows and detectors, as sans-IO operators.

@@ -1,0 +1,1 @@
+//! Topologies defined in code: sources, stages and sinks placed on edge or cloud nodes.
