@@ -62,6 +62,11 @@ impl std::str::FromStr for FullPolicy {
     }
 }
 
+/// The largest `segment_bytes_max`: sled 0.34 keeps values up to 2 MB inline
+/// in its log (with its default 8 MB segments) and moves larger ones to blob
+/// files that its flush does not sync. A segment must stay inline.
+pub const SEGMENT_BYTES_LIMIT: usize = 1024 * 1024;
+
 #[derive(Debug, Clone, PartialEq)]
 pub struct OutboxConfig {
     /// The most bytes the outbox may hold, sealed and open segments together.
@@ -92,7 +97,7 @@ impl Default for OutboxConfig {
 pub enum OutboxConfigError {
     #[error("segment_readings_max must be between 1 and 1000000, not {0}")]
     SegmentReadings(usize),
-    #[error("segment_bytes_max must be between 1 KiB and 8 MiB, not {0}")]
+    #[error("segment_bytes_max must be between 1 KiB and 1 MiB, not {0}")]
     SegmentBytes(usize),
     #[error("commit_interval_ms must be between 1 and 60000, not {0}")]
     CommitInterval(u64),
@@ -107,7 +112,7 @@ impl OutboxConfig {
                 self.segment_readings_max,
             ));
         }
-        if !(1024..=8 * 1024 * 1024).contains(&self.segment_bytes_max) {
+        if !(1024..=SEGMENT_BYTES_LIMIT).contains(&self.segment_bytes_max) {
             return Err(OutboxConfigError::SegmentBytes(self.segment_bytes_max));
         }
         if !(1..=60_000).contains(&self.commit_interval_ms) {

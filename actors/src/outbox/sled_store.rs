@@ -9,7 +9,12 @@
 //!
 //! sled's background flusher is off (`flush_every_ms(None)`): the outbox
 //! calls `flush` itself at group commit, so an acknowledgement always
-//! follows the fsync.
+//! follows the fsync. sled 0.34's `flush` ends in `sync_file_range`, which
+//! neither persists the file's size nor flushes the disk's cache: it survives
+//! a process crash, not a power cut. So `sync` also calls `fdatasync` on
+//! sled's log file (`db`). Segments stay below sled's inline threshold
+//! (see `OutboxConfig::segment_bytes_max`), so they never go to sled's blob
+//! files, which this does not cover.
 //!
 //! # The guard files
 //! sled recovers its log up to the last valid record and takes an empty or
@@ -75,6 +80,8 @@ const GUARD_BYTES: usize = 25;
 
 pub struct SledStore {
     db: sled::Db,
+    /// sled's log file, for the fdatasync that sled's flush does not do.
+    log_file: std::fs::File,
     dir: std::path::PathBuf,
     guard: Option<StoreMeta>,
     /// Guard files exist but none decodes: only possible after a crash
@@ -154,8 +161,11 @@ impl SledStore {
                 Err(e) => return Err(open_err(format!("reading {name}: {e}"))),
             }
         }
+        let log_file = std::fs::File::open(dir.join("db"))
+            .map_err(|e| open_err(format!("opening sled's log file for syncing: {e}")))?;
         Ok(Self {
             db,
+            log_file,
             dir: dir.to_path_buf(),
             guard,
             guard_unreadable: found > 0 && guard.is_none(),
@@ -331,6 +341,10 @@ impl OutboxStore for SledStore {
         self.db
             .flush()
             .map_err(|e| StoreError::Sync(e.to_string()))?;
+        // sled's flush stops at sync_file_range: make it durable for real.
+        self.log_file
+            .sync_data()
+            .map_err(|e| StoreError::Sync(format!("fdatasync of sled's log: {e}")))?;
         // After the data, so the guard is never ahead of what is on disk.
         if let Some(meta) = self.sealed.take() {
             self.write_guard(meta)?;

@@ -77,9 +77,10 @@ const PRODUCER_DEFAULTS: &[(&str, &str)] = &[
 ];
 /// How long a commit waits for room in a full local queue before trying again.
 const QUEUE_FULL_BACKOFF_MS: u64 = 5;
-/// How long a flush waits per poll for delivery reports: the latency it adds
-/// to a commit at most.
-const FLUSH_POLL_MS: u64 = 1;
+/// How long a flush sleeps between polls for delivery reports: the latency it
+/// adds to a commit at most. A sleep, not `poll(1 ms)`: rdkafka 0.39 rounds
+/// that timeout down to zero and spins, burning a core for the whole wait.
+const FLUSH_SLEEP: Duration = Duration::from_micros(200);
 /// How long one attempt of an abort waits before the writer serves the
 /// delivery reports it waits for.
 const ABORT_STEP_MS: u64 = 100;
@@ -870,8 +871,7 @@ impl KafkaEdgeWriter {
             if Instant::now() >= deadline {
                 return Err(KafkaError::Flush(RDKafkaErrorCode::OperationTimedOut));
             }
-            self.producer
-                .poll(Duration::from_millis(FLUSH_POLL_MS).min(remaining(deadline)));
+            std::thread::sleep(FLUSH_SLEEP.min(remaining(deadline)));
         }
     }
 

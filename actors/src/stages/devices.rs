@@ -1,0 +1,125 @@
+//! Per-device state with a bound: past `devices_max`, a new device evicts the
+//! least recently seen one.
+//!
+//! Recency is a logical tick per lookup, not a clock, so eviction is
+//! deterministic; ordered maps make iteration (and so output order) too.
+
+use std::collections::BTreeMap;
+
+struct Entry<S> {
+    state: S,
+    seen: u64,
+}
+
+pub(crate) struct DeviceTable<S> {
+    devices: BTreeMap<String, Entry<S>>,
+    /// `seen` tick -> device id: the oldest entry is the one to evict.
+    recency: BTreeMap<u64, String>,
+    tick: u64,
+    devices_max: usize,
+    evicted: u64,
+}
+
+impl<S> DeviceTable<S> {
+    pub(crate) fn new(devices_max: usize) -> Self {
+        Self {
+            devices: BTreeMap::new(),
+            recency: BTreeMap::new(),
+            tick: 0,
+            devices_max,
+            evicted: 0,
+        }
+    }
+
+    /// The state of `device`, made by `init` if it is new. When a new device
+    /// would exceed `devices_max`, the least recently seen one is removed first
+    /// and returned, so that the caller can emit what it held.
+    pub(crate) fn touch(
+        &mut self,
+        device: &str,
+        init: impl FnOnce() -> S,
+    ) -> (&mut S, Option<(String, S)>) {
+        self.tick += 1;
+        let tick = self.tick;
+        let mut evicted = None;
+        if let Some(entry) = self.devices.get_mut(device) {
+            // Moves the id to its new tick rather than allocating a new one:
+            // this runs for every reading.
+            let id = self
+                .recency
+                .remove(&entry.seen)
+                .unwrap_or_else(|| device.to_owned());
+            entry.seen = tick;
+            self.recency.insert(tick, id);
+        } else {
+            if self.devices.len() >= self.devices_max {
+                if let Some((_, oldest)) = self.recency.pop_first() {
+                    if let Some(entry) = self.devices.remove(&oldest) {
+                        self.evicted += 1;
+                        evicted = Some((oldest, entry.state));
+                    }
+                }
+            }
+            self.devices.insert(
+                device.to_owned(),
+                Entry {
+                    state: init(),
+                    seen: tick,
+                },
+            );
+            self.recency.insert(tick, device.to_owned());
+        }
+        let entry = self
+            .devices
+            .get_mut(device)
+            .expect("the device was just found or inserted");
+        (&mut entry.state, evicted)
+    }
+
+    /// Every device's state, in device id order.
+    pub(crate) fn iter_mut(&mut self) -> impl Iterator<Item = (&str, &mut S)> {
+        self.devices
+            .iter_mut()
+            .map(|(id, e)| (id.as_str(), &mut e.state))
+    }
+
+    pub(crate) fn evicted(&self) -> u64 {
+        self.evicted
+    }
+
+    #[cfg(test)]
+    pub(crate) fn len(&self) -> usize {
+        self.devices.len()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn evicts_the_least_recently_seen() {
+        let mut t = DeviceTable::new(2);
+        *t.touch("a", || 0).0 += 1;
+        *t.touch("b", || 0).0 += 1;
+        // "a" is seen again, so "b" is now the oldest.
+        *t.touch("a", || 0).0 += 1;
+        let (c, evicted) = t.touch("c", || 10);
+        assert_eq!(*c, 10);
+        assert_eq!(evicted, Some(("b".to_owned(), 1)));
+        assert_eq!(t.len(), 2);
+        assert_eq!(t.evicted(), 1);
+        let states: Vec<_> = t.iter_mut().map(|(id, s)| (id.to_owned(), *s)).collect();
+        assert_eq!(states, vec![("a".to_owned(), 2), ("c".to_owned(), 10)]);
+    }
+
+    #[test]
+    fn a_known_device_never_evicts() {
+        let mut t = DeviceTable::new(1);
+        t.touch("a", || 0);
+        for _ in 0..5 {
+            assert!(t.touch("a", || 0).1.is_none());
+        }
+        assert_eq!(t.evicted(), 0);
+    }
+}

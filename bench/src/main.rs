@@ -1,0 +1,218 @@
+//! `bench`: Tributary's benchmarks. Speed is only ever reported as a ratio to
+//! a baseline measured in the same run (raw sled for the outbox, a raw
+//! rdkafka producer for the log), because absolute figures on a shared
+//! machine move from one minute to the next. See BENCHMARKS.md.
+//!
+//! Run in release: `cargo run -p tributary-bench --release -- outbox`.
+
+mod e2e;
+mod log;
+mod outbox;
+mod stats;
+mod workload;
+
+use std::path::PathBuf;
+
+use anyhow::Result;
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(
+    name = "bench",
+    about = "Tributary's benchmarks, each against a same-run baseline"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(clap::Args, Clone)]
+struct Reps {
+    /// Timed runs of each case; the tables give their median, min and max.
+    #[arg(long, default_value_t = 5)]
+    runs: usize,
+    /// Untimed runs of each case first (caches, JIT of the broker, connections).
+    #[arg(long, default_value_t = 1)]
+    warmup: usize,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// The outbox on sled (write with fsync per segment, then drain) against raw sled.
+    Outbox {
+        #[command(flatten)]
+        reps: Reps,
+        /// Readings per run; a multiple of every segment size.
+        #[arg(long, default_value_t = 200_000)]
+        readings: u64,
+        /// Segment sizes (readings per segment) to measure.
+        #[arg(long, value_delimiter = ',', default_value = "1000,100")]
+        segment_sizes: Vec<usize>,
+        /// Where the temporary stores go [default: the system's temp dir].
+        #[arg(long)]
+        dir: Option<PathBuf>,
+        /// sled's page cache bound (the node's sled_cache_bytes_max default).
+        #[arg(long, default_value_t = 16 * 1024 * 1024)]
+        cache_bytes_max: u64,
+        /// Segments per drain read (the edge's uplink_inflight_segments_max default).
+        #[arg(long, default_value_t = 8)]
+        drain_segments: usize,
+    },
+    /// The Kafka log sink against raw rdkafka producers.
+    Log {
+        #[command(flatten)]
+        reps: Reps,
+        /// Kafka bootstrap servers.
+        #[arg(long)]
+        bootstrap: String,
+        /// Readings per run; a multiple of segment_readings × every batch size.
+        #[arg(long, default_value_t = 64_000)]
+        readings: u64,
+        /// Segments per commit to measure.
+        #[arg(long, value_delimiter = ',', default_value = "1,4,16")]
+        batches: Vec<usize>,
+        #[arg(long, default_value_t = 1000)]
+        segment_readings: usize,
+        /// Partitions of the readings topics (the node's default).
+        #[arg(long, default_value_t = 3)]
+        partitions: i32,
+        /// Keep the benchmark's topics instead of deleting them.
+        #[arg(long)]
+        keep_topics: bool,
+        /// The broker's pid, if it runs here (scripts/kafka.sh writes
+        /// DIR/kafka.pid): its CPU per reading is reported too.
+        #[arg(long)]
+        broker_pid: Option<u32>,
+    },
+    /// A cloud and an edge `node` process against the raw transactional producer.
+    E2e {
+        /// Kafka bootstrap servers.
+        #[arg(long)]
+        bootstrap: String,
+        /// The node binary [default: `node` next to this binary, else target/debug/node].
+        #[arg(long)]
+        node: Option<PathBuf>,
+        /// Simulated devices on the edge. Each waits for its reading's commit
+        /// before the next, so below segment_readings_max (1000) devices the
+        /// rate is devices per commit_interval_ms (50 ms), not the machine's
+        /// limit; far above it, the devices' own actors eat the edge's CPU.
+        #[arg(long, default_value_t = 1000)]
+        devices: usize,
+        /// Readings per second per device (at most 1000).
+        #[arg(long, default_value_t = 1000.0)]
+        rate_hz: f64,
+        /// Seconds of flow before the window opens.
+        #[arg(long, default_value_t = 8)]
+        warmup_s: u64,
+        /// Seconds of the measured window.
+        #[arg(long, default_value_t = 20)]
+        window_s: u64,
+        /// Fresh cloud and edge pairs, one window each.
+        #[arg(long, default_value_t = 3)]
+        runs: usize,
+        /// Readings per run of the raw producer baseline.
+        #[arg(long, default_value_t = 64_000)]
+        baseline_readings: u64,
+        /// The broker's pid, if it runs here: its CPU share is reported too.
+        #[arg(long)]
+        broker_pid: Option<u32>,
+    },
+}
+
+/// What the machine looked like when the benchmark started.
+fn print_machine() {
+    let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
+    let load = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
+    let load: Vec<&str> = load.split_whitespace().take(3).collect();
+    println!(
+        "machine: {cores} cores available, load average {} (1, 5, 15 min)",
+        load.join(" ")
+    );
+    if cfg!(debug_assertions) {
+        println!("WARNING: a debug build; figures are meaningless. Use --release.");
+    }
+}
+
+/// How busy the machine was over the whole benchmark, and how much of that
+/// was this process: the rest is the broker, the nodes, and other people's work.
+fn print_cpu_share(machine0: (f64, f64), own0: f64) {
+    let (busy1, total1) = stats::machine_cpu_s();
+    let cores = std::thread::available_parallelism().map_or(1.0, |n| n.get() as f64);
+    let wall_s = ((total1 - machine0.1) / cores).max(1e-9);
+    let busy = (busy1 - machine0.0) / wall_s;
+    let own = (stats::process_cpu_s("self") - own0) / wall_s;
+    println!(
+        "cpu over the benchmark: machine busy {busy:.2} of {cores} cores, this process {own:.2}, \
+         everything else {:.2}",
+        (busy - own).max(0.0)
+    );
+}
+
+fn main() -> Result<()> {
+    let cli = Cli::parse();
+    print_machine();
+    let machine0 = stats::machine_cpu_s();
+    let own0 = stats::process_cpu_s("self");
+    match cli.command {
+        Command::Outbox {
+            reps,
+            readings,
+            segment_sizes,
+            dir,
+            cache_bytes_max,
+            drain_segments,
+        } => outbox::run(&outbox::OutboxOpts {
+            readings,
+            runs: reps.runs,
+            warmup: reps.warmup,
+            dir: dir.unwrap_or_else(std::env::temp_dir),
+            cache_bytes_max,
+            drain_segments,
+            segment_sizes,
+        }),
+        Command::Log {
+            reps,
+            bootstrap,
+            readings,
+            batches,
+            segment_readings,
+            partitions,
+            keep_topics,
+            broker_pid,
+        } => log::run(&log::LogOpts {
+            bootstrap,
+            readings,
+            runs: reps.runs,
+            warmup: reps.warmup,
+            batch_sizes: batches,
+            segment_readings,
+            partitions,
+            keep_topics,
+            broker_pid,
+        }),
+        Command::E2e {
+            bootstrap,
+            node,
+            devices,
+            rate_hz,
+            warmup_s,
+            window_s,
+            runs,
+            baseline_readings,
+            broker_pid,
+        } => e2e::run(&e2e::E2eOpts {
+            bootstrap,
+            node,
+            devices,
+            rate_hz,
+            warmup_s,
+            window_s,
+            runs,
+            baseline_readings,
+            broker_pid,
+        }),
+    }?;
+    print_cpu_share(machine0, own0);
+    print_machine();
+    Ok(())
+}
