@@ -37,8 +37,9 @@ const OUTBOX_BYTES_MAX: u64 = 1 << 40;
 const COMMIT_INTERVAL_MS: u64 = 60_000;
 /// sled 0.34's log file inside its directory.
 const SLED_LOG_FILE: &str = "db";
-/// Segment payload bound: well above 1000 readings of the workload.
-const SEGMENT_BYTES_MAX: usize = 4 * 1024 * 1024;
+/// Segment payload bound: the outbox's largest, well above 1000 readings of
+/// the workload (about 66 KB).
+const SEGMENT_BYTES_MAX: usize = tributary_actors::outbox::SEGMENT_BYTES_LIMIT;
 
 #[derive(Debug, Clone)]
 pub struct OutboxOpts {
