@@ -114,6 +114,9 @@ cat >"$WORK/mosquitto/mosquitto.conf" <<EOF
 listener $MQTT_PORT 127.0.0.1
 allow_anonymous true
 persistence false
+# Mosquitto's default drops a session's messages past 1000 queued, silently;
+# an edge that is slow or restarting must not lose them.
+max_queued_messages 100000
 log_dest stdout
 EOF
 "$MOSQUITTO" -c "$WORK/mosquitto/mosquitto.conf" >"$WORK/mosquitto/mosquitto.log" 2>&1 </dev/null &

@@ -9,6 +9,6 @@ pub mod edge;
 pub mod outbox;
 pub mod reading;
 pub mod sink;
-pub mod supervision;
 pub mod stages;
+pub mod supervision;
 pub mod topology;

@@ -92,6 +92,7 @@ async fn a_crashed_device_restarts_and_accepted_readings_stay() {
             id_prefix: "dev-".into(),
             readings_max: 0,
         },
+        mqtt: None,
         restarts_max: 5,
         restart_period_ms: 10_000,
     };

@@ -8,6 +8,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 
 use serde::Deserialize;
+use tributary_actors::edge::mqtt::{first_wildcard_level, MqttConfig};
 use tributary_actors::outbox::FullPolicy;
 
 /// Declares the settings once: the clap flags with their env vars, the TOML
@@ -132,6 +133,28 @@ settings! {
     connect_timeout_ms: u64 = 5_000, "TRIBUTARY_CONNECT_TIMEOUT_MS";
     /// The ractor cluster's shared cookie (QUIC's mutual TLS already authenticates peers) [default: tributary].
     cluster_cookie: String = "tributary".into(), "TRIBUTARY_CLUSTER_COOKIE";
+    /// Edge: the MQTT broker as host:port; empty for no MQTT source [default: empty].
+    mqtt_addr: String = String::new(), "TRIBUTARY_MQTT_ADDR";
+    /// Edge: the MQTT topic filter to subscribe to (QoS 1) [default: tributary/+/telemetry].
+    mqtt_topic: String = "tributary/+/telemetry".into(), "TRIBUTARY_MQTT_TOPIC";
+    /// Edge: the topic level (1-based) holding the device id; 0 for the filter's first `+` [default: 0].
+    mqtt_device_level: usize = 0, "TRIBUTARY_MQTT_DEVICE_LEVEL";
+    /// Edge: the MQTT client id; keep it stable, the broker keeps unacked messages under it [default: tributary-<node_id>].
+    mqtt_client_id: String = String::new(), "TRIBUTARY_MQTT_CLIENT_ID";
+    /// Edge: MQTT device actors alive at once; idle ones make room [default: 10000].
+    mqtt_devices_max: usize = 10_000, "TRIBUTARY_MQTT_DEVICES_MAX";
+    /// Edge: an MQTT device actor idle this long is stopped [default: 60000].
+    mqtt_device_idle_ms: u64 = 60_000, "TRIBUTARY_MQTT_DEVICE_IDLE_MS";
+    /// Edge: MQTT messages held unacknowledged; past it the source stops reading [default: 512].
+    mqtt_inflight_max: usize = 512, "TRIBUTARY_MQTT_INFLIGHT_MAX";
+    /// Edge: requests (acks, subscribes) queued for the MQTT client; at least mqtt_inflight_max + 8 [default: 1024].
+    mqtt_queued_requests_max: usize = 1024, "TRIBUTARY_MQTT_QUEUED_REQUESTS_MAX";
+    /// Edge: MQTT keep-alive, whole seconds in ms, at least 1000 [default: 30000].
+    mqtt_keep_alive_ms: u64 = 30_000, "TRIBUTARY_MQTT_KEEP_ALIVE_MS";
+    /// Edge: where MQTT devices' redelivery marks are kept [default: <outbox_dir>.mqtt-marks].
+    mqtt_marks_dir: PathBuf = PathBuf::new(), "TRIBUTARY_MQTT_MARKS_DIR";
+    /// Edge: the largest MQTT packet accepted; keep the broker's limit at or below it [default: 262144].
+    mqtt_packet_bytes_max: usize = 256 * 1024, "TRIBUTARY_MQTT_PACKET_BYTES_MAX";
     /// Supervisors: restarts allowed per period before escalating [default: 5].
     restarts_max: u32 = 5, "TRIBUTARY_RESTARTS_MAX";
     /// Supervisors: the period of restarts_max [default: 10000].
@@ -152,6 +175,24 @@ impl std::fmt::Display for SettingError {
 }
 
 impl std::error::Error for SettingError {}
+
+/// The setting an MQTT configuration error is about.
+fn mqtt_key(e: &tributary_actors::edge::mqtt::MqttConfigError) -> &'static str {
+    use tributary_actors::edge::mqtt::MqttConfigError as E;
+    match e {
+        E::Address => "mqtt_addr",
+        E::ClientId => "mqtt_client_id",
+        E::Topic(_) => "mqtt_topic",
+        E::NoDeviceLevel | E::DeviceLevel(_) => "mqtt_device_level",
+        E::Zero("devices_max") => "mqtt_devices_max",
+        E::Zero("device_idle_ms") => "mqtt_device_idle_ms",
+        E::Zero(_) => "mqtt_inflight_max",
+        E::QueuedRequests => "mqtt_queued_requests_max",
+        E::KeepAlive => "mqtt_keep_alive_ms",
+        E::PacketBytes => "mqtt_packet_bytes_max",
+        E::Backoff => "reconnect_backoff_max_ms",
+    }
+}
 
 fn bad(key: &'static str, problem: impl Into<String>) -> SettingError {
     SettingError {
@@ -234,7 +275,60 @@ impl Resolved {
         if self.restarts_max == 0 {
             return Err(bad("restarts_max", "must be at least 1"));
         }
+        if self.mqtt_client_id.is_empty() {
+            self.mqtt_client_id = format!("tributary-{}", self.node_id);
+        }
+        if self.mqtt_marks_dir.as_os_str().is_empty() {
+            let mut name = self
+                .outbox_dir
+                .file_name()
+                .unwrap_or_default()
+                .to_os_string();
+            name.push(".mqtt-marks");
+            self.mqtt_marks_dir = self.outbox_dir.with_file_name(name);
+        }
+        self.mqtt()?;
         Ok(())
+    }
+
+    /// The MQTT source's settings, or `None` when `mqtt_addr` is empty.
+    pub fn mqtt(&self) -> Result<Option<MqttConfig>, SettingError> {
+        if self.mqtt_addr.is_empty() {
+            return Ok(None);
+        }
+        let (host, port) = self
+            .mqtt_addr
+            .rsplit_once(':')
+            .and_then(|(h, p)| Some((h.trim_matches(|c| c == '[' || c == ']'), p.parse().ok()?)))
+            .filter(|(h, p): &(&str, u16)| !h.is_empty() && *p != 0)
+            .ok_or_else(|| bad("mqtt_addr", "must be host:port"))?;
+        let device_level = match self.mqtt_device_level {
+            0 => first_wildcard_level(&self.mqtt_topic).ok_or_else(|| {
+                bad(
+                    "mqtt_device_level",
+                    "is 0 (the first `+`), but mqtt_topic has no `+` level",
+                )
+            })?,
+            n => n - 1,
+        };
+        let c = MqttConfig {
+            host: host.to_string(),
+            port,
+            client_id: self.mqtt_client_id.clone(),
+            topic: self.mqtt_topic.clone(),
+            device_level,
+            devices_max: self.mqtt_devices_max,
+            device_idle_ms: self.mqtt_device_idle_ms,
+            inflight_max: self.mqtt_inflight_max,
+            queued_requests_max: self.mqtt_queued_requests_max,
+            keep_alive_ms: self.mqtt_keep_alive_ms,
+            packet_bytes_max: self.mqtt_packet_bytes_max,
+            reconnect_backoff_initial_ms: self.reconnect_backoff_initial_ms,
+            reconnect_backoff_max_ms: self.reconnect_backoff_max_ms,
+            marks_dir: Some(self.mqtt_marks_dir.clone()),
+        };
+        c.validate().map_err(|e| bad(mqtt_key(&e), e.to_string()))?;
+        Ok(Some(c))
     }
 
     pub fn outbox(&self) -> tributary_actors::outbox::OutboxConfig {
@@ -282,6 +376,25 @@ mod tests {
     }
 
     #[test]
+    fn mqtt_settings_resolve() {
+        let file: Settings = toml::from_str(
+            "node_id = \"edge-1\"\nmqtt_addr = \"127.0.0.1:1883\"\nmqtt_topic = \"p/+/t\"",
+        )
+        .unwrap();
+        let mut r = Settings::default().resolve(file);
+        r.validate().unwrap();
+        let c = r.mqtt().unwrap().expect("configured");
+        assert_eq!((c.host.as_str(), c.port), ("127.0.0.1", 1883));
+        assert_eq!(c.client_id, "tributary-edge-1");
+        assert_eq!(c.device_level, 1);
+        let marks = PathBuf::from("data/edge-1/outbox.mqtt-marks");
+        assert_eq!(c.marks_dir, Some(marks));
+        let mut off = Settings::default().resolve(toml::from_str("node_id = \"e\"").unwrap());
+        off.validate().unwrap();
+        assert!(off.mqtt().unwrap().is_none());
+    }
+
+    #[test]
     fn unknown_keys_are_refused_by_name() {
         let err = toml::from_str::<Settings>("outbox_byte_max = 5")
             .unwrap_err()
@@ -299,6 +412,16 @@ mod tests {
             .validate()
             .unwrap_err();
         assert_eq!(err.key, "node_id");
+        let file: Settings =
+            toml::from_str("node_id = \"edge-1\"\nmqtt_addr = \"localhost\"").unwrap();
+        let err = Settings::default().resolve(file).validate().unwrap_err();
+        assert_eq!(err.key, "mqtt_addr");
+        let file: Settings = toml::from_str(
+            "node_id = \"edge-1\"\nmqtt_addr = \"localhost:1883\"\nmqtt_topic = \"a/b\"",
+        )
+        .unwrap();
+        let err = Settings::default().resolve(file).validate().unwrap_err();
+        assert_eq!(err.key, "mqtt_device_level");
         let err = toml::from_str::<Settings>("full_policy = \"drop-newest\"")
             .unwrap_err()
             .to_string();

@@ -254,13 +254,14 @@ async fn run_edge(id: NodeId, identity: NodeIdentity, s: config::Resolved) -> an
             id_prefix: s.device_id_prefix.clone(),
             readings_max: s.device_readings_max,
         },
+        mqtt: s.mqtt()?,
         restarts_max: s.restarts_max,
         restart_period_ms: s.restart_period_ms,
     };
     let (root, handle) = start_edge(args)
         .await
         .context("starting the edge's actors")?;
-    tracing::info!(edge = %id, cloud = %s.cloud_addr, devices = s.device_count, outbox = %s.outbox_dir.display(), "edge running");
+    tracing::info!(edge = %id, cloud = %s.cloud_addr, devices = s.device_count, mqtt = %s.mqtt_addr, outbox = %s.outbox_dir.display(), "edge running");
     let reporter = (s.report_interval_ms > 0).then(|| {
         tokio::spawn(report_edge(std::time::Duration::from_millis(
             s.report_interval_ms,
@@ -311,7 +312,34 @@ async fn report_edge(every: std::time::Duration) {
             segments_quarantined = gs.stats.segments_quarantined,
             "edge flow"
         );
+        report_mqtt(CALL_MS).await;
     }
+}
+
+/// Logs the MQTT source's counters, when there is one.
+async fn report_mqtt(call_ms: u64) {
+    use tributary_actors::edge::mqtt::{MqttMsg, MQTT_NAME};
+    let Some(mqtt) = ractor::registry::where_is(MQTT_NAME).map(ActorRef::<MqttMsg>::from) else {
+        return;
+    };
+    let Ok(st) = ractor::call_t!(mqtt, MqttMsg::Status, call_ms) else {
+        return;
+    };
+    tracing::info!(
+        connected = st.connected,
+        devices_live = st.devices_live,
+        held = st.held,
+        parked = st.parked,
+        received = st.stats.received,
+        committed = st.stats.committed,
+        stale = st.stats.stale,
+        redelivered_copies = st.stats.redelivered_copies,
+        bad_payload = st.stats.bad_payload,
+        bad_topic = st.stats.bad_topic,
+        passivated = st.stats.passivated,
+        disconnects = st.stats.disconnects,
+        "mqtt flow"
+    );
 }
 
 async fn run_cloud(identity: NodeIdentity, s: config::Resolved) -> anyhow::Result<()> {

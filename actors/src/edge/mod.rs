@@ -5,8 +5,10 @@
 //! tributary.edge (rest_for_one)
 //! ├── tributary.gateway          the outbox's only owner
 //! ├── tributary.uplink           the link; reads from and acks to the gateway
-//! └── tributary.devices (one_for_one)
-//!     └── device/<id> ...        one simulated sensor each
+//! ├── tributary.devices (one_for_one)
+//! │   └── device/<id> ...        one simulated sensor each
+//! └── tributary.mqtt             the MQTT source, when configured
+//!     └── one actor per MQTT device, spawned on its first message
 //! ```
 //!
 //! rest_for_one because the uplink and the devices depend on the gateway: a
@@ -15,14 +17,20 @@
 
 pub mod device;
 pub mod gateway;
+pub mod mqtt;
 pub mod uplink;
+
+use std::collections::HashMap;
+use std::sync::Arc;
 
 use ractor::{Actor, ActorRef, SpawnErr};
 use tokio::task::JoinHandle;
 
+use crate::outbox::Outbox;
 use crate::supervision::{ChildSpec, Restart, Strategy, Supervisor, SupervisorArgs, SupervisorMsg};
 use device::{DeviceArgs, Signal, SimulatedDevice};
 use gateway::{Gateway, GatewayArgs};
+use mqtt::{MqttConfig, MqttSource, MqttSourceArgs, MQTT_NAME};
 use uplink::{Uplink, UplinkArgs};
 
 pub const EDGE_NAME: &str = "tributary.edge";
@@ -48,8 +56,32 @@ pub struct EdgeArgs {
     pub gateway: GatewayArgs,
     pub uplink: UplinkArgs,
     pub devices: DevicesConfig,
+    /// The MQTT source; `None` for none.
+    pub mqtt: Option<MqttConfig>,
     pub restarts_max: u32,
     pub restart_period_ms: u64,
+}
+
+/// The MQTT devices' marks in the outbox, read before the uplink can delete
+/// anything. A failure here is the gateway's to report when it opens the
+/// outbox; the source then starts from its own marks store.
+fn mqtt_outbox_marks(gateway: &GatewayArgs) -> HashMap<String, i64> {
+    let epoch = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(1, |d| d.as_micros() as u64);
+    let scan = (gateway.store)()
+        .map_err(|e| e.to_string())
+        .and_then(|store| {
+            Outbox::<()>::open(store, gateway.outbox.clone(), epoch).map_err(|e| e.to_string())
+        })
+        .and_then(|(mut outbox, _)| mqtt::outbox_marks(&mut outbox).map_err(|e| e.to_string()));
+    match scan {
+        Ok(marks) => marks,
+        Err(e) => {
+            tracing::warn!(error = %e, "reading the MQTT marks from the outbox failed");
+            HashMap::new()
+        }
+    }
 }
 
 /// Starts the edge's supervision tree.
@@ -78,7 +110,7 @@ pub async fn start_edge(
     let mut device_sup = SupervisorArgs::new(Strategy::OneForOne, devices);
     device_sup.restarts_max = args.restarts_max;
     device_sup.restart_period_ms = args.restart_period_ms;
-    let children = vec![
+    let mut children = vec![
         ChildSpec::new(
             GATEWAY_NAME,
             Restart::Permanent,
@@ -88,6 +120,20 @@ pub async fn start_edge(
         ChildSpec::new(UPLINK_NAME, Restart::Permanent, Uplink, args.uplink.clone()),
         ChildSpec::new(DEVICES_NAME, Restart::Permanent, Supervisor, device_sup),
     ];
+    if let Some(config) = args.mqtt {
+        let outbox_marks = Arc::new(mqtt_outbox_marks(&args.gateway));
+        // Last: it depends on the gateway only, and a failure of its own
+        // should not restart the uplink or the simulated devices.
+        children.push(ChildSpec::new(
+            MQTT_NAME,
+            Restart::Permanent,
+            MqttSource,
+            MqttSourceArgs {
+                config,
+                outbox_marks,
+            },
+        ));
+    }
     let mut root = SupervisorArgs::new(Strategy::RestForOne, children);
     root.restarts_max = args.restarts_max;
     root.restart_period_ms = args.restart_period_ms;
