@@ -152,6 +152,21 @@ async fn broker_stopped_for_seconds_then_restarted() {
 /// Outbox budget for the full-outbox scenarios: a few segments' worth.
 const SMALL_OUTBOX: &str = "65536";
 
+/// A cloud and one edge with a small outbox under `policy`, started while
+/// its link is cut, so that the outbox fills.
+async fn edge_with_a_small_outbox_cut_off(name: &str, policy: &str, w: &Workload) -> Fixture {
+    let mut f = Fixture::new(name, &shared_bootstrap(), &["edge-1"]);
+    f.start_cloud().await;
+    f.proxy_edge(0).await;
+    f.edges[0].proxy.as_ref().unwrap().cut();
+    f.workload(0, w);
+    f.edges[0].set("outbox-bytes-max", SMALL_OUTBOX);
+    f.edges[0].set("segment-bytes-max", "8192");
+    f.edges[0].set("full-policy", policy);
+    f.edges[0].start();
+    f
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_full_outbox_blocks_the_devices_and_loses_nothing() {
     let w = Workload {
@@ -159,15 +174,7 @@ async fn a_full_outbox_blocks_the_devices_and_loses_nothing() {
         rate_hz: 100.0,
         readings: 1500,
     };
-    let mut f = Fixture::new("block", &shared_bootstrap(), &["edge-1"]);
-    f.start_cloud().await;
-    f.proxy_edge(0).await;
-    f.edges[0].proxy.as_ref().unwrap().cut();
-    f.workload(0, &w);
-    f.edges[0].set("outbox-bytes-max", SMALL_OUTBOX);
-    f.edges[0].set("segment-bytes-max", "8192");
-    f.edges[0].set("full-policy", "block");
-    f.edges[0].start();
+    let mut f = edge_with_a_small_outbox_cut_off("block", "block", &w).await;
     f.edges[0].wait_log("outbox full: sources wait").await;
     let at_full = f.edges[0].acked();
     assert!(
@@ -190,15 +197,7 @@ async fn a_full_outbox_under_drop_oldest_misses_only_the_counted_drops() {
         rate_hz: 100.0,
         readings: 1000,
     };
-    let mut f = Fixture::new("dropoldest", &shared_bootstrap(), &["edge-1"]);
-    f.start_cloud().await;
-    f.proxy_edge(0).await;
-    f.edges[0].proxy.as_ref().unwrap().cut();
-    f.workload(0, &w);
-    f.edges[0].set("outbox-bytes-max", SMALL_OUTBOX);
-    f.edges[0].set("segment-bytes-max", "8192");
-    f.edges[0].set("full-policy", "drop-oldest");
-    f.edges[0].start();
+    let mut f = edge_with_a_small_outbox_cut_off("dropoldest", "drop-oldest", &w).await;
     // Devices never wait under drop-oldest: the whole workload is accepted while cut.
     f.edges[0].wait_acked(w.total(), DRAIN).await;
     f.edges[0].wait_log("dropped the oldest segment").await;

@@ -259,6 +259,25 @@ fn sled_store_quarantines_a_bit_flipped_segment() {
     assert_eq!(o.read(1, 2, 10).unwrap().len(), 1);
 }
 
+/// Deletes sled's files, as a damaged or emptied `db` would lose them.
+fn wipe_sled_keeping_the_guard(dir: &std::path::Path) {
+    for entry in std::fs::read_dir(dir).unwrap() {
+        let p = entry.unwrap().path();
+        if p.file_name()
+            .unwrap()
+            .to_string_lossy()
+            .starts_with("guard")
+        {
+            continue;
+        }
+        if p.is_dir() {
+            std::fs::remove_dir_all(&p).unwrap();
+        } else {
+            std::fs::remove_file(&p).unwrap();
+        }
+    }
+}
+
 fn fill_sled(dir: &std::path::Path, segments: i64) -> Recovery {
     let store = SledStore::open(dir, 1 << 20).unwrap();
     let (mut o, _) = Outbox::<i64>::open(Box::new(store), cfg(1), 42).unwrap();
@@ -277,21 +296,7 @@ fn an_emptied_sled_store_is_refused_not_taken_for_a_new_outbox() {
     let rec = fill_sled(dir.path(), 5);
     assert_eq!((rec.epoch, rec.sealed_through), (42, 5));
     // Lose sled's data, as a damaged or emptied `db` file would.
-    for entry in std::fs::read_dir(dir.path()).unwrap() {
-        let p = entry.unwrap().path();
-        if !p
-            .file_name()
-            .unwrap()
-            .to_string_lossy()
-            .starts_with("guard")
-        {
-            if p.is_dir() {
-                std::fs::remove_dir_all(&p).unwrap();
-            } else {
-                std::fs::remove_file(&p).unwrap();
-            }
-        }
-    }
+    wipe_sled_keeping_the_guard(dir.path());
     let store = SledStore::open(dir.path(), 1 << 20).unwrap();
     let err = Outbox::<i64>::open(Box::new(store), cfg(1), 99)
         .err()
@@ -349,21 +354,7 @@ fn a_torn_guard_slot_falls_back_to_the_other() {
     assert_eq!((rec.epoch, rec.sealed_through), (42, 3));
     // With sled's data gone and one slot torn, the other slot still tells
     // (it may lag by up to a second of commits: it was synced last).
-    for entry in std::fs::read_dir(dir.path()).unwrap() {
-        let p = entry.unwrap().path();
-        if !p
-            .file_name()
-            .unwrap()
-            .to_string_lossy()
-            .starts_with("guard")
-        {
-            if p.is_dir() {
-                std::fs::remove_dir_all(&p).unwrap();
-            } else {
-                std::fs::remove_file(&p).unwrap();
-            }
-        }
-    }
+    wipe_sled_keeping_the_guard(dir.path());
     let store = SledStore::open(dir.path(), 1 << 20).unwrap();
     let err = Outbox::<i64>::open(Box::new(store), cfg(1), 99)
         .err()
