@@ -137,19 +137,25 @@ async fn edge_identity_is_verified_from_its_certificate() {
     assert!(client_conn.handshake_data().is_some());
 }
 
-#[tokio::test]
-async fn client_certificate_from_another_ca_is_rejected() {
-    let pki = pki("cloud-ca1", "edge-ca1");
+/// An identity whose certificate comes from another CA, while it trusts the
+/// cluster's CA: only its own certificate is foreign. Keep the dir alive.
+fn foreign_identity(pki: &Pki, name: &str, role: Role) -> (tempfile::TempDir, NodeIdentity) {
     let other = tempfile::tempdir().unwrap();
     tls::init_ca(other.path()).unwrap();
-    let paths = tls::issue(other.path(), &id("edge-ca1"), Role::Edge, 1).unwrap();
-    // It trusts the cluster's CA, so only its own certificate is foreign.
-    let stranger = NodeIdentity::load(
+    let paths = tls::issue(other.path(), &id(name), role, 1).unwrap();
+    let identity = NodeIdentity::load(
         &paths.cert,
         &paths.key,
         &pki.dir.path().join(tls::CA_CERT_FILE),
     )
     .unwrap();
+    (other, identity)
+}
+
+#[tokio::test]
+async fn client_certificate_from_another_ca_is_rejected() {
+    let pki = pki("cloud-ca1", "edge-ca1");
+    let (_other, stranger) = foreign_identity(&pki, "edge-ca1", Role::Edge);
 
     let config = QuicConfig::default();
     let (server_ep, addr) = server(&pki.cloud, &config);
@@ -170,15 +176,7 @@ async fn client_certificate_from_another_ca_is_rejected() {
 #[tokio::test]
 async fn server_certificate_from_another_ca_is_rejected() {
     let pki = pki("cloud-ca2", "edge-ca2");
-    let other = tempfile::tempdir().unwrap();
-    tls::init_ca(other.path()).unwrap();
-    let paths = tls::issue(other.path(), &id("cloud-ca2"), Role::Cloud, 1).unwrap();
-    let stranger = NodeIdentity::load(
-        &paths.cert,
-        &paths.key,
-        &pki.dir.path().join(tls::CA_CERT_FILE),
-    )
-    .unwrap();
+    let (_other, stranger) = foreign_identity(&pki, "cloud-ca2", Role::Cloud);
 
     let config = QuicConfig::default();
     let (server_ep, addr) = server(&stranger, &config);

@@ -280,6 +280,14 @@ async fn check_edges(f: &Fixture, edges: &[usize]) -> Report {
 
 /// Connects to the cloud as `id` (whose certificate is in the fixture's PKI), from this
 /// test process. The uplink stream is open; nothing is sent yet.
+/// Dials as `edge`, says Hello and waits for the Welcome.
+async fn dial_welcomed(f: &Fixture, edge: &str) -> DialedUplink {
+    let mut up = dial_as(f, edge).await;
+    up.writer.send(&hello(edge)).await.expect("sending Hello");
+    wait_welcome(&mut up).await;
+    up
+}
+
 async fn dial_as(f: &Fixture, id: &str) -> DialedUplink {
     tributary_cluster::install_crypto_provider();
     let pki = f.dir.path().join("pki");
@@ -444,12 +452,7 @@ async fn a_hello_naming_another_edge_is_refused() {
         .unwrap_or_else(|e| panic!("cloud: {e}"));
 
     // The cloud still serves an honest edge.
-    let mut up = dial_as(&f, "edge-2").await;
-    up.writer
-        .send(&hello("edge-2"))
-        .await
-        .expect("sending Hello");
-    wait_welcome(&mut up).await;
+    let _honest = dial_welcomed(&f, "edge-2").await;
     assert_cloud_healthy(&mut f);
 }
 
@@ -528,12 +531,7 @@ async fn garbage_on_the_uplink_closes_only_that_connection() {
     committed = wait_committed_above(&mut f, committed, w.total()).await;
 
     // (c) A valid Hello, then a frame of protocol version 99.
-    let mut up = dial_as(&f, "edge-2").await;
-    up.writer
-        .send(&hello("edge-2"))
-        .await
-        .expect("sending Hello");
-    wait_welcome(&mut up).await;
+    let mut up = dial_welcomed(&f, "edge-2").await;
     let mut bad_version = encode(&Frame::Ack {
         epoch: 1,
         seq_through: 1,
@@ -553,12 +551,7 @@ async fn garbage_on_the_uplink_closes_only_that_connection() {
     committed = wait_committed_above(&mut f, committed, w.total()).await;
 
     // (d) A valid Hello, then a segment whose checksum does not match its bytes.
-    let mut up = dial_as(&f, "edge-2").await;
-    up.writer
-        .send(&hello("edge-2"))
-        .await
-        .expect("sending Hello");
-    wait_welcome(&mut up).await;
+    let mut up = dial_welcomed(&f, "edge-2").await;
     let mut seg = SegmentFrame::new(1, 1, 1, noise(64, 7));
     seg.crc32 ^= 1;
     up.writer
