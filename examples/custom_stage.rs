@@ -289,6 +289,7 @@ fn reading(device: &str, t_us: i64, temperature: f64) -> Reading {
         device_id: device.into(),
         device_ts_us: t_us,
         edge_ts_us: t_us,
+        stream: None,
         metrics: vec![Metric {
             name: "temperature".into(),
             value: Value::F64(temperature),

@@ -11,6 +11,8 @@ use serde::{Deserialize, Serialize};
 pub const DEVICE_ID_BYTES_MAX: usize = 128;
 /// Metric names share the same reasoning as device ids.
 pub const METRIC_NAME_BYTES_MAX: usize = 128;
+/// A stream is named after a topology component, whose names are this long at most.
+pub const STREAM_NAME_BYTES_MAX: usize = 64;
 /// A reading with more metrics than this is refused at the edge. With the
 /// string bounds below, the JSON of any valid reading (where escapes can
 /// make a byte six) stays under a Kafka record's usual 1 MB limit.
@@ -26,6 +28,10 @@ pub struct Reading {
     pub device_ts_us: i64,
     /// When the edge received it, in microseconds since the Unix epoch.
     pub edge_ts_us: i64,
+    /// The topology stream it belongs to: the source or stage that emitted
+    /// it. `None` for a reading from outside any topology.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stream: Option<String>,
     pub metrics: Vec<Metric>,
 }
 
@@ -54,6 +60,8 @@ pub enum ReadingError {
     EmptyDeviceId,
     #[error("device id is {0} bytes, more than the {DEVICE_ID_BYTES_MAX} allowed")]
     DeviceIdTooLong(usize),
+    #[error("stream name is empty or longer than {STREAM_NAME_BYTES_MAX} bytes")]
+    BadStreamName,
     #[error("reading has {0} metrics, more than the {READING_METRICS_MAX} allowed")]
     TooManyMetrics(usize),
     #[error("metric name is empty or longer than {METRIC_NAME_BYTES_MAX} bytes")]
@@ -72,6 +80,11 @@ impl Reading {
         }
         if self.device_id.len() > DEVICE_ID_BYTES_MAX {
             return Err(ReadingError::DeviceIdTooLong(self.device_id.len()));
+        }
+        if let Some(stream) = &self.stream {
+            if stream.is_empty() || stream.len() > STREAM_NAME_BYTES_MAX {
+                return Err(ReadingError::BadStreamName);
+            }
         }
         if self.metrics.len() > READING_METRICS_MAX {
             return Err(ReadingError::TooManyMetrics(self.metrics.len()));
@@ -133,6 +146,7 @@ mod tests {
             device_id: "press-7".into(),
             device_ts_us: 1_700_000_000_000_000,
             edge_ts_us: 1_700_000_000_000_100,
+            stream: None,
             metrics: vec![
                 Metric {
                     name: "temperature".into(),

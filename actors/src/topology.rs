@@ -44,7 +44,7 @@ use crate::edge::device::Signal;
 use crate::stages::{ParamError, StageSpec, StreamKind};
 
 /// Component names become parts of actor names and of log record headers.
-pub const NAME_BYTES_MAX: usize = 64;
+pub const NAME_BYTES_MAX: usize = crate::reading::STREAM_NAME_BYTES_MAX;
 /// A simulated device ticks at most once per millisecond.
 pub const SIMULATED_RATE_HZ_MAX: f64 = 1000.0;
 /// Kafka's own limit on a topic name.

@@ -59,6 +59,7 @@ fn reading(device: &str, i: usize) -> Reading {
         device_id: device.to_string(),
         device_ts_us: 1_700_000_000_000_000 + i as i64,
         edge_ts_us: 1_700_000_000_000_100 + i as i64,
+        stream: None,
         metrics: vec![
             Metric {
                 name: "temperature".into(),

@@ -15,6 +15,7 @@ fn reading(device: &str, t_ms: i64, temperature: f64) -> Reading {
         device_id: device.into(),
         device_ts_us: t_ms * MS,
         edge_ts_us: t_ms * MS + 7,
+        stream: None,
         metrics: vec![Metric {
             name: "temperature".into(),
             value: Value::F64(temperature),

@@ -387,6 +387,7 @@ fn a_custom_stage_plugs_into_the_builder_and_runs_from_the_part() {
         device_id: "d".into(),
         device_ts_us: 0,
         edge_ts_us: 0,
+        stream: None,
         metrics: vec![],
     };
     assert_eq!(op.handle(r.clone()).len(), 1);

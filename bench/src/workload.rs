@@ -19,6 +19,7 @@ pub fn reading(i: u64) -> Reading {
         device_id: format!("edge-1-dev-{device:03}"),
         device_ts_us: ts,
         edge_ts_us: ts + 250,
+        stream: None,
         metrics: vec![
             Metric {
                 name: "temperature".into(),

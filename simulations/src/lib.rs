@@ -148,6 +148,7 @@ fn reading(device: usize, ts: i64) -> Reading {
         device_id: format!("d{device}"),
         device_ts_us: ts,
         edge_ts_us: ts,
+        stream: None,
         metrics: vec![Metric {
             name: "v".into(),
             value: Value::I64(ts),

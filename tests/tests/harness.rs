@@ -26,6 +26,7 @@ fn reading(device: &str, ts: i64) -> Reading {
         device_id: device.into(),
         device_ts_us: ts,
         edge_ts_us: ts + 1,
+        stream: None,
         metrics: vec![Metric {
             name: "temperature".into(),
             value: Value::F64(20.5),

@@ -116,6 +116,7 @@ impl DeviceState {
             device_id: self.args.device_id.clone(),
             device_ts_us: ts,
             edge_ts_us: 0,
+            stream: None,
             metrics: vec![
                 Metric {
                     name: "temperature".into(),

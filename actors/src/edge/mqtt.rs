@@ -387,6 +387,7 @@ pub fn parse_message(
         device_id: parsed.device_id.clone(),
         device_ts_us: 0,
         edge_ts_us: 0,
+        stream: None,
         metrics: parsed.metrics.clone(),
     }
     .validate()?;
@@ -559,6 +560,7 @@ impl Actor for MqttDevice {
                 device_id: state.args.device_id.clone(),
                 device_ts_us: ts,
                 edge_ts_us: 0,
+                stream: None,
                 metrics: head.metrics.clone(),
             });
         }

@@ -152,6 +152,7 @@ mod tests {
             device_id: format!("d{i}"),
             device_ts_us: i,
             edge_ts_us: i,
+            stream: None,
             metrics: vec![Metric {
                 name: "v".into(),
                 value: Value::I64(i),

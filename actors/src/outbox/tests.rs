@@ -6,6 +6,7 @@ fn reading(device: &str, ts: i64) -> Reading {
         device_id: device.into(),
         device_ts_us: ts,
         edge_ts_us: ts,
+        stream: None,
         metrics: vec![Metric {
             name: "v".into(),
             value: Value::F64(ts as f64),

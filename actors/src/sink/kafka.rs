@@ -3,7 +3,8 @@
 //! exactly-once sources (KIP-618).
 //!
 //! - Readings go to `readings_topic`, keyed by device id, with the headers
-//!   `tributary-edge`, `tributary-epoch` and `tributary-seq`.
+//!   `tributary-edge`, `tributary-epoch` and `tributary-seq`, and
+//!   `tributary-stream` when the reading belongs to a topology stream.
 //! - Marks go to `hwm_topic`: compacted, one partition, keyed by edge id, with
 //!   the JSON of [`Hwm`] as value.
 //! - Each edge has its own transactional producer, `transactional.id =
@@ -48,6 +49,8 @@ pub const HEADER_EDGE: &str = "tributary-edge";
 pub const HEADER_EPOCH: &str = "tributary-epoch";
 /// The header that carries the outbox segment's sequence number, in decimal.
 pub const HEADER_SEQ: &str = "tributary-seq";
+/// The topology stream of a reading, when it has one.
+pub const HEADER_STREAM: &str = "tributary-stream";
 
 /// The hwm topic has exactly one partition, so that one ordered read finds the
 /// latest mark of every edge.
@@ -911,7 +914,7 @@ impl KafkaEdgeWriter {
             let seq = batch.seq.to_string();
             for reading in &batch.readings {
                 let value = reading.to_json();
-                let headers = OwnedHeaders::new_with_capacity(3)
+                let mut headers = OwnedHeaders::new_with_capacity(4)
                     .insert(Header {
                         key: HEADER_EDGE,
                         value: Some(&self.edge_id),
@@ -924,6 +927,12 @@ impl KafkaEdgeWriter {
                         key: HEADER_SEQ,
                         value: Some(&seq),
                     });
+                if let Some(stream) = &reading.stream {
+                    headers = headers.insert(Header {
+                        key: HEADER_STREAM,
+                        value: Some(stream),
+                    });
+                }
                 let record = BaseRecord::to(&config.readings_topic)
                     .key(reading.device_id.as_str())
                     .payload(value.as_slice())

@@ -351,6 +351,7 @@ fn emit(
         device_id: device.to_owned(),
         device_ts_us: start,
         edge_ts_us: acc.edge_ts_us,
+        stream: None,
         metrics,
     }
 }
