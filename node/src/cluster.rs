@@ -13,7 +13,38 @@ use std::time::Duration;
 use ractor::{Actor, ActorProcessingErr, ActorRef};
 use tributary_actors::cloud::SessionHook;
 use tributary_cluster::session::{self, NodeServerRef};
+use tributary_cluster::tls::{NodeId, Role};
 use tributary_cluster::uplink::link::LinkHandle;
+
+/// Called on each new uplink connection of an edge.
+pub type OnConnect = Arc<dyn Fn(&LinkHandle) + Send + Sync>;
+
+/// What the rest of the node plugs into its links.
+pub struct ClusterParts {
+    /// For the edge's uplink: dials the cluster session on each connection.
+    pub on_connect: Option<OnConnect>,
+    /// For the cloud's listener: serves the session streams edges open.
+    pub on_session: Option<SessionHook>,
+}
+
+/// Starts this node's side of the cluster: its node server, and on the cloud
+/// the control actor.
+pub async fn start(role: Role, id: &NodeId, cookie: String) -> anyhow::Result<ClusterParts> {
+    let node_server = session::start_node_server(id, cookie).await?;
+    Ok(match role {
+        Role::Edge => ClusterParts {
+            on_connect: Some(edge_on_connect(node_server, id.to_string())),
+            on_session: None,
+        },
+        Role::Cloud => {
+            Actor::spawn(Some("tributary.control".into()), Control, ()).await?;
+            ClusterParts {
+                on_connect: None,
+                on_session: Some(cloud_on_session(node_server)),
+            }
+        }
+    })
+}
 
 /// The process group of the cloud's control actors.
 pub const CONTROL_GROUP: &str = "tributary.cloud.control";
@@ -51,10 +82,7 @@ impl Actor for Control {
 
 /// The edge's hook on each new uplink connection: dial the session on it,
 /// then greet the cloud's control actor found through its process group.
-pub fn edge_on_connect(
-    node_server: NodeServerRef,
-    edge_id: String,
-) -> Arc<dyn Fn(&LinkHandle) + Send + Sync> {
+fn edge_on_connect(node_server: NodeServerRef, edge_id: String) -> OnConnect {
     Arc::new(move |link: &LinkHandle| {
         let (ns, link, edge_id) = (node_server.clone(), link.clone(), edge_id.clone());
         tokio::spawn(async move {
@@ -95,7 +123,7 @@ pub fn edge_on_connect(
 }
 
 /// The cloud's hook for session streams: accept the session, then log its end.
-pub fn cloud_on_session(node_server: NodeServerRef) -> SessionHook {
+fn cloud_on_session(node_server: NodeServerRef) -> SessionHook {
     Arc::new(move |link, streams| {
         let ns = node_server.clone();
         tokio::spawn(async move {

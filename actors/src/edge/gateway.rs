@@ -66,6 +66,13 @@ pub enum GatewayMsg {
     Read(ReadRequest, RpcReplyPort<Result<Vec<SegmentFrame>, String>>),
     Acked(u64),
     Status(RpcReplyPort<GatewayStatus>),
+    /// Changes a parameter of one of the edge's stages (a control call).
+    SetStageParam {
+        stage: String,
+        param: String,
+        value: f64,
+        reply: RpcReplyPort<Result<(), String>>,
+    },
 }
 
 impl ractor::Message for GatewayMsg {}
@@ -325,6 +332,15 @@ impl Actor for Gateway {
             }
             GatewayMsg::Status(reply) => {
                 let _ = reply.send(state.status());
+            }
+            GatewayMsg::SetStageParam {
+                stage,
+                param,
+                value,
+                reply,
+            } => {
+                let _ = (param, value);
+                let _ = reply.send(Err(format!("this edge runs no stage named {stage:?}")));
             }
         }
         Ok(())

@@ -1,0 +1,409 @@
+//! The `node` program as a library: the stock `node` binary calls
+//! [`run_cli`] with no topology, and a user's own binary calls it with the
+//! topology it defines in code, getting the same flags, settings and roles.
+//! See `node --help`.
+
+mod cluster;
+mod config;
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use anyhow::{bail, Context};
+use clap::{Parser, Subcommand};
+use ractor::ActorRef;
+use tributary_actors::cloud::{CloudArgs, Listener, LISTENER_NAME};
+use tributary_actors::edge::device::Signal;
+use tributary_actors::edge::gateway::{GatewayArgs, StoreFactory};
+use tributary_actors::edge::uplink::UplinkArgs;
+use tributary_actors::edge::{start_edge, DevicesConfig, EdgeArgs};
+use tributary_actors::outbox::{Outbox, OutboxStore, SledStore};
+use tributary_actors::sink::kafka::{KafkaLog, KafkaSinkConfig};
+use tributary_actors::topology::Topology;
+use tributary_cluster::tls::{self, NodeId, NodeIdentity, Role};
+use tributary_cluster::uplink::link::EdgeConnector;
+use tributary_cluster::uplink::{EdgeUplinkConfig, IngestConfig};
+
+/// Tributary: carries industrial IoT readings from edge nodes into a durable
+/// log, exactly once.
+#[derive(Parser)]
+#[command(name = "node", version, about, long_about = None)]
+struct Cli {
+    #[command(subcommand)]
+    command: Option<Command>,
+    /// Run as an edge node or a cloud node.
+    #[arg(long, env = "TRIBUTARY_ROLE")]
+    role: Option<Role>,
+    /// A TOML file of settings; flags and TRIBUTARY_* variables override it.
+    #[arg(long, env = "TRIBUTARY_CONFIG")]
+    config: Option<PathBuf>,
+    #[command(flatten)]
+    settings: config::Settings,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Manage the cluster's certificate authority and node certificates.
+    Certs {
+        #[command(subcommand)]
+        command: CertsCommand,
+    },
+    /// Print readings as they are committed to the log (read_committed).
+    Tail {
+        #[arg(
+            long,
+            env = "TRIBUTARY_KAFKA_BOOTSTRAP",
+            default_value = "127.0.0.1:9092"
+        )]
+        kafka_bootstrap: String,
+        #[arg(
+            long,
+            env = "TRIBUTARY_READINGS_TOPIC",
+            default_value = "tributary.readings"
+        )]
+        readings_topic: String,
+        /// Stop after this many readings; 0 for no limit.
+        #[arg(long, default_value_t = 10)]
+        count: usize,
+        /// Stop after this many seconds without a reading.
+        #[arg(long, default_value_t = 30)]
+        idle_s: u64,
+    },
+}
+
+#[derive(Subcommand)]
+enum CertsCommand {
+    /// Create a cluster CA (ca.pem, ca.key) in DIR.
+    Init {
+        #[arg(long)]
+        dir: PathBuf,
+    },
+    /// Issue a node certificate (<id>.pem, <id>.key) signed by the CA in DIR.
+    Issue {
+        #[arg(long)]
+        dir: PathBuf,
+        #[arg(long)]
+        id: String,
+        #[arg(long)]
+        role: Role,
+        /// Validity in days.
+        #[arg(long, default_value_t = 365)]
+        days: u32,
+    },
+}
+
+/// Parses the command line and runs what it asks for. With `topology`, an
+/// edge runs the sources and stages the topology places on it (by its node id
+/// and labels) and a cloud its stages and sinks; without, the settings'
+/// simulated devices and MQTT source feed the log as they are.
+pub fn run_cli(topology: Option<Topology>) -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stdout()))
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .init();
+    tributary_cluster::install_crypto_provider();
+    match cli.command {
+        Some(Command::Certs { command }) => certs(command),
+        Some(Command::Tail {
+            kafka_bootstrap,
+            readings_topic,
+            count,
+            idle_s,
+        }) => {
+            let config = KafkaSinkConfig {
+                readings_topic,
+                ..KafkaSinkConfig::new(kafka_bootstrap)
+            };
+            let n = tributary_actors::sink::kafka::tail(
+                &config,
+                count,
+                std::time::Duration::from_secs(idle_s),
+                |r| {
+                    let edge = r.edge.as_deref().unwrap_or("?");
+                    let seq = r.seq.as_deref().unwrap_or("?");
+                    println!(
+                        "{edge} seq {seq} p{}@{}: {}",
+                        r.partition, r.offset, r.value
+                    );
+                },
+            )?;
+            eprintln!("{n} readings");
+            Ok(())
+        }
+        None => {
+            let role = cli
+                .role
+                .context("--role edge|cloud is required (or TRIBUTARY_ROLE)")?;
+            let file = match &cli.config {
+                Some(p) => config::load_file(p)?,
+                None => config::Settings::default(),
+            };
+            let mut settings = cli.settings.resolve(file);
+            settings.validate()?;
+            // At least two workers even on a one-core edge: the gateway's fsync
+            // blocks one, and the QUIC keep-alives must not wait behind it.
+            let workers = std::thread::available_parallelism().map_or(2, |n| n.get().max(2));
+            let runtime = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(workers)
+                .enable_all()
+                .build()?;
+            runtime.block_on(run(role, settings, topology))
+        }
+    }
+}
+
+fn certs(command: CertsCommand) -> anyhow::Result<()> {
+    match command {
+        CertsCommand::Init { dir } => {
+            let paths = tls::init_ca(&dir)?;
+            println!("created the cluster CA: {}", paths.cert.display());
+        }
+        CertsCommand::Issue {
+            dir,
+            id,
+            role,
+            days,
+        } => {
+            let id = NodeId::new(id)?;
+            let paths = tls::issue(&dir, &id, role, days)?;
+            println!(
+                "issued {role} certificate for {id}: {}",
+                paths.cert.display()
+            );
+        }
+    }
+    Ok(())
+}
+
+async fn run(role: Role, s: config::Resolved, topology: Option<Topology>) -> anyhow::Result<()> {
+    let id = NodeId::new(s.node_id.clone())?;
+    let identity = NodeIdentity::load_from_dir(&s.tls_dir, &id).with_context(|| {
+        format!(
+            "loading this node's certificate from tls_dir {}",
+            s.tls_dir.display()
+        )
+    })?;
+    if identity.role() != role {
+        bail!(
+            "the certificate of {id} is for role {}, but the node runs as {role}",
+            identity.role()
+        );
+    }
+    match role {
+        Role::Edge => run_edge(id, identity, s).await,
+        Role::Cloud => run_cloud(identity, s).await,
+    }
+}
+
+async fn run_edge(id: NodeId, identity: NodeIdentity, s: config::Resolved) -> anyhow::Result<()> {
+    let connector = EdgeConnector::new(&identity, s.cloud_addr, s.quic(), s.frame_bytes_max)?;
+    let cluster = cluster::start(Role::Edge, &id, s.cluster_cookie.clone()).await?;
+    let outbox_dir = s.outbox_dir.clone();
+    let cache = s.sled_cache_bytes_max;
+    let accept_damage = s.outbox_accept_damage;
+    let open_store = move || {
+        SledStore::open(&outbox_dir, cache)
+            .map(|st| Box::new(st.accept_damage(accept_damage)) as Box<dyn OutboxStore>)
+    };
+    // Check the outbox before any actor starts, so that a damaged one is
+    // refused with its own error rather than as an actor's startup failure.
+    // A new outbox's epoch is its creation time, so newer outboxes have larger ones.
+    let epoch = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(1, |d| d.as_micros() as u64);
+    let (_, recovery) =
+        Outbox::<()>::open(open_store()?, s.outbox(), epoch).with_context(|| {
+            format!(
+                "opening the outbox in outbox_dir {}",
+                s.outbox_dir.display()
+            )
+        })?;
+    tracing::info!(
+        segments = recovery.segments,
+        bytes = recovery.bytes,
+        "outbox checked"
+    );
+    let store: StoreFactory = Arc::new(open_store);
+    let args = EdgeArgs {
+        gateway: GatewayArgs {
+            store,
+            outbox: s.outbox(),
+            ack_log: (!s.ack_log.as_os_str().is_empty()).then(|| s.ack_log.clone()),
+        },
+        uplink: UplinkArgs {
+            edge_id: id.to_string(),
+            connector,
+            core: EdgeUplinkConfig {
+                inflight_segments_max: s.uplink_inflight_segments_max,
+                welcome_timeout_ms: s.welcome_timeout_ms,
+            },
+            reconnect_backoff_initial_ms: s.reconnect_backoff_initial_ms,
+            reconnect_backoff_max_ms: s.reconnect_backoff_max_ms,
+            on_connect: cluster.on_connect,
+        },
+        devices: DevicesConfig {
+            count: s.device_count,
+            interval_ms: ((1000.0 / s.device_rate_hz).round() as u64).max(1),
+            signal: Signal {
+                base: s.signal_base,
+                amplitude: s.signal_amplitude,
+                period_s: s.signal_period_s,
+                noise: s.signal_noise,
+                spike_probability: s.spike_probability,
+                spike_magnitude: s.spike_magnitude,
+            },
+            seed: s.device_seed,
+            id_prefix: s.device_id_prefix.clone(),
+            readings_max: s.device_readings_max,
+        },
+        mqtt: s.mqtt()?,
+        restarts_max: s.restarts_max,
+        restart_period_ms: s.restart_period_ms,
+    };
+    let (root, handle) = start_edge(args)
+        .await
+        .context("starting the edge's actors")?;
+    tracing::info!(edge = %id, cloud = %s.cloud_addr, devices = s.device_count, mqtt = %s.mqtt_addr, outbox = %s.outbox_dir.display(), "edge running");
+    let reporter = (s.report_interval_ms > 0).then(|| {
+        tokio::spawn(report_edge(std::time::Duration::from_millis(
+            s.report_interval_ms,
+        )))
+    });
+    let result = wait_for_stop(root.get_cell(), handle).await;
+    if let Some(r) = reporter {
+        r.abort();
+    }
+    result
+}
+
+/// Logs what the edge holds and sends, every `every`: the edge's side of
+/// the cloud's "cloud flow" line.
+async fn report_edge(every: std::time::Duration) {
+    use tributary_actors::edge::gateway::GatewayMsg;
+    use tributary_actors::edge::uplink::UplinkMsg;
+    use tributary_actors::edge::{GATEWAY_NAME, UPLINK_NAME};
+    const CALL_MS: u64 = 2_000;
+    let mut tick = tokio::time::interval(every);
+    tick.tick().await;
+    loop {
+        tick.tick().await;
+        let gateway: Option<ActorRef<GatewayMsg>> =
+            ractor::registry::where_is(GATEWAY_NAME).map(Into::into);
+        let uplink: Option<ActorRef<UplinkMsg>> =
+            ractor::registry::where_is(UPLINK_NAME).map(Into::into);
+        let (Some(g), Some(u)) = (gateway, uplink) else {
+            continue;
+        };
+        let (Ok(gs), Ok(us)) = (
+            ractor::call_t!(g, GatewayMsg::Status, CALL_MS),
+            ractor::call_t!(u, UplinkMsg::Status, CALL_MS),
+        ) else {
+            continue;
+        };
+        tracing::info!(
+            link_up = us.up,
+            rtt_ms = us.rtt_ms,
+            readings_received = gs.stats.readings_received,
+            readings_committed = gs.stats.readings_committed,
+            readings_refused_full = gs.stats.readings_refused_full,
+            readings_dropped = gs.stats.readings_dropped,
+            segments_stored = gs.segments_stored,
+            outbox_bytes = gs.bytes_used,
+            sealed_through = gs.sealed_through,
+            acked_through = us.acked_through,
+            segments_quarantined = gs.stats.segments_quarantined,
+            "edge flow"
+        );
+        report_mqtt(CALL_MS).await;
+    }
+}
+
+/// Logs the MQTT source's counters, when there is one.
+async fn report_mqtt(call_ms: u64) {
+    use tributary_actors::edge::mqtt::{MqttMsg, MQTT_NAME};
+    let Some(mqtt) = ractor::registry::where_is(MQTT_NAME).map(ActorRef::<MqttMsg>::from) else {
+        return;
+    };
+    let Ok(st) = ractor::call_t!(mqtt, MqttMsg::Status, call_ms) else {
+        return;
+    };
+    tracing::info!(
+        connected = st.connected,
+        devices_live = st.devices_live,
+        held = st.held,
+        parked = st.parked,
+        received = st.stats.received,
+        committed = st.stats.committed,
+        stale = st.stats.stale,
+        redelivered_copies = st.stats.redelivered_copies,
+        bad_payload = st.stats.bad_payload,
+        bad_topic = st.stats.bad_topic,
+        passivated = st.stats.passivated,
+        disconnects = st.stats.disconnects,
+        "mqtt flow"
+    );
+}
+
+async fn run_cloud(identity: NodeIdentity, s: config::Resolved) -> anyhow::Result<()> {
+    let sink_cfg = KafkaSinkConfig {
+        bootstrap_servers: s.kafka_bootstrap.clone(),
+        readings_topic: s.readings_topic.clone(),
+        readings_partitions: s.readings_partitions,
+        hwm_topic: s.hwm_topic.clone(),
+        transactional_id_prefix: s.transactional_id_prefix.clone(),
+        transaction_timeout_ms: s.transaction_timeout_ms,
+        commit_timeout_ms: s.commit_timeout_ms,
+        ..KafkaSinkConfig::default()
+    };
+    let log = tokio::task::spawn_blocking(move || KafkaLog::new(sink_cfg))
+        .await?
+        .context("connecting to the log")?;
+    let cluster = cluster::start(Role::Cloud, identity.id(), s.cluster_cookie.clone())
+        .await
+        .context("starting the cluster's actors")?;
+    let args = CloudArgs {
+        listen_addr: s.listen_addr,
+        identity,
+        quic: s.quic(),
+        frame_bytes_max: s.frame_bytes_max,
+        hello_timeout_ms: s.hello_timeout_ms,
+        ingest: IngestConfig {
+            commit_segments_max: s.commit_segments_max,
+            pending_segments_max: s.pending_segments_max,
+        },
+        sink: Arc::new(log),
+        report_interval_ms: s.report_interval_ms,
+        on_session: cluster.on_session,
+    };
+    let (listener, handle): (ActorRef<_>, _) =
+        ractor::Actor::spawn(Some(LISTENER_NAME.to_string()), Listener, args)
+            .await
+            .context("starting the cloud listener")?;
+    wait_for_stop(listener.get_cell(), handle).await
+}
+
+/// How long a graceful stop may take before the process exits anyway.
+const SHUTDOWN_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(15);
+
+/// Runs until the root actor ends or the process is asked to stop.
+async fn wait_for_stop(
+    root: ractor::ActorCell,
+    handle: tokio::task::JoinHandle<()>,
+) -> anyhow::Result<()> {
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => tracing::info!("interrupted; stopping"),
+        _ = term.recv() => tracing::info!("terminated; stopping"),
+        _ = handle => bail!("the node's root actor stopped (see the errors above)"),
+    }
+    // Stop gracefully so the gateway commits what is open and answers its
+    // sources; bounded, so a stuck actor cannot hold the process forever.
+    root.stop_and_wait(Some("node stopping".into()), Some(SHUTDOWN_TIMEOUT))
+        .await
+        .map_err(|e| anyhow::anyhow!("stopping the node's actors: {e}"))?;
+    Ok(())
+}
