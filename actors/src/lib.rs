@@ -7,6 +7,7 @@
 pub mod cloud;
 pub mod edge;
 pub mod outbox;
+pub mod pipeline;
 pub mod reading;
 pub mod sink;
 pub mod stages;

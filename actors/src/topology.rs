@@ -82,6 +82,8 @@ pub enum TopologyError {
         input: String,
         input_placement: String,
     },
+    #[error("{component:?} raises alerts but is placed on an edge: alerts are written exactly once by the cloud, so place detectors on the cloud (edge stages may filter, map and window)")]
+    AlertsOnEdge { component: String },
     /// The path follows the data: each component reads the one before it.
     #[error("cycle: {}", path.join(" -> "))]
     Cycle { path: Vec<String> },
@@ -584,6 +586,13 @@ impl TopologyBuilder {
                 component: c.name.clone(),
                 error,
             })?;
+            if matches!(c.placement, Placement::Edge(_))
+                && c.output() == Some(StreamKind::Alerts)
+            {
+                return Err(TopologyError::AlertsOnEdge {
+                    component: c.name.clone(),
+                });
+            }
         }
         for c in &components {
             check_inputs(c, &components, &by_name)?;

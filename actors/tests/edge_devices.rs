@@ -75,6 +75,7 @@ async fn a_crashed_device_restarts_and_accepted_readings_stay() {
                 ..Default::default()
             },
             ack_log: None,
+            stages: None,
         },
         uplink: UplinkArgs {
             edge_id: id.to_string(),
@@ -84,14 +85,15 @@ async fn a_crashed_device_restarts_and_accepted_readings_stay() {
             reconnect_backoff_max_ms: 1000,
             on_connect: None,
         },
-        devices: DevicesConfig {
+        devices: vec![DevicesConfig {
             count: 2,
             interval_ms: 5,
             signal: Signal::default(),
             seed: 1,
             id_prefix: "dev-".into(),
             readings_max: 0,
-        },
+            stream: None,
+        }],
         mqtt: None,
         restarts_max: 5,
         restart_period_ms: 10_000,

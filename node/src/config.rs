@@ -159,6 +159,14 @@ settings! {
     restarts_max: u32 = 5, "TRIBUTARY_RESTARTS_MAX";
     /// Supervisors: the period of restarts_max [default: 10000].
     restart_period_ms: u64 = 10_000, "TRIBUTARY_RESTART_PERIOD_MS";
+    /// Cloud: readings per stages transaction at most [default: 1000].
+    stages_batch_readings_max: usize = 1000, "TRIBUTARY_STAGES_BATCH_READINGS_MAX";
+    /// Cloud: how long the stages wait for readings before a quiet turn [default: 200].
+    stages_poll_ms: u64 = 200, "TRIBUTARY_STAGES_POLL_MS";
+    /// How far the stages' watermark trails the wall clock when input is quiet [default: 5000].
+    stages_watermark_lag_ms: u64 = 5_000, "TRIBUTARY_STAGES_WATERMARK_LAG_MS";
+    /// Labels of this node, comma-separated: a topology places edge blocks by node id or label.
+    labels: String = String::new(), "TRIBUTARY_LABELS";
 }
 
 /// A bad setting, named by its key.
@@ -329,6 +337,15 @@ impl Resolved {
         };
         c.validate().map_err(|e| bad(mqtt_key(&e), e.to_string()))?;
         Ok(Some(c))
+    }
+
+    /// This node's labels, for topology placement.
+    pub fn labels(&self) -> Vec<&str> {
+        self.labels
+            .split(',')
+            .map(str::trim)
+            .filter(|l| !l.is_empty())
+            .collect()
     }
 
     pub fn outbox(&self) -> tributary_actors::outbox::OutboxConfig {

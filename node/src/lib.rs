@@ -19,7 +19,10 @@ use tributary_actors::edge::uplink::UplinkArgs;
 use tributary_actors::edge::{start_edge, DevicesConfig, EdgeArgs};
 use tributary_actors::outbox::{Outbox, OutboxStore, SledStore};
 use tributary_actors::sink::kafka::{KafkaLog, KafkaSinkConfig};
-use tributary_actors::topology::Topology;
+use tributary_actors::edge::gateway::EdgeStages;
+use tributary_actors::edge::mqtt::MqttConfig;
+use tributary_actors::pipeline::StageRestarts;
+use tributary_actors::topology::{ComponentKind, Source, Topology};
 use tributary_cluster::tls::{self, NodeId, NodeIdentity, Role};
 use tributary_cluster::uplink::link::EdgeConnector;
 use tributary_cluster::uplink::{EdgeUplinkConfig, IngestConfig};
@@ -193,13 +196,115 @@ async fn run(role: Role, s: config::Resolved, topology: Option<Topology>) -> any
             identity.role()
         );
     }
+    if let Some(t) = &topology {
+        let labels = s.labels();
+        let part = t.part_for(id.as_str(), &labels, role);
+        if part.is_empty() {
+            bail!(
+                "topology {:?} places nothing on {role} node {id} (labels: {labels:?}); check the edge blocks' node ids and labels",
+                t.name()
+            );
+        }
+        tracing::info!(
+            topology = t.name(),
+            sources = ?part.sources.iter().map(|c| &c.name).collect::<Vec<_>>(),
+            stages = ?part.stages.iter().map(|c| &c.name).collect::<Vec<_>>(),
+            sinks = ?part.sinks.iter().map(|c| &c.name).collect::<Vec<_>>(),
+            "running this node's part of the topology"
+        );
+    }
     match role {
-        Role::Edge => run_edge(id, identity, s).await,
-        Role::Cloud => run_cloud(identity, s).await,
+        Role::Edge => run_edge(id, identity, s, topology.as_ref()).await,
+        Role::Cloud => run_cloud(identity, s, topology.as_ref()).await,
     }
 }
 
-async fn run_edge(id: NodeId, identity: NodeIdentity, s: config::Resolved) -> anyhow::Result<()> {
+/// The edge's sources and stages: from its part of the topology, or, without
+/// one, the settings' simulated devices and MQTT source.
+fn edge_plan(
+    id: &NodeId,
+    s: &config::Resolved,
+    topology: Option<&Topology>,
+) -> anyhow::Result<(Vec<DevicesConfig>, Option<MqttConfig>, Option<EdgeStages>)> {
+    let from_settings = |stream: Option<String>| DevicesConfig {
+        count: s.device_count,
+        interval_ms: ((1000.0 / s.device_rate_hz).round() as u64).max(1),
+        signal: Signal {
+            base: s.signal_base,
+            amplitude: s.signal_amplitude,
+            period_s: s.signal_period_s,
+            noise: s.signal_noise,
+            spike_probability: s.spike_probability,
+            spike_magnitude: s.spike_magnitude,
+            spike_at_reading: 0,
+        },
+        seed: s.device_seed,
+        id_prefix: s.device_id_prefix.clone(),
+        readings_max: s.device_readings_max,
+        stream,
+    };
+    let Some(t) = topology else {
+        return Ok((vec![from_settings(None)], s.mqtt()?, None));
+    };
+    let labels = s.labels();
+    let part = t.part_for(id.as_str(), &labels, Role::Edge);
+    let mut devices = Vec::new();
+    let mut mqtt = None;
+    let mut prefixes = std::collections::HashSet::new();
+    for c in &part.sources {
+        match &c.kind {
+            ComponentKind::Source(Source::Simulated(sim)) => {
+                if !prefixes.insert(sim.id_prefix.clone()) {
+                    bail!("two simulated sources on {id} use the device id prefix {:?}: give {:?} its own with .id_prefix(..)", sim.id_prefix, c.name);
+                }
+                devices.push(DevicesConfig {
+                    count: sim.devices,
+                    interval_ms: ((1000.0 / sim.rate_hz).round() as u64).max(1),
+                    signal: sim.signal.clone(),
+                    seed: sim.seed,
+                    id_prefix: sim.id_prefix.clone(),
+                    stream: Some(c.name.clone()),
+                    ..from_settings(None)
+                });
+            }
+            ComponentKind::Source(Source::Mqtt(m)) => {
+                if mqtt.is_some() {
+                    bail!("an edge runs one MQTT source, but {id} is given a second, {:?}: subscribe to a wider topic filter instead", c.name);
+                }
+                let Some(mut config) = s.mqtt()? else {
+                    bail!("the topology's MQTT source {:?} needs a broker: set mqtt_addr", c.name);
+                };
+                config.topic = m.topic_filter.clone();
+                config.device_level = m
+                    .device_level()
+                    .context("validated topologies name the device level")?;
+                // PENDING(mqtt stream field): config.stream = Some(c.name.clone());
+                if m.qos != 1 {
+                    tracing::warn!(source = %c.name, qos = m.qos, "the MQTT source subscribes with QoS 1, so that nothing is acked before the outbox has it");
+                }
+                mqtt = Some(config);
+            }
+            _ => {}
+        }
+    }
+    let stages = EdgeStages {
+        stages: part.stages.iter().map(|c| (*c).clone()).collect(),
+        uplink: part.uplink.iter().map(|n| n.to_string()).collect(),
+        restarts: StageRestarts {
+            restarts_max: s.restarts_max,
+            restart_period_ms: s.restart_period_ms,
+        },
+    };
+    Ok((devices, mqtt, Some(stages)))
+}
+
+async fn run_edge(
+    id: NodeId,
+    identity: NodeIdentity,
+    s: config::Resolved,
+    topology: Option<&Topology>,
+) -> anyhow::Result<()> {
+    let (devices, mqtt, stages) = edge_plan(&id, &s, topology)?;
     let connector = EdgeConnector::new(&identity, s.cloud_addr, s.quic(), s.frame_bytes_max)?;
     let cluster = cluster::start(Role::Edge, &id, s.cluster_cookie.clone()).await?;
     let outbox_dir = s.outbox_dir.clone();
@@ -233,6 +338,7 @@ async fn run_edge(id: NodeId, identity: NodeIdentity, s: config::Resolved) -> an
             store,
             outbox: s.outbox(),
             ack_log: (!s.ack_log.as_os_str().is_empty()).then(|| s.ack_log.clone()),
+            stages,
         },
         uplink: UplinkArgs {
             edge_id: id.to_string(),
@@ -245,35 +351,21 @@ async fn run_edge(id: NodeId, identity: NodeIdentity, s: config::Resolved) -> an
             reconnect_backoff_max_ms: s.reconnect_backoff_max_ms,
             on_connect: cluster.on_connect,
         },
-        devices: DevicesConfig {
-            count: s.device_count,
-            interval_ms: ((1000.0 / s.device_rate_hz).round() as u64).max(1),
-            signal: Signal {
-                base: s.signal_base,
-                amplitude: s.signal_amplitude,
-                period_s: s.signal_period_s,
-                noise: s.signal_noise,
-                spike_probability: s.spike_probability,
-                spike_magnitude: s.spike_magnitude,
-            },
-            seed: s.device_seed,
-            id_prefix: s.device_id_prefix.clone(),
-            readings_max: s.device_readings_max,
-        },
-        mqtt: s.mqtt()?,
+        devices,
+        mqtt,
         restarts_max: s.restarts_max,
         restart_period_ms: s.restart_period_ms,
     };
     let (root, handle) = start_edge(args)
         .await
         .context("starting the edge's actors")?;
-    tracing::info!(edge = %id, cloud = %s.cloud_addr, devices = s.device_count, mqtt = %s.mqtt_addr, outbox = %s.outbox_dir.display(), "edge running");
+    tracing::info!(edge = %id, cloud = %s.cloud_addr, mqtt = %s.mqtt_addr, outbox = %s.outbox_dir.display(), "edge running");
     let reporter = (s.report_interval_ms > 0).then(|| {
         tokio::spawn(report_edge(std::time::Duration::from_millis(
             s.report_interval_ms,
         )))
     });
-    let result = wait_for_stop(root.get_cell(), handle).await;
+    let result = wait_for_stop(root.get_cell(), handle, None).await;
     if let Some(r) = reporter {
         r.abort();
     }
@@ -348,7 +440,11 @@ async fn report_mqtt(call_ms: u64) {
     );
 }
 
-async fn run_cloud(identity: NodeIdentity, s: config::Resolved) -> anyhow::Result<()> {
+async fn run_cloud(
+    identity: NodeIdentity,
+    s: config::Resolved,
+    topology: Option<&Topology>,
+) -> anyhow::Result<()> {
     let sink_cfg = KafkaSinkConfig {
         bootstrap_servers: s.kafka_bootstrap.clone(),
         readings_topic: s.readings_topic.clone(),
@@ -359,6 +455,7 @@ async fn run_cloud(identity: NodeIdentity, s: config::Resolved) -> anyhow::Resul
         commit_timeout_ms: s.commit_timeout_ms,
         ..KafkaSinkConfig::default()
     };
+    let stages_sink_cfg = sink_cfg.clone();
     let log = tokio::task::spawn_blocking(move || KafkaLog::new(sink_cfg))
         .await?
         .context("connecting to the log")?;
@@ -383,7 +480,90 @@ async fn run_cloud(identity: NodeIdentity, s: config::Resolved) -> anyhow::Resul
         ractor::Actor::spawn(Some(LISTENER_NAME.to_string()), Listener, args)
             .await
             .context("starting the cloud listener")?;
-    wait_for_stop(listener.get_cell(), handle).await
+    let stages = match topology {
+        Some(t) => start_cloud_stages(t, &s, stages_sink_cfg).await?,
+        None => None,
+    };
+    wait_for_stop(listener.get_cell(), handle, stages).await
+}
+
+/// Starts the cloud's stages and sinks, when the topology places any here:
+/// a consume-transform-produce actor under its own supervisor.
+async fn start_cloud_stages(
+    t: &Topology,
+    s: &config::Resolved,
+    sink: KafkaSinkConfig,
+) -> anyhow::Result<Option<(ractor::ActorCell, tokio::task::JoinHandle<()>)>> {
+    use tributary_actors::cloud::stages::{CloudStages, CloudStagesArgs, CLOUD_STAGES_NAME};
+    use tributary_actors::sink::kafka::{KafkaStageLog, KafkaStageLogConfig};
+    use tributary_actors::sink::StageLog;
+    use tributary_actors::supervision::{ChildSpec, Restart, Strategy, Supervisor, SupervisorArgs};
+    use tributary_actors::topology::Sink;
+
+    let part = t.part_for(&s.node_id, &s.labels(), Role::Cloud);
+    if part.stages.is_empty() && part.sinks.is_empty() {
+        return Ok(None);
+    }
+    let mut sinks = Vec::new();
+    for c in &part.sinks {
+        let ComponentKind::Sink(Sink::Kafka(k)) = &c.kind else {
+            continue;
+        };
+        for input in &c.inputs {
+            sinks.push((input.clone(), k.topic.clone()));
+        }
+    }
+    if sinks.iter().any(|(_, topic)| *topic == s.readings_topic) {
+        bail!(
+            "a sink of topology {:?} writes to the readings topic {:?}, which the stages read: that would loop",
+            t.name(),
+            s.readings_topic
+        );
+    }
+    let config = KafkaStageLogConfig {
+        group_id: format!("{}-stages-{}", s.transactional_id_prefix, t.name()),
+        transactional_id: format!(
+            "{}-stages-{}-{}",
+            s.transactional_id_prefix,
+            t.name(),
+            s.node_id
+        ),
+        sink_topics: sinks.iter().map(|(_, topic)| topic.clone()).collect(),
+        sink,
+    };
+    let args = CloudStagesArgs {
+        open_log: Arc::new(move || {
+            KafkaStageLog::open(config.clone()).map(|l| Box::new(l) as Box<dyn StageLog>)
+        }),
+        stages: part.stages.iter().map(|c| (*c).clone()).collect(),
+        sinks,
+        restarts: StageRestarts {
+            restarts_max: s.restarts_max,
+            restart_period_ms: s.restart_period_ms,
+        },
+        batch_readings_max: s.stages_batch_readings_max,
+        poll_ms: s.stages_poll_ms,
+        watermark_lag_ms: s.stages_watermark_lag_ms,
+    };
+    let mut sup = SupervisorArgs::new(
+        Strategy::OneForOne,
+        vec![ChildSpec::new(
+            CLOUD_STAGES_NAME,
+            Restart::Permanent,
+            CloudStages,
+            args,
+        )],
+    );
+    sup.restarts_max = s.restarts_max;
+    sup.restart_period_ms = s.restart_period_ms;
+    let (root, handle) = ractor::Actor::spawn(
+        Some("tributary.cloud-stages".to_string()),
+        Supervisor,
+        sup,
+    )
+    .await
+    .context("starting the cloud stages")?;
+    Ok(Some((root.get_cell(), handle)))
 }
 
 /// How long a graceful stop may take before the process exits anyway.
@@ -393,12 +573,29 @@ const SHUTDOWN_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(15)
 async fn wait_for_stop(
     root: ractor::ActorCell,
     handle: tokio::task::JoinHandle<()>,
+    other: Option<(ractor::ActorCell, tokio::task::JoinHandle<()>)>,
 ) -> anyhow::Result<()> {
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    let (other_root, other_handle) = match other {
+        Some((r, h)) => (Some(r), Some(h)),
+        None => (None, None),
+    };
+    let other_ended = async {
+        match other_handle {
+            Some(h) => h.await,
+            None => std::future::pending().await,
+        }
+    };
     tokio::select! {
         _ = tokio::signal::ctrl_c() => tracing::info!("interrupted; stopping"),
         _ = term.recv() => tracing::info!("terminated; stopping"),
         _ = handle => bail!("the node's root actor stopped (see the errors above)"),
+        _ = other_ended => bail!("the node's stages stopped after failing past their restart limit (see the errors above)"),
+    }
+    if let Some(r) = other_root {
+        let _ = r
+            .stop_and_wait(Some("node stopping".into()), Some(SHUTDOWN_TIMEOUT))
+            .await;
     }
     // Stop gracefully so the gateway commits what is open and answers its
     // sources; bounded, so a stuck actor cannot hold the process forever.

@@ -8,6 +8,7 @@
 //! ```
 
 pub mod ingest;
+pub mod stages;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;

@@ -36,6 +36,9 @@ pub struct Signal {
     /// The chance that a reading is a spike.
     pub spike_probability: f64,
     pub spike_magnitude: f64,
+    /// Makes each device's reading number N (from 1) a spike: an anomaly
+    /// injected on purpose, for demos and tests. 0 for none.
+    pub spike_at_reading: u64,
 }
 
 impl Default for Signal {
@@ -47,6 +50,7 @@ impl Default for Signal {
             noise: 0.5,
             spike_probability: 0.001,
             spike_magnitude: 40.0,
+            spike_at_reading: 0,
         }
     }
 }
@@ -60,6 +64,8 @@ pub struct DeviceArgs {
     /// Stops the device after this many accepted readings; 0 means never.
     /// A finite workload lets a test know when everything was sent.
     pub readings_max: u64,
+    /// The topology source it belongs to, stamped on its readings.
+    pub stream: Option<String>,
 }
 
 pub enum DeviceMsg {
@@ -104,7 +110,8 @@ impl DeviceState {
         if s.noise > 0.0 {
             v += self.rng.random_range(-s.noise..=s.noise);
         }
-        if self.rng.random_bool(s.spike_probability.clamp(0.0, 1.0)) {
+        let injected = s.spike_at_reading > 0 && (self.counter + 1) as u64 == s.spike_at_reading;
+        if injected || self.rng.random_bool(s.spike_probability.clamp(0.0, 1.0)) {
             v += s.spike_magnitude;
         }
         self.counter += 1;
@@ -116,7 +123,7 @@ impl DeviceState {
             device_id: self.args.device_id.clone(),
             device_ts_us: ts,
             edge_ts_us: 0,
-            stream: None,
+            stream: self.args.stream.clone(),
             metrics: vec![
                 Metric {
                     name: "temperature".into(),
@@ -182,7 +189,7 @@ impl Actor for SimulatedDevice {
             None => None,
         };
         let retry = match answer {
-            Some(IngestReply::Committed { .. }) | Some(IngestReply::Duplicate) => {
+            Some(IngestReply::Committed { .. } | IngestReply::Duplicate | IngestReply::Consumed) => {
                 state.accepted += 1;
                 false
             }

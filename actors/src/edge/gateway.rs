@@ -1,9 +1,23 @@
 //! The gateway actor: the one owner of the edge's outbox.
 //!
-//! It admits readings from device actors (and, later, MQTT sources), commits
+//! It admits readings from device actors and the MQTT source, commits
 //! segments on the outbox's schedule, answers each source only after its
 //! segment is synced, serves the uplink's reads and deletes what the cloud
 //! acknowledged. It is a thin driver around [`Outbox`].
+//!
+//! When the edge runs topology stages, the gateway drives them too (a
+//! [`Pipeline`]), inside the same turn as the reading that feeds them: a
+//! reading and what it caused enter the outbox in order, under one budget.
+//! - A source reading whose stream leaves the edge is stored first; only once
+//!   the outbox took it is it fed to the stages, so a refused reading (full)
+//!   is not seen twice when its source retries.
+//! - A source reading that only edge stages read is answered
+//!   [`IngestReply::Consumed`] at once: it is not stored, and what the stages
+//!   hold of it (an open window) is lost if the edge crashes.
+//! - Stage outputs are stored without a source to answer. Under `block`, an
+//!   output refused because the outbox is full is dropped and counted
+//!   (`stage_outputs_dropped`); sources are held back before that happens
+//!   while the outbox has less than one segment of room.
 
 use std::collections::HashMap;
 use std::io::Write;
@@ -18,11 +32,20 @@ use super::uplink::UplinkMsg;
 use super::UPLINK_NAME;
 use crate::outbox::Outbox;
 use crate::outbox::{Committed, OutboxConfig, OutboxStats, OutboxStore, Refusal, StoreError};
+use crate::pipeline::{Emitted, Pipeline, PipelineError, StageReport, StageRestarts};
 use crate::reading::Reading;
+use crate::stages::Output;
+use crate::topology::Component;
 
 /// How many devices the gateway remembers the last accepted reading of, to
 /// recognise a source's retry of a reading it already accepted.
 const DEVICES_TRACKED_MAX: usize = 100_000;
+/// How often the edge's stages are told that time moved on, so that a quiet
+/// device's last window closes.
+const STAGES_TICK_MS: u64 = 1_000;
+/// How far behind the wall clock the stages' watermark trails when input is
+/// quiet: readings up to this old still count as on time at the edge.
+pub const STAGES_WATERMARK_LAG_MS: u64 = 5_000;
 
 /// The answer to a source.
 #[derive(Debug, Clone, PartialEq)]
@@ -31,6 +54,9 @@ pub enum IngestReply {
     Committed { seq: u64 },
     /// The same reading was accepted before (a retry); nothing was added.
     Duplicate,
+    /// Taken by the edge's stages, which read its stream; the reading itself
+    /// does not leave the edge, so it is not stored.
+    Consumed,
     /// The outbox is full under `block`: retry later.
     Full,
     /// The reading is refused for good.
@@ -47,6 +73,19 @@ pub struct GatewayArgs {
     /// `A <device> <ts_us>` and each dropped one as `D <device> <ts_us>`:
     /// an audit trail that an exactly-once checker can compare with the log.
     pub ack_log: Option<PathBuf>,
+    /// The stages this edge runs before the outbox; `None` stores every
+    /// reading as it comes.
+    pub stages: Option<EdgeStages>,
+}
+
+/// The edge's part of a topology, as the gateway runs it.
+#[derive(Debug, Clone)]
+pub struct EdgeStages {
+    /// In topological order.
+    pub stages: Vec<Component>,
+    /// The streams that leave the edge through the outbox.
+    pub uplink: Vec<String>,
+    pub restarts: StageRestarts,
 }
 
 /// The gateway's figures, for the uplink's start and for status reports.
@@ -58,11 +97,15 @@ pub struct GatewayStatus {
     pub bytes_used: u64,
     pub segments_stored: usize,
     pub stats: OutboxStats,
+    pub stages: Vec<StageReport>,
+    /// Stage outputs refused by a full outbox.
+    pub stage_outputs_dropped: u64,
 }
 
 pub enum GatewayMsg {
     Ingest(Reading, RpcReplyPort<IngestReply>),
     CommitDue { generation: u64 },
+    StagesTick,
     Read(ReadRequest, RpcReplyPort<Result<Vec<SegmentFrame>, String>>),
     Acked(u64),
     Status(RpcReplyPort<GatewayStatus>),
@@ -80,8 +123,25 @@ impl ractor::Message for GatewayMsg {}
 #[derive(Clone, Default)]
 pub struct Gateway;
 
+type Ticket = Option<RpcReplyPort<IngestReply>>;
+
+fn answer(ticket: Ticket, reply: IngestReply) {
+    if let Some(t) = ticket {
+        let _ = t.send(reply);
+    }
+}
+
+struct Stages {
+    pipeline: Pipeline,
+    uplink: std::collections::HashSet<String>,
+    outputs_dropped: u64,
+    /// Scratch space for one reading's outputs.
+    out: Vec<Emitted>,
+}
+
 pub struct GatewayState {
-    outbox: Outbox<RpcReplyPort<IngestReply>>,
+    outbox: Outbox<Ticket>,
+    stages: Option<Stages>,
     ack_log: Option<std::io::BufWriter<std::fs::File>>,
     /// The last reading admitted per device (in the open segment or later).
     admitted_ts: HashMap<String, i64>,
@@ -112,6 +172,12 @@ impl GatewayState {
             bytes_used: self.outbox.bytes_used(),
             segments_stored: self.outbox.segments_stored(),
             stats: self.outbox.stats().clone(),
+            stages: self
+                .stages
+                .as_ref()
+                .map(|s| s.pipeline.reports())
+                .unwrap_or_default(),
+            stage_outputs_dropped: self.stages.as_ref().map_or(0, |s| s.outputs_dropped),
         }
     }
 
@@ -151,6 +217,14 @@ impl GatewayState {
         };
         match result {
             Ok(Some(Committed { seq, tickets, keys })) => {
+                // Only source readings carry a ticket; stage outputs are not
+                // audited nor taken for a source's retry.
+                let keys: Vec<(String, i64)> = keys
+                    .into_iter()
+                    .zip(&tickets)
+                    .filter(|(_, t)| t.is_some())
+                    .map(|(k, _)| k)
+                    .collect();
                 self.audit('A', &keys);
                 for (device, ts) in &keys {
                     self.committed_ts.insert(device.clone(), *ts);
@@ -161,7 +235,7 @@ impl GatewayState {
                     }
                 }
                 for t in tickets {
-                    let _ = t.send(IngestReply::Committed { seq });
+                    answer(t, IngestReply::Committed { seq });
                 }
                 if let Some(uplink) = ractor::registry::where_is(UPLINK_NAME) {
                     let _ = uplink.send_message(UplinkMsg::Sealed(seq));
@@ -175,6 +249,73 @@ impl GatewayState {
                     myself,
                     std::time::Duration::from_millis(self.outbox.config().commit_interval_ms),
                 );
+            }
+        }
+    }
+
+    /// Whether the outbox has less than a segment of room: a reading that
+    /// only feeds stages is then held back, before its outputs would be dropped.
+    /// Feeds a reading to the stages and stores what leaves the edge. A
+    /// stage failing past its restart limit fails the gateway, whose
+    /// supervisor decides what follows.
+    fn feed_stages(
+        &mut self,
+        stream: &str,
+        reading: Reading,
+        now: Instant,
+    ) -> Result<(), PipelineError> {
+        if let Some(st) = &mut self.stages {
+            st.pipeline.handle(stream, reading, &mut st.out)?;
+            self.store_outputs(now);
+        }
+        Ok(())
+    }
+
+    fn nearly_full(&self) -> bool {
+        let cfg = self.outbox.config();
+        self.outbox.bytes_used() + cfg.segment_bytes_max as u64 > cfg.outbox_bytes_max
+    }
+
+    /// Stores stage outputs (alerts cannot leave an edge; the topology
+    /// refuses detectors there, so a custom stage's are counted and dropped).
+    fn store_outputs(&mut self, now: Instant) {
+        let Some(stages) = &mut self.stages else {
+            return;
+        };
+        for e in stages.out.drain(..) {
+            let reading = match e.output {
+                Output::Reading(r) => r,
+                Output::Alert(a) => {
+                    stages.outputs_dropped += 1;
+                    tracing::warn!(stage = %e.stream, device = %a.device_id, "an edge stage raised an alert; alerts are raised on the cloud, so it is dropped");
+                    continue;
+                }
+            };
+            match self.outbox.handle_reading(now, reading, None) {
+                Ok(()) => {}
+                Err(Refusal::Full(r, _) | Refusal::SegmentFull(r, _)) => {
+                    stages.outputs_dropped += 1;
+                    tracing::warn!(stage = %e.stream, device = %r.device_id, "outbox full: a stage output was dropped");
+                }
+                Err(Refusal::Invalid(err, _)) => {
+                    stages.outputs_dropped += 1;
+                    tracing::warn!(stage = %e.stream, error = %err, "a stage output was refused");
+                }
+                Err(Refusal::TooLarge(n, _)) => {
+                    stages.outputs_dropped += 1;
+                    tracing::warn!(stage = %e.stream, bytes = n, "a stage output exceeds segment_bytes_max");
+                }
+            }
+        }
+    }
+
+    fn after_append(&mut self, myself: &ActorRef<GatewayMsg>, now: Instant) {
+        self.audit_dropped();
+        if self.outbox.commit_due(now) {
+            self.commit(myself);
+        } else if !self.timer_armed {
+            if let Some(deadline) = self.outbox.poll_timeout() {
+                self.arm_timer(myself, deadline.saturating_duration_since(now));
             }
         }
     }
@@ -194,7 +335,7 @@ impl Actor for Gateway {
 
     async fn pre_start(
         &self,
-        _myself: ActorRef<GatewayMsg>,
+        myself: ActorRef<GatewayMsg>,
         args: GatewayArgs,
     ) -> Result<GatewayState, ActorProcessingErr> {
         let store = (args.store)()?;
@@ -219,8 +360,28 @@ impl Actor for Gateway {
             )),
             None => None,
         };
+        let stages = match args.stages {
+            Some(plan) => {
+                let pipeline = Pipeline::new(
+                    &plan.stages,
+                    plan.uplink.iter().map(String::as_str),
+                    plan.restarts,
+                )?;
+                myself.send_interval(std::time::Duration::from_millis(STAGES_TICK_MS), || {
+                    GatewayMsg::StagesTick
+                });
+                Some(Stages {
+                    pipeline,
+                    uplink: plan.uplink.into_iter().collect(),
+                    outputs_dropped: 0,
+                    out: Vec::new(),
+                })
+            }
+            None => None,
+        };
         Ok(GatewayState {
             outbox,
+            stages,
             ack_log,
             admitted_ts: HashMap::new(),
             committed_ts: HashMap::new(),
@@ -252,9 +413,34 @@ impl Actor for Gateway {
                     return Ok(());
                 }
                 reading.edge_ts_us = now_us();
-                let (device, ts) = (reading.device_id.clone(), reading.device_ts_us);
                 let now = Instant::now();
-                match state.outbox.handle_reading(now, reading, reply) {
+                let stream = reading.stream.clone().unwrap_or_default();
+                let (feeds, stored) = match &state.stages {
+                    Some(st) => (st.pipeline.reads(&stream), st.uplink.contains(&stream)),
+                    None => (false, true),
+                };
+                if !stored {
+                    if !feeds {
+                        // A stream nothing reads: the topology's uplink list
+                        // and this edge's sources disagree. Refuse loudly.
+                        tracing::warn!(%stream, "a reading of a stream this edge neither stores nor processes");
+                        let _ = reply.send(IngestReply::Invalid(format!(
+                            "stream {stream:?} is not part of this edge's topology"
+                        )));
+                        return Ok(());
+                    }
+                    if state.nearly_full() {
+                        let _ = reply.send(IngestReply::Full);
+                        return Ok(());
+                    }
+                    state.feed_stages(&stream, reading, now)?;
+                    let _ = reply.send(IngestReply::Consumed);
+                    state.after_append(&myself, now);
+                    return Ok(());
+                }
+                let copy = feeds.then(|| reading.clone());
+                let (device, ts) = (reading.device_id.clone(), reading.device_ts_us);
+                match state.outbox.handle_reading(now, reading, Some(reply)) {
                     Ok(()) => {
                         if state.full {
                             state.full = false;
@@ -268,6 +454,9 @@ impl Actor for Gateway {
                             state.committed_ts.clear();
                         }
                         state.admitted_ts.insert(device, ts);
+                        if let Some(copy) = copy {
+                            state.feed_stages(&stream, copy, now)?;
+                        }
                     }
                     Err(Refusal::Full(_, reply)) => {
                         if !state.full {
@@ -278,29 +467,36 @@ impl Actor for Gateway {
                                 "outbox full: sources wait (policy block)"
                             );
                         }
-                        let _ = reply.send(IngestReply::Full);
+                        answer(reply, IngestReply::Full);
                     }
                     Err(Refusal::SegmentFull(_, reply)) => {
                         // The open segment waits for a commit that failed: the
                         // source retries after the next attempt.
-                        let _ = reply.send(IngestReply::Full);
+                        answer(reply, IngestReply::Full);
                     }
                     Err(Refusal::Invalid(e, reply)) => {
                         tracing::warn!(%device, error = %e, "reading refused");
-                        let _ = reply.send(IngestReply::Invalid(e.to_string()));
+                        answer(reply, IngestReply::Invalid(e.to_string()));
                     }
                     Err(Refusal::TooLarge(n, reply)) => {
-                        let _ = reply.send(IngestReply::Invalid(format!(
-                            "reading of {n} bytes exceeds segment_bytes_max"
-                        )));
+                        answer(
+                            reply,
+                            IngestReply::Invalid(format!(
+                                "reading of {n} bytes exceeds segment_bytes_max"
+                            )),
+                        );
                     }
                 }
-                state.audit_dropped();
-                if state.outbox.commit_due(now) {
-                    state.commit(&myself);
-                } else if !state.timer_armed {
-                    if let Some(deadline) = state.outbox.poll_timeout() {
-                        state.arm_timer(&myself, deadline.saturating_duration_since(now));
+                state.after_append(&myself, now);
+            }
+            GatewayMsg::StagesTick => {
+                let now = Instant::now();
+                if let Some(st) = &mut state.stages {
+                    let watermark_us = now_us() - (STAGES_WATERMARK_LAG_MS * 1000) as i64;
+                    st.pipeline.advance_watermark(watermark_us, &mut st.out)?;
+                    if !st.out.is_empty() {
+                        state.store_outputs(now);
+                        state.after_append(&myself, now);
                     }
                 }
             }
@@ -339,8 +535,14 @@ impl Actor for Gateway {
                 value,
                 reply,
             } => {
-                let _ = (param, value);
-                let _ = reply.send(Err(format!("this edge runs no stage named {stage:?}")));
+                let result = match &mut state.stages {
+                    Some(st) => st
+                        .pipeline
+                        .set_param(&stage, &param, value)
+                        .map_err(|e| e.to_string()),
+                    None => Err(format!("this edge runs no stage named {stage:?}")),
+                };
+                let _ = reply.send(result);
             }
         }
         Ok(())

@@ -49,13 +49,16 @@ pub struct DevicesConfig {
     pub id_prefix: String,
     /// Readings each device sends before it stops; 0 for no end.
     pub readings_max: u64,
+    /// The topology source these devices are, stamped on their readings.
+    pub stream: Option<String>,
 }
 
 #[derive(Clone)]
 pub struct EdgeArgs {
     pub gateway: GatewayArgs,
     pub uplink: UplinkArgs,
-    pub devices: DevicesConfig,
+    /// Each group of simulated devices (a topology's simulated sources).
+    pub devices: Vec<DevicesConfig>,
     /// The MQTT source; `None` for none.
     pub mqtt: Option<MqttConfig>,
     pub restarts_max: u32,
@@ -88,15 +91,19 @@ fn mqtt_outbox_marks(gateway: &GatewayArgs) -> HashMap<String, i64> {
 pub async fn start_edge(
     args: EdgeArgs,
 ) -> Result<(ActorRef<SupervisorMsg>, JoinHandle<()>), SpawnErr> {
-    let devices = (0..args.devices.count)
-        .map(|i| {
-            let id = format!("{}{i}", args.devices.id_prefix);
+    let devices = args
+        .devices
+        .iter()
+        .flat_map(|group| (0..group.count).map(move |i| (group, i)))
+        .map(|(group, i)| {
+            let id = format!("{}{i}", group.id_prefix);
             let dargs = DeviceArgs {
                 device_id: id.clone(),
-                interval_ms: args.devices.interval_ms,
-                signal: args.devices.signal.clone(),
-                seed: args.devices.seed.wrapping_add(i as u64),
-                readings_max: args.devices.readings_max,
+                interval_ms: group.interval_ms,
+                signal: group.signal.clone(),
+                seed: group.seed.wrapping_add(i as u64),
+                readings_max: group.readings_max,
+                stream: group.stream.clone(),
             };
             // Transient: a device that finished its readings stays stopped.
             ChildSpec::new(

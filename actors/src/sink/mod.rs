@@ -12,6 +12,8 @@
 pub mod kafka;
 pub mod memory;
 
+use std::time::Duration;
+
 use crate::reading::Reading;
 
 /// How far an edge's stream is durably in the log: every segment of `epoch`
@@ -41,6 +43,8 @@ pub enum SinkError {
     CorruptHwm { edge: String, reason: String },
     #[error("the transaction for edge {edge} failed and was aborted: {reason}")]
     Aborted { edge: String, reason: String },
+    #[error("the cloud stages' log failed while {step}: {reason}")]
+    Stages { step: &'static str, reason: String },
     /// The writer was fenced by a newer one; it must not be used again.
     #[error("the writer for edge {edge} was fenced by a newer writer")]
     Fenced { edge: String },
@@ -73,4 +77,41 @@ pub trait EdgeLogWriter: Send + 'static {
         hwm: Hwm,
         batches: &[SegmentBatch],
     ) -> Result<(), SinkError>;
+}
+
+/// A committed reading read back from the log, for the cloud's stages.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LogReading {
+    pub partition: i32,
+    pub offset: i64,
+    pub reading: Reading,
+}
+
+/// A record a cloud stage writes to a sink topic.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SinkRecord {
+    pub topic: String,
+    pub key: String,
+    pub value: Vec<u8>,
+    /// The stream it came from, written as a header.
+    pub stream: String,
+}
+
+/// The cloud stages' view of the log: consume-transform-produce. Each
+/// [`StageLog::commit`] writes the outputs *and* moves the consumer group's
+/// offsets past everything polled so far, in one transaction, so that a
+/// crash never loses nor repeats an output.
+pub trait StageLog: Send + 'static {
+    /// Up to `records_max` committed readings (`read_committed`), waiting at
+    /// most `timeout` for the first. Records that are not readings are
+    /// skipped and counted; their offsets still move on.
+    fn poll(&mut self, records_max: usize, timeout: Duration) -> Result<Vec<LogReading>, SinkError>;
+
+    /// Writes `outputs` and commits the offsets of everything polled, at once.
+    /// After an error the caller must start over from the committed offsets
+    /// with fresh stage state (a new `StageLog`).
+    fn commit(&mut self, outputs: &[SinkRecord]) -> Result<(), SinkError>;
+
+    /// Records skipped because they were not readings.
+    fn records_malformed(&self) -> u64;
 }

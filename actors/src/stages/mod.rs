@@ -162,6 +162,16 @@ pub trait Operator: Send {
     }
 
     fn stats(&self) -> StageStats;
+
+    /// Changes a parameter while running (a control call), keeping the
+    /// stage's state. Stages that have none to change refuse.
+    fn set_param(&mut self, param: &str, value: f64) -> Result<(), ParamError> {
+        let _ = value;
+        Err(ParamError::Unknown {
+            param: param.to_owned(),
+            known: "none",
+        })
+    }
 }
 
 /// Parameters a spec refuses, found before anything runs.
@@ -191,6 +201,8 @@ pub enum ParamError {
     TooManyWindowsPerReading { got: u128 },
     #[error("the window computes no aggregate: add count, mean, min, max or p95")]
     NoAggregates,
+    #[error("this stage has no parameter {param:?} to change (it has: {known})")]
+    Unknown { param: String, known: &'static str },
     #[error("a window aggregates one metric, but this one names {first:?} and {second:?}")]
     MixedMetrics { first: String, second: String },
 }
@@ -282,6 +294,23 @@ impl StageSpec {
             StageSpec::ZScore(z) => Box::new(z.build(stage)?),
             StageSpec::Custom(c) => Box::new(c.build()),
         })
+    }
+
+    /// The spec with one parameter changed, validated: what a control call
+    /// applies, so that a restarted stage keeps the change.
+    pub fn with_param(&self, param: &str, value: f64) -> Result<StageSpec, ParamError> {
+        let spec = match self {
+            StageSpec::Threshold(t) => StageSpec::Threshold(t.with_param(param, value)?),
+            StageSpec::ZScore(z) => StageSpec::ZScore(z.with_param(param, value)?),
+            _ => {
+                return Err(ParamError::Unknown {
+                    param: param.to_owned(),
+                    known: "none",
+                })
+            }
+        };
+        spec.validate()?;
+        Ok(spec)
     }
 
     pub fn output(&self) -> StreamKind {

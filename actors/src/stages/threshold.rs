@@ -79,6 +79,23 @@ impl Threshold {
         duration_us("threshold duration", self.held_for)
     }
 
+    pub(crate) fn with_param(&self, param: &str, value: f64) -> Result<Self, ParamError> {
+        match param {
+            "value" => {
+                let t = Self {
+                    value,
+                    ..self.clone()
+                };
+                t.validate()?;
+                Ok(t)
+            }
+            _ => Err(ParamError::Unknown {
+                param: param.to_owned(),
+                known: "value",
+            }),
+        }
+    }
+
     pub(crate) fn build(&self, stage: &str) -> Result<ThresholdStage, ParamError> {
         let held_for_us = self.validate()?;
         Ok(ThresholdStage {
@@ -108,6 +125,13 @@ struct Held {
 }
 
 impl Operator for ThresholdStage {
+    fn set_param(&mut self, param: &str, value: f64) -> Result<(), ParamError> {
+        // Devices already past the old value keep their state: a crossing
+        // of the new value is judged from the next reading on.
+        self.spec = self.spec.with_param(param, value)?;
+        Ok(())
+    }
+
     fn handle(&mut self, reading: Reading) -> Vec<Output> {
         self.stats.readings_in += 1;
         let Some(v) = numeric(&reading, &self.spec.metric) else {

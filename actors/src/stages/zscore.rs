@@ -93,6 +93,23 @@ impl ZScore {
         Ok(window_us)
     }
 
+    pub(crate) fn with_param(&self, param: &str, value: f64) -> Result<Self, ParamError> {
+        match param {
+            "threshold" => {
+                let z = Self {
+                    threshold: value,
+                    ..self.clone()
+                };
+                z.validate()?;
+                Ok(z)
+            }
+            _ => Err(ParamError::Unknown {
+                param: param.to_owned(),
+                known: "threshold",
+            }),
+        }
+    }
+
     pub(crate) fn build(&self, stage: &str) -> Result<ZScoreStage, ParamError> {
         let window_us = self.validate()?;
         Ok(ZScoreStage {
@@ -176,6 +193,11 @@ impl Samples {
 }
 
 impl Operator for ZScoreStage {
+    fn set_param(&mut self, param: &str, value: f64) -> Result<(), ParamError> {
+        self.spec = self.spec.with_param(param, value)?;
+        Ok(())
+    }
+
     fn handle(&mut self, reading: Reading) -> Vec<Output> {
         self.stats.readings_in += 1;
         let Some(v) = numeric(&reading, &self.spec.metric) else {

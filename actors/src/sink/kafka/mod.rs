@@ -39,6 +39,9 @@ use serde::{Deserialize, Serialize};
 
 use super::{EdgeLogWriter, Hwm, LogSink, SegmentBatch, SinkError};
 
+mod stages;
+pub use stages::{KafkaStageLog, KafkaStageLogConfig};
+
 pub const DEFAULT_READINGS_TOPIC: &str = "tributary.readings";
 pub const DEFAULT_HWM_TOPIC: &str = "tributary.hwm";
 pub const DEFAULT_TRANSACTIONAL_ID_PREFIX: &str = "tributary-ingest";

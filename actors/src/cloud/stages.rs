@@ -1,0 +1,235 @@
+//! The cloud's stages: a thin actor around a [`Pipeline`] and a [`StageLog`].
+//!
+//! Each turn polls a batch of committed readings, feeds the ones whose stream
+//! a cloud stage or sink reads, and commits what the stages emitted together
+//! with the batch's offsets. When the log is quiet, the watermark follows the
+//! wall clock (minus `watermark_lag_ms`) so that the last windows close.
+//!
+//! Any error of the log fails the actor: the stages' state has absorbed a
+//! batch whose commit did not happen, so only a fresh start from the
+//! committed offsets is consistent. Its supervisor restarts it with backoff.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
+
+use crate::pipeline::{Emitted, Pipeline, PipelineStats, StageReport, StageRestarts};
+use crate::sink::{SinkError, SinkRecord, StageLog};
+use crate::stages::Output;
+use crate::topology::Component;
+
+pub const CLOUD_STAGES_NAME: &str = "tributary.stages";
+
+/// Opens the stages' log; called at every (re)start.
+pub type StageLogFactory = Arc<dyn Fn() -> Result<Box<dyn StageLog>, SinkError> + Send + Sync>;
+
+#[derive(Clone)]
+pub struct CloudStagesArgs {
+    pub open_log: StageLogFactory,
+    /// In topological order.
+    pub stages: Vec<Component>,
+    /// (stream, topic): what each sink reads and where it writes.
+    pub sinks: Vec<(String, String)>,
+    pub restarts: StageRestarts,
+    /// Readings per transaction at most.
+    pub batch_readings_max: usize,
+    /// How long one poll waits for the first reading.
+    pub poll_ms: u64,
+    pub watermark_lag_ms: u64,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct CloudStagesStatus {
+    pub stages: Vec<StageReport>,
+    pub pipeline: PipelineStats,
+    pub readings_polled: u64,
+    pub records_written: u64,
+    pub transactions: u64,
+    pub records_malformed: u64,
+}
+
+pub enum CloudStagesMsg {
+    Poll,
+    Status(RpcReplyPort<CloudStagesStatus>),
+    SetStageParam {
+        stage: String,
+        param: String,
+        value: f64,
+        reply: RpcReplyPort<Result<(), String>>,
+    },
+}
+
+impl ractor::Message for CloudStagesMsg {}
+
+#[derive(Clone, Default)]
+pub struct CloudStages;
+
+pub struct CloudStagesState {
+    args: CloudStagesArgs,
+    log: Box<dyn StageLog>,
+    pipeline: Pipeline,
+    /// Stream to the topics its sinks write.
+    routes: HashMap<String, Vec<String>>,
+    out: Vec<Emitted>,
+    records: Vec<SinkRecord>,
+    readings_polled: u64,
+    records_written: u64,
+    transactions: u64,
+}
+
+/// Runs blocking broker work without stalling the runtime's other tasks.
+fn blocking<T>(f: impl FnOnce() -> T) -> T {
+    match tokio::runtime::Handle::try_current().map(|h| h.runtime_flavor()) {
+        Ok(tokio::runtime::RuntimeFlavor::MultiThread) => tokio::task::block_in_place(f),
+        _ => f(),
+    }
+}
+
+fn now_us() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_micros() as i64)
+}
+
+impl CloudStagesState {
+    fn route(&mut self, e: Emitted) {
+        let Some(topics) = self.routes.get(&e.stream) else {
+            return;
+        };
+        let (key, value) = match &e.output {
+            Output::Reading(r) => (r.device_id.clone(), r.to_json()),
+            Output::Alert(a) => (a.device_id.clone(), a.to_json()),
+        };
+        for topic in topics {
+            self.records.push(SinkRecord {
+                topic: topic.clone(),
+                key: key.clone(),
+                value: value.clone(),
+                stream: e.stream.clone(),
+            });
+        }
+    }
+
+    fn turn(&mut self) -> Result<(), ActorProcessingErr> {
+        let batch = blocking(|| {
+            self.log.poll(
+                self.args.batch_readings_max,
+                Duration::from_millis(self.args.poll_ms),
+            )
+        })?;
+        let polled = !batch.is_empty();
+        self.readings_polled += batch.len() as u64;
+        for lr in batch {
+            let Some(stream) = lr.reading.stream.clone() else {
+                continue;
+            };
+            if self.pipeline.exits(&stream) {
+                // A sink that reads an edge stream as it is.
+                self.out.push(Emitted {
+                    stream: stream.clone(),
+                    output: Output::Reading(lr.reading.clone()),
+                });
+            }
+            if self.pipeline.reads(&stream) {
+                self.pipeline.handle(&stream, lr.reading, &mut self.out)?;
+            }
+        }
+        if !polled {
+            let watermark_us = now_us() - (self.args.watermark_lag_ms * 1000) as i64;
+            self.pipeline
+                .advance_watermark(watermark_us, &mut self.out)?;
+        }
+        let out = std::mem::take(&mut self.out);
+        for e in out {
+            self.route(e);
+        }
+        if polled || !self.records.is_empty() {
+            let records = std::mem::take(&mut self.records);
+            blocking(|| self.log.commit(&records))?;
+            self.records_written += records.len() as u64;
+            self.transactions += 1;
+            self.records = records;
+            self.records.clear();
+        }
+        Ok(())
+    }
+}
+
+impl Actor for CloudStages {
+    type Msg = CloudStagesMsg;
+    type State = CloudStagesState;
+    type Arguments = CloudStagesArgs;
+
+    async fn pre_start(
+        &self,
+        myself: ActorRef<CloudStagesMsg>,
+        args: CloudStagesArgs,
+    ) -> Result<CloudStagesState, ActorProcessingErr> {
+        let exits: Vec<&str> = args.sinks.iter().map(|(s, _)| s.as_str()).collect();
+        let pipeline = Pipeline::new(&args.stages, exits, args.restarts)?;
+        let mut routes: HashMap<String, Vec<String>> = HashMap::new();
+        for (stream, topic) in &args.sinks {
+            routes.entry(stream.clone()).or_default().push(topic.clone());
+        }
+        let open = args.open_log.clone();
+        let log = tokio::task::spawn_blocking(move || open()).await??;
+        tracing::info!(
+            stages = args.stages.len(),
+            sinks = args.sinks.len(),
+            "cloud stages consuming the log"
+        );
+        myself.send_message(CloudStagesMsg::Poll)?;
+        Ok(CloudStagesState {
+            args,
+            log,
+            pipeline,
+            routes,
+            out: Vec::new(),
+            records: Vec::new(),
+            readings_polled: 0,
+            records_written: 0,
+            transactions: 0,
+        })
+    }
+
+    async fn handle(
+        &self,
+        myself: ActorRef<CloudStagesMsg>,
+        msg: CloudStagesMsg,
+        state: &mut CloudStagesState,
+    ) -> Result<(), ActorProcessingErr> {
+        match msg {
+            CloudStagesMsg::Poll => {
+                state.turn()?;
+                // Through the mailbox, so that status and control calls get a turn.
+                myself.send_message(CloudStagesMsg::Poll)?;
+            }
+            CloudStagesMsg::Status(reply) => {
+                let _ = reply.send(CloudStagesStatus {
+                    stages: state.pipeline.reports(),
+                    pipeline: state.pipeline.stats(),
+                    readings_polled: state.readings_polled,
+                    records_written: state.records_written,
+                    transactions: state.transactions,
+                    records_malformed: state.log.records_malformed(),
+                });
+            }
+            CloudStagesMsg::SetStageParam {
+                stage,
+                param,
+                value,
+                reply,
+            } => {
+                let _ = reply.send(
+                    state
+                        .pipeline
+                        .set_param(&stage, &param, value)
+                        .map_err(|e| e.to_string()),
+                );
+            }
+        }
+        Ok(())
+    }
+}
