@@ -63,15 +63,115 @@ pub async fn consume_all(
     timeout: Duration,
 ) -> Result<Vec<ConsumedReading>, HarnessError> {
     let (bootstrap, topic) = (bootstrap.to_owned(), topic.to_owned());
-    blocking(move || consume_all_blocking(&bootstrap, &topic, expected_min, timeout)).await
+    blocking(move || consume_blocking(&bootstrap, &topic, expected_min, timeout, |m| decode(m))).await
 }
 
-fn consume_all_blocking(
+/// A record of any JSON topic (alerts, windows), read `read_committed`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ConsumedValue {
+    pub key: String,
+    pub value: serde_json::Value,
+    pub partition: i32,
+    pub offset: i64,
+}
+
+/// Like [`consume_all`], for a topic of JSON records of any shape.
+pub async fn consume_values(
     bootstrap: &str,
     topic: &str,
     expected_min: usize,
     timeout: Duration,
-) -> Result<Vec<ConsumedReading>, HarnessError> {
+) -> Result<Vec<ConsumedValue>, HarnessError> {
+    let (bootstrap, topic) = (bootstrap.to_owned(), topic.to_owned());
+    blocking(move || {
+        consume_blocking(&bootstrap, &topic, expected_min, timeout, |msg| {
+            let (partition, offset) = (msg.partition(), msg.offset());
+            let bad = |detail: String| HarnessError::RecordDecode {
+                partition,
+                offset,
+                detail,
+            };
+            let key = String::from_utf8_lossy(msg.key().unwrap_or_default()).into_owned();
+            let value = serde_json::from_slice(msg.payload().unwrap_or_default())
+                .map_err(|e| bad(format!("value is not JSON: {e}")))?;
+            Ok(ConsumedValue {
+                key,
+                value,
+                partition,
+                offset,
+            })
+        })
+    })
+    .await
+}
+
+/// Waits until consumer group `group` has committed offsets at the end of
+/// every partition of `topic`: everything written so far was processed.
+pub async fn wait_group_caught_up(
+    bootstrap: &str,
+    group: &str,
+    topic: &str,
+    timeout: Duration,
+) -> Result<(), HarnessError> {
+    let (bootstrap, group, topic) = (bootstrap.to_owned(), group.to_owned(), topic.to_owned());
+    blocking(move || {
+        let started = Instant::now();
+        let kafka = |step| move |source| HarnessError::Kafka { step, source };
+        let partitions = crate::broker::topic_partitions(&bootstrap, &topic, None, timeout)?;
+        let consumer: BaseConsumer = ClientConfig::new()
+            .set("bootstrap.servers", &bootstrap)
+            .set("group.id", &group)
+            .set("enable.auto.commit", "false")
+            .create()
+            .map_err(kafka("creating the offsets client"))?;
+        let mut tpl = TopicPartitionList::new();
+        for p in 0..partitions {
+            tpl.add_partition(&topic, p);
+        }
+        let call = Duration::from_secs(5);
+        let mut detail = String::new();
+        while started.elapsed() < timeout {
+            let committed = consumer
+                .committed_offsets(tpl.clone(), call)
+                .map_err(kafka("reading the group's offsets"))?;
+            let mut behind = Vec::new();
+            for p in 0..partitions {
+                // The high watermark, past any transaction markers.
+                let (_, high) = consumer
+                    .fetch_watermarks(&topic, p, call)
+                    .map_err(kafka("reading the watermarks"))?;
+                let at = match committed.find_partition(&topic, p).map(|e| e.offset()) {
+                    Some(Offset::Offset(o)) => o,
+                    _ => 0,
+                };
+                // A commit marker follows the last record: a group that read
+                // everything sits at most one offset below the watermark.
+                if at + 1 < high {
+                    behind.push((p, at, high));
+                }
+            }
+            if behind.is_empty() {
+                return Ok(());
+            }
+            detail = format!(" (partition, committed, high watermark): {behind:?}");
+            std::thread::sleep(Duration::from_millis(POLL_INTERVAL_MS));
+        }
+        Err(HarnessError::Timeout {
+            step: format!("group {group} catching up with {topic}"),
+            waited_ms: timeout.as_millis() as u64,
+            detail,
+        })
+    })
+    .await
+}
+
+fn consume_blocking<T>(
+    bootstrap: &str,
+    topic: &str,
+    expected_min: usize,
+    timeout: Duration,
+    decode: impl Fn(&rdkafka::message::BorrowedMessage<'_>) -> Result<T, HarnessError>,
+) -> Result<Vec<T>, HarnessError> {
     let started = Instant::now();
     let partitions = crate::broker::topic_partitions(bootstrap, topic, None, timeout)?;
     let kafka = |step| move |source| HarnessError::Kafka { step, source };

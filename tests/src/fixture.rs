@@ -39,13 +39,34 @@ pub struct Edge {
     pub proxy: Option<UdpProxy>,
     args: Vec<String>,
     log: PathBuf,
+    program: Program,
+}
+
+/// The program the nodes run: `node`, or a binary with its own topology.
+#[derive(Debug, Clone)]
+pub struct Program {
+    pub path: PathBuf,
+    pub env: Vec<(String, String)>,
+}
+
+impl Program {
+    fn node() -> Self {
+        Self {
+            path: node_binary(),
+            env: vec![("RUST_LOG".into(), "info".into())],
+        }
+    }
+
+    fn spawn(&self, args: &[String], log: &Path) -> NodeProcess {
+        NodeProcess::spawn_program(&self.path, args, self.env.iter().cloned(), log)
+            .unwrap_or_else(|e| panic!("spawning {}: {e}", self.path.display()))
+    }
 }
 
 impl Edge {
     /// Starts (or restarts, on the same outbox and ack log) the edge process.
     pub fn start(&mut self) {
-        let p = NodeProcess::spawn(&self.args, [("RUST_LOG", "info")], &self.log)
-            .expect("spawning the edge");
+        let p = self.program.spawn(&self.args, &self.log);
         self.process = Some(p);
     }
 
@@ -107,11 +128,14 @@ pub struct Fixture {
     pub dir: tempfile::TempDir,
     pub bootstrap: String,
     pub topic: String,
+    /// The cloud's `transactional_id_prefix`, which also names its stages' group.
+    pub txn_prefix: String,
     pub cloud_addr: SocketAddr,
     pub cloud: Option<NodeProcess>,
     pub edges: Vec<Edge>,
     cloud_args: Vec<String>,
     cloud_log: PathBuf,
+    program: Program,
 }
 
 /// A free UDP port on loopback (the cloud's QUIC port).
@@ -224,6 +248,7 @@ impl Fixture {
                     proxy: None,
                     args,
                     log: dir.path().join(format!("{id}.log")),
+                    program: Program::node(),
                 }
             })
             .collect();
@@ -231,18 +256,40 @@ impl Fixture {
             dir,
             bootstrap: bootstrap.to_string(),
             topic,
+            txn_prefix,
             cloud_addr,
             cloud: None,
             edges,
             cloud_args,
             cloud_log,
+            program: Program::node(),
         }
+    }
+
+    /// Runs every node (started after this) as `path` with `env` added:
+    /// a binary that passes its own topology to `tributary_node::run_cli`.
+    pub fn with_program(mut self, path: PathBuf, env: &[(&str, &str)]) -> Self {
+        let mut program = Program::node();
+        program.path = path;
+        program
+            .env
+            .extend(env.iter().map(|(k, v)| (k.to_string(), v.to_string())));
+        for e in &mut self.edges {
+            e.program = program.clone();
+        }
+        self.program = program;
+        self
+    }
+
+    /// Adds `--<flag> <value>` to the cloud's arguments (before its start).
+    pub fn set_cloud(&mut self, flag: &str, value: &str) {
+        self.cloud_args.push(format!("--{flag}"));
+        self.cloud_args.push(value.to_string());
     }
 
     /// Starts (or restarts) the cloud and waits until it listens.
     pub async fn start_cloud(&mut self) {
-        let mut p = NodeProcess::spawn(&self.cloud_args, [("RUST_LOG", "info")], &self.cloud_log)
-            .expect("spawning the cloud");
+        let mut p = self.program.spawn(&self.cloud_args, &self.cloud_log);
         p.wait_for_log_line("cloud listening for edges", NODE_READY)
             .await
             .unwrap_or_else(|e| panic!("cloud: {e}"));

@@ -290,8 +290,11 @@ fn ensure_sink_topics(
     let options = AdminOptions::new()
         .request_timeout(Some(timeout))
         .operation_timeout(Some(timeout));
-    let new: Vec<NewTopic<'_>> = topics
-        .iter()
+    // A name twice in one request makes librdkafka 2.x dereference a null
+    // result (a segfault in rdkafka 0.39's build_topic_results): dedup first.
+    let unique: std::collections::BTreeSet<&String> = topics.iter().collect();
+    let new: Vec<NewTopic<'_>> = unique
+        .into_iter()
         .map(|t| {
             NewTopic::new(
                 t,

@@ -1,0 +1,76 @@
+//! A `node` with a topology defined in code, for the tests that run
+//! topologies across real processes. The topology is chosen by
+//! `TRIBUTARY_TEST_TOPOLOGY`; its topics by `TRIBUTARY_TEST_*` variables, so
+//! that each test writes to its own.
+//!
+//! `anomaly`: one simulated device per edge, whose reading number
+//! `TRIBUTARY_TEST_SPIKE_AT` (default 100) is a spike of +500. The edge
+//! windows the raw stream into 1 s means and maxima; the cloud runs a
+//! threshold and a z-score detector on the raw stream. Alerts go to
+//! `TRIBUTARY_TEST_ALERTS_TOPIC`, windows to `TRIBUTARY_TEST_WINDOWS_TOPIC`.
+
+use anyhow::{bail, Context};
+use tributary_actors::edge::device::Signal;
+use tributary_actors::stages::{secs, Threshold, Window, ZScore};
+use tributary_actors::topology::{EdgeSelector, Kafka, Simulated, Topology};
+
+fn var(name: &str) -> anyhow::Result<String> {
+    std::env::var(name).with_context(|| format!("{name} is not set"))
+}
+
+fn anomaly() -> anyhow::Result<Topology> {
+    let spike_at = match std::env::var("TRIBUTARY_TEST_SPIKE_AT") {
+        Ok(v) => v.parse().context("TRIBUTARY_TEST_SPIKE_AT")?,
+        Err(_) => 100,
+    };
+    let signal = Signal {
+        base: 20.0,
+        amplitude: 0.0,
+        period_s: 60.0,
+        noise: 0.5,
+        spike_probability: 0.0,
+        spike_magnitude: 500.0,
+        spike_at_reading: spike_at,
+    };
+    let (alerts, windows) = (
+        var("TRIBUTARY_TEST_ALERTS_TOPIC")?,
+        var("TRIBUTARY_TEST_WINDOWS_TOPIC")?,
+    );
+    Ok(Topology::builder("anomaly")
+        .edge(EdgeSelector::all(), |e| {
+            e.source(
+                "sim",
+                Simulated::devices(1).rate_hz(50.0).signal(signal.clone()),
+            )
+            .stage(
+                "per-second",
+                "sim",
+                Window::tumbling(secs(1))
+                    .mean("temperature")
+                    .max("temperature"),
+            )
+        })
+        .cloud(|c| {
+            c.stage(
+                "overheat",
+                "sim",
+                Threshold::above("temperature", 100.0),
+            )
+            .stage(
+                "spike",
+                "sim",
+                ZScore::new("temperature", secs(30), 6.0),
+            )
+            .sink("alerts", ["overheat", "spike"], Kafka::topic(alerts))
+            .sink("windows", "per-second", Kafka::topic(windows))
+        })
+        .build()?)
+}
+
+fn main() -> anyhow::Result<()> {
+    let topology = match var("TRIBUTARY_TEST_TOPOLOGY")?.as_str() {
+        "anomaly" => anomaly()?,
+        other => bail!("no test topology named {other:?}"),
+    };
+    tributary_node::run_cli(Some(topology))
+}
