@@ -1,7 +1,10 @@
 #!/usr/bin/env bash
-# Tributary's demo: a local Kafka broker, one cloud node and two edge nodes
-# with simulated devices, printing what flows. Along the way it kills one
-# edge with SIGKILL and restarts it, to show that its outbox carries on.
+# Tributary's demo: the `factory` example (examples/factory.rs), a topology
+# defined in code, run as one cloud node and two edge nodes against a local
+# Kafka and Mosquitto. Simulated presses are windowed on the edges; MQTT line
+# sensors are published by this script; the cloud raises alerts from the log.
+# Along the way it kills one edge with SIGKILL and restarts it, to show that
+# its outbox carries on.
 #
 #   scripts/demo.sh              run for DEMO_SECONDS (default 40), then stop
 #   DEMO_SECONDS=0 scripts/demo.sh   run until Ctrl-C
@@ -17,6 +20,7 @@ source "$ROOT/scripts/lib.sh"
 DEMO_SECONDS="${DEMO_SECONDS:-40}"
 DIR="$ROOT/.cache/demo"
 NODE="$ROOT/target/debug/node"
+FACTORY="$ROOT/target/debug/examples/factory"
 PIDS=()
 
 say() { printf '\n\033[1m== %s\033[0m\n' "$*"; }
@@ -33,15 +37,20 @@ cleanup() {
 trap cleanup EXIT
 trap 'exit 130' INT TERM
 
-say "Building the node binary"
-cargo build -q -p tributary-node || die "build failed"
+say "Building the factory example (a node with its topology in code)"
+cargo build -q -p tributary-node -p tributary-examples --example factory || die "build failed"
 
-say "Starting Kafka (KRaft, from Maven Central jars)"
+ensure_mosquitto || die "Mosquitto is needed"
+
+say "Starting Kafka (KRaft, from Maven Central jars) and Mosquitto"
 scripts/kafka.sh fetch || die "could not fetch the Kafka jars"
 rm -rf "$DIR" && mkdir -p "$DIR"
-free_port KAFKA_PORT && free_port CONTROLLER_PORT && free_port CLOUD_PORT || die "no free ports"
+free_port KAFKA_PORT && free_port CONTROLLER_PORT && free_port CLOUD_PORT && free_port MQTT_PORT ||
+    die "no free ports"
 scripts/kafka.sh start "$DIR/kafka" "$KAFKA_PORT" "$CONTROLLER_PORT" || die "Kafka did not start"
 export TRIBUTARY_KAFKA_BOOTSTRAP="127.0.0.1:$KAFKA_PORT"
+start_mosquitto "$DIR/mosquitto" "$MQTT_PORT" || die "Mosquitto did not start"
+PIDS+=("$MQTT_PID")
 
 say "Creating the cluster CA and node certificates"
 "$NODE" certs init --dir "$DIR/pki"
@@ -51,29 +60,50 @@ say "Creating the cluster CA and node certificates"
 export TRIBUTARY_TLS_DIR="$DIR/pki"
 
 edge() {
-    "$NODE" --role edge --node-id "$1" --cloud-addr "127.0.0.1:$CLOUD_PORT" \
-        --outbox-dir "$DIR/$1.outbox" --device-count 5 --device-rate-hz 10 \
+    "$FACTORY" --role edge --node-id "$1" --labels plant-a --cloud-addr "127.0.0.1:$CLOUD_PORT" \
+        --outbox-dir "$DIR/$1.outbox" --mqtt-addr "127.0.0.1:$MQTT_PORT" \
+        --mqtt-client-id "factory-$1" --report-interval-ms 5000 \
         >>"$DIR/$1.log" 2>&1 &
     PIDS+=($!)
     echo "$1 started (pid $!), log $DIR/$1.log"
 }
 
-say "Starting the cloud node and two edges"
-"$NODE" --role cloud --node-id cloud-1 --listen-addr "127.0.0.1:$CLOUD_PORT" \
+say "Starting the cloud node and two edges (the factory topology)"
+"$FACTORY" --role cloud --node-id cloud-1 --listen-addr "127.0.0.1:$CLOUD_PORT" \
     --report-interval-ms 5000 >"$DIR/cloud.log" 2>&1 &
 PIDS+=($!)
 echo "cloud-1 started (pid $!), log $DIR/cloud.log"
 edge edge-1
 edge edge-2
 EDGE2_PID="${PIDS[-1]}"
+grep -h "part of the topology" "$DIR"/cloud.log "$DIR"/edge-*.log 2>/dev/null |
+    sed -E 's/.*topology="factory" /  /' || true
 
-say "A few readings as they are committed to Kafka (read_committed)"
-"$NODE" tail --count 6 --idle-s 30 || die "no readings reached Kafka"
+say "Three MQTT line sensors publish to factory/<sensor>/telemetry (QoS 1)"
+# Vibration around 0.4; sensor-2 shakes hard once, 30 s in.
+(
+    i=0
+    while true; do
+        ts=$(date +%s%3N)
+        for s in 0 1 2; do
+            v="0.4$((RANDOM % 10))"
+            if [[ $s -eq 2 && $i -eq 300 ]]; then v="9.5"; fi
+            mosquitto_pub -h 127.0.0.1 -p "$MQTT_PORT" -q 1 -t "factory/sensor-$s/telemetry" \
+                -m "{\"ts\": $ts, \"vibration\": $v}" 2>/dev/null
+        done
+        i=$((i + 1))
+        sleep 0.1
+    done
+) &
+PIDS+=($!)
 
-say "What flows (the cloud's report every 5 s)"
-tail -n +1 -f "$DIR/cloud.log" |
-    grep --line-buffered -E "cloud flow|edge connected|edge link down" |
-    sed -u -E 's/^([0-9T:-]+)[0-9.]*Z .*(cloud flow|edge connected|edge link down)/\1 \2/' &
+say "Per-second press windows, made on the edges, as committed to Kafka"
+"$NODE" tail --readings-topic tributary.presses.1s --count 4 --idle-s 60 || die "no windows reached Kafka"
+
+say "What flows (the cloud's and edge-1's reports every 5 s)"
+tail -n +1 -f "$DIR/cloud.log" "$DIR/edge-1.log" |
+    grep --line-buffered -E "cloud flow|edge flow|mqtt flow|member (up|down)" |
+    sed -u -E 's/^([0-9T:-]+)[0-9.]*Z .*(cloud flow|edge flow|mqtt flow|member up|member down)/\1 \2/' &
 PIDS+=($!)
 
 sleep 10
@@ -82,6 +112,9 @@ kill -KILL "$EDGE2_PID" 2>/dev/null
 sleep 5
 say "Restarting edge-2 on the same outbox"
 edge edge-2
+
+say "Alerts, raised on the cloud from the log and written exactly once"
+"$NODE" tail --readings-topic tributary.alerts --count 3 --idle-s 90 || echo "no alert yet"
 
 if [[ "$DEMO_SECONDS" -eq 0 ]]; then
     wait

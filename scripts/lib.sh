@@ -1,4 +1,5 @@
-# Shared by scripts/test.sh and scripts/demo.sh: free ports on loopback.
+# Shared by scripts/test.sh and scripts/demo.sh: free ports on loopback, and
+# Mosquitto (installed with apt-get when missing, started on a free port).
 #
 # Ports are drawn at random below the kernel's ephemeral range (which outgoing
 # connections take) and probed, so that several checkouts on one machine can
@@ -27,4 +28,51 @@ free_port() {
     done
     echo "no free port after $tries tries" >&2
     return 1
+}
+
+# ensure_mosquitto: installs mosquitto and its clients when missing (as root,
+# with apt-get) and sets MOSQUITTO to the broker's path.
+ensure_mosquitto() {
+    local missing=()
+    command -v mosquitto >/dev/null || [[ -x /usr/sbin/mosquitto ]] || missing+=(mosquitto)
+    command -v mosquitto_sub >/dev/null || missing+=(mosquitto-clients)
+    if ((${#missing[@]})); then
+        if [[ "$(id -u)" -ne 0 ]]; then
+            echo "missing ${missing[*]}: install them (apt-get install ${missing[*]})" >&2
+            return 1
+        fi
+        echo "installing ${missing[*]}"
+        export DEBIAN_FRONTEND=noninteractive
+        apt-get update -q >/dev/null || { echo "apt-get update failed" >&2; return 1; }
+        apt-get install -y -q --no-install-recommends "${missing[@]}" >/dev/null ||
+            { echo "apt-get install ${missing[*]} failed" >&2; return 1; }
+    fi
+    MOSQUITTO="$(command -v mosquitto || echo /usr/sbin/mosquitto)"
+}
+
+# start_mosquitto DIR PORT: starts a broker on 127.0.0.1:PORT with its config
+# and log in DIR, waits until it listens (30 s at most), and sets MQTT_PID.
+start_mosquitto() {
+    local dir="$1" port="$2" deadline
+    mkdir -p "$dir"
+    {
+        echo "listener $port 127.0.0.1"
+        echo "allow_anonymous true"
+        echo "persistence false"
+        echo "# Mosquitto's default drops a session's messages past 1000 queued,"
+        echo "# silently; an edge that is slow or restarting must not lose them."
+        echo "max_queued_messages 100000"
+        echo "log_dest stdout"
+    } >"$dir/mosquitto.conf"
+    "$MOSQUITTO" -c "$dir/mosquitto.conf" >"$dir/mosquitto.log" 2>&1 </dev/null &
+    MQTT_PID=$!
+    deadline=$((SECONDS + 30))
+    until port_open "$port"; do
+        if ! kill -0 "$MQTT_PID" 2>/dev/null || ((SECONDS >= deadline)); then
+            cat "$dir/mosquitto.log" >&2
+            echo "mosquitto did not listen on $port" >&2
+            return 1
+        fi
+        sleep 0.1
+    done
 }

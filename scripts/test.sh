@@ -22,7 +22,6 @@ ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT" || exit 1
 
 TEST_THREADS="${TRIBUTARY_TEST_THREADS:-2}"
-MQTT_START_TIMEOUT_S=10
 MQTT_STOP_TIMEOUT_S=5
 # shellcheck source=scripts/lib.sh
 source "$ROOT/scripts/lib.sh"
@@ -70,23 +69,10 @@ trap cleanup EXIT
 trap 'STATUS=130; exit 130' INT TERM
 
 section "Tools"
-missing=()
-command -v mosquitto >/dev/null || [[ -x /usr/sbin/mosquitto ]] || missing+=(mosquitto)
-command -v mosquitto_sub >/dev/null || missing+=(mosquitto-clients)
-if ((${#missing[@]})); then
-    if [[ "$(id -u)" -ne 0 ]]; then
-        die "missing ${missing[*]}: install them (apt-get install ${missing[*]})"
-    fi
-    echo "installing ${missing[*]}"
-    export DEBIAN_FRONTEND=noninteractive
-    apt-get update -q >/dev/null || die "apt-get update failed"
-    apt-get install -y -q --no-install-recommends "${missing[@]}" >/dev/null ||
-        die "apt-get install ${missing[*]} failed"
-fi
+ensure_mosquitto || die "Mosquitto is needed"
 for tool in java mvn cargo cmake cc; do
     command -v "$tool" >/dev/null || die "$tool is missing: this machine should come with it"
 done
-MOSQUITTO="$(command -v mosquitto || echo /usr/sbin/mosquitto)"
 java -version 2>&1 | head -n 1
 cargo --version
 
@@ -109,26 +95,7 @@ export TRIBUTARY_KAFKA_BOOTSTRAP="127.0.0.1:$KAFKA_PORT"
 
 section "Mosquitto"
 free_port MQTT_PORT || die "no free port"
-mkdir -p "$WORK/mosquitto"
-cat >"$WORK/mosquitto/mosquitto.conf" <<EOF
-listener $MQTT_PORT 127.0.0.1
-allow_anonymous true
-persistence false
-# Mosquitto's default drops a session's messages past 1000 queued, silently;
-# an edge that is slow or restarting must not lose them.
-max_queued_messages 100000
-log_dest stdout
-EOF
-"$MOSQUITTO" -c "$WORK/mosquitto/mosquitto.conf" >"$WORK/mosquitto/mosquitto.log" 2>&1 </dev/null &
-MQTT_PID=$!
-deadline=$((SECONDS + MQTT_START_TIMEOUT_S))
-until port_open "$MQTT_PORT"; do
-    if ! kill -0 "$MQTT_PID" 2>/dev/null || ((SECONDS >= deadline)); then
-        cat "$WORK/mosquitto/mosquitto.log" >&2
-        die "mosquitto did not listen on $MQTT_PORT"
-    fi
-    sleep 0.1
-done
+start_mosquitto "$WORK/mosquitto" "$MQTT_PORT" || die "Mosquitto did not start"
 export TRIBUTARY_MQTT_ADDR="127.0.0.1:$MQTT_PORT"
 echo "mosquitto on $TRIBUTARY_MQTT_ADDR (pid $MQTT_PID)"
 

@@ -54,7 +54,9 @@ pub struct QuicConfig {
     /// is the cluster's failure detector (ractor's heartbeat never times out),
     /// so it bounds how long a dead link goes unnoticed.
     pub idle_timeout_ms: u64,
-    /// How long dialing (UDP plus the TLS handshake) may take.
+    /// How long dialing (UDP plus the TLS handshake) may take. Short, so that
+    /// a dial made during a partition gives way to a fresh one soon after the
+    /// heal; raise it for links whose round trip nears half of it.
     pub connect_timeout_ms: u64,
     /// How long an accepted stream may take to deliver its kind byte.
     pub stream_kind_timeout_ms: u64,
@@ -72,12 +74,15 @@ pub struct QuicConfig {
     pub incoming_max: usize,
 }
 
+/// The round trip assumed before one is measured; it paces handshake resends.
+const INITIAL_RTT_MS: u64 = 100;
+
 impl Default for QuicConfig {
     fn default() -> Self {
         Self {
-            keep_alive_interval_ms: 300,
+            keep_alive_interval_ms: 200,
             idle_timeout_ms: 1_500,
-            connect_timeout_ms: 5_000,
+            connect_timeout_ms: 1_000,
             stream_kind_timeout_ms: 2_000,
             streams_bidi_max: 8,
             stream_receive_window_bytes: 2 * 1024 * 1024,
@@ -146,6 +151,11 @@ impl QuicConfig {
                 rule: "must fit a QUIC varint",
             })?;
         let mut transport = quinn::TransportConfig::default();
+        // quinn assumes 333 ms before it has measured a round trip, so an
+        // unanswered handshake packet is resent only after ~1 s, then ~2 s:
+        // a link healed meanwhile would sit unused. LAN and WAN links between
+        // edges and the cloud answer well within 100 ms.
+        transport.initial_rtt(Duration::from_millis(INITIAL_RTT_MS));
         transport
             .keep_alive_interval(Some(Duration::from_millis(self.keep_alive_interval_ms)))
             .max_idle_timeout(Some(idle))

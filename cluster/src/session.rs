@@ -79,6 +79,10 @@ pub enum SessionError {
     Stream(#[from] QuicError),
     #[error("the session with {peer} did not authenticate within {timeout_ms} ms")]
     AuthTimeout { peer: NodeId, timeout_ms: u64 },
+    #[error(
+        "the session with {peer} did not exchange its actors and groups within {timeout_ms} ms"
+    )]
+    ReadyTimeout { peer: NodeId, timeout_ms: u64 },
     #[error("the session with {peer} ended before it authenticated: {end}")]
     Ended { peer: NodeId, end: SessionEnd },
 }
@@ -232,7 +236,8 @@ impl SessionShared {
         if self.conn.close_reason().is_none() {
             self.conn.close(code, reason);
         }
-        let actor = self.session_actor.lock().ok().and_then(|mut a| a.take());
+        // Kept, not taken: SessionCloser::close_and_wait waits on it.
+        let actor = self.session_actor.lock().ok().and_then(|a| a.clone());
         if let Some(actor) = actor {
             actor.stop(Some(format!("tributary: {end}")));
         }
@@ -433,6 +438,41 @@ impl SessionHandle {
         }
     }
 
+    /// Waits until the session is ready: authenticated, and the peer's actors
+    /// and process groups are known here, so its group members can be called.
+    pub async fn ready(&mut self, timeout: Duration) -> Result<(), SessionError> {
+        let reached = tokio::time::timeout(
+            timeout,
+            self.state
+                .wait_for(|s| matches!(s, SessionState::Ready | SessionState::Ended(_))),
+        )
+        .await;
+        let state = match reached {
+            Err(_) => {
+                return Err(SessionError::ReadyTimeout {
+                    peer: self.peer.clone(),
+                    timeout_ms: u64::try_from(timeout.as_millis()).unwrap_or(u64::MAX),
+                })
+            }
+            Ok(Ok(state)) => state.clone(),
+            // The sender lives in `shared`, which this handle holds.
+            Ok(Err(_)) => SessionState::Ended(SessionEnd::Stopped),
+        };
+        match state {
+            SessionState::Ended(end) => Err(SessionError::Ended {
+                peer: self.peer.clone(),
+                end,
+            }),
+            _ => Ok(()),
+        }
+    }
+
+    /// A handle that can end this session from elsewhere, e.g. when a newer
+    /// session with the same peer replaces it.
+    pub fn closer(&self) -> SessionCloser {
+        SessionCloser(self.shared.clone())
+    }
+
     /// Resolves when the session has ended, with the reason.
     pub async fn ended(&mut self) -> SessionEnd {
         match self
@@ -453,6 +493,45 @@ impl SessionHandle {
         self.shared.end(SessionEnd::LocalClose);
     }
 }
+
+/// Ends a session without owning its [`SessionHandle`]. Cheap to clone.
+#[derive(Clone)]
+pub struct SessionCloser(Arc<SessionShared>);
+
+impl fmt::Debug for SessionCloser {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_tuple("SessionCloser").field(&self.0.label).finish()
+    }
+}
+
+impl SessionCloser {
+    /// Ends the session, closes its connection, and waits up to `timeout`
+    /// for its ractor session actor to be gone. Returns whether it is gone.
+    ///
+    /// Waiting matters before a new session with the same peer is handed to
+    /// the NodeServer: while the old one is registered there, ractor elects
+    /// one of the two, and the loser may be the new one.
+    pub async fn close_and_wait(&self, timeout: Duration) -> bool {
+        let actor = self.0.session_actor.lock().ok().and_then(|a| a.clone());
+        self.0.end(SessionEnd::LocalClose);
+        match actor {
+            Some(actor) => actor.wait(Some(timeout)).await.is_ok(),
+            None => true,
+        }
+    }
+}
+
+/// The id and role of the peer of `link`, from its certificate: known before
+/// any session on it starts.
+pub fn peer_of(link: &crate::uplink::link::LinkHandle) -> Result<(NodeId, Role), SessionError> {
+    Ok(tls::peer_identity(&quic::peer_certificates(
+        link.connection(),
+    ))?)
+}
+
+/// Derives `ractor::Message` for an enum that crosses the session (remote
+/// casts and `#[rpc]` calls), so crates above need not know ractor_cluster.
+pub use ractor_cluster::RactorClusterMessage;
 
 static NEXT_SESSION: AtomicU64 = AtomicU64::new(1);
 

@@ -2,22 +2,78 @@
 //! edge-to-cloud QUIC connection also carries a ractor_cluster session (the
 //! uplink has its own stream beside it).
 //!
+//! - [`membership`]: who is up, since when, at what round-trip time.
+//! - [`control`]: control calls with timeouts, cloud to edge, through the
+//!   edges' control actors found in process groups.
+//!
 //! Control messages ride the session; readings never do (casts queued
 //! before a disconnect are lost, so the durable path has its own protocol).
-//! The cloud's control actor joins a process group, through which edges find
-//! it: remote actors are not in the name registry.
+//! A new session with a peer first ends the peer's previous one and waits
+//! for it to be gone, so ractor never has two sessions to elect between
+//! (its election may keep the stale one).
 
+mod control;
+mod membership;
+
+use std::future::Future;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
-use ractor::{Actor, ActorProcessingErr, ActorRef};
+use ractor::{Actor, ActorRef};
+use tokio::sync::watch;
 use tributary_actors::cloud::SessionHook;
-use tributary_cluster::session::{self, NodeServerRef};
+use tributary_cluster::session::{self, NodeServerRef, SessionError, SessionHandle};
 use tributary_cluster::tls::{NodeId, Role};
 use tributary_cluster::uplink::link::LinkHandle;
 
+#[allow(
+    unused_imports,
+    reason = "the dashboard's API (issue #3); used by tests today"
+)]
+pub use control::{
+    call_edge, edge_control_group, ControlError, ControlReply, ControlRequest, EdgeStatus,
+    CLOUD_CONTROL_GROUP, EDGE_CONTROL_GROUP,
+};
+#[allow(
+    unused_imports,
+    reason = "the dashboard's API (issue #3); used by tests today"
+)]
+pub use membership::{Member, MembershipMsg};
+
 /// Called on each new uplink connection of an edge.
 pub type OnConnect = Arc<dyn Fn(&LinkHandle) + Send + Sync>;
+
+/// The limits of this node's part of the cluster.
+#[derive(Debug, Clone)]
+pub struct ClusterConfig {
+    /// Peers the membership remembers; past it, the peer down the longest is
+    /// forgotten, and a new peer is refused (its connection closed) when all
+    /// are up.
+    pub members_max: usize,
+    /// How long a session may take to authenticate and exchange its actors
+    /// and groups; past it, it is closed (with its connection) to start over.
+    pub session_ready_timeout_ms: u64,
+    /// How long a peer's previous session may take to stop before the new
+    /// one starts anyway.
+    pub stale_session_stop_timeout_ms: u64,
+    /// How long the cloud waits for the status call it makes to each edge
+    /// that comes up.
+    pub control_call_timeout_ms: u64,
+    /// How often members' round-trip times are sampled; 0 only at up.
+    pub rtt_sample_interval_ms: u64,
+}
+
+impl Default for ClusterConfig {
+    fn default() -> Self {
+        Self {
+            members_max: 10_000,
+            session_ready_timeout_ms: 10_000,
+            stale_session_stop_timeout_ms: 2_000,
+            control_call_timeout_ms: 5_000,
+            rtt_sample_interval_ms: 1_000,
+        }
+    }
+}
 
 /// What the rest of the node plugs into its links.
 pub struct ClusterParts {
@@ -25,118 +81,261 @@ pub struct ClusterParts {
     pub on_connect: Option<OnConnect>,
     /// For the cloud's listener: serves the session streams edges open.
     pub on_session: Option<SessionHook>,
+    /// This node's members, updated at each change (and RTT sample).
+    #[allow(dead_code, reason = "the dashboard's (issue #3); read by tests today")]
+    pub members: watch::Receiver<Vec<Member>>,
 }
 
-/// Starts this node's side of the cluster: its node server, and on the cloud
-/// the control actor.
+/// The registry name of node `id`'s membership actor. Names are
+/// process-global, so two nodes in one process need the id in it.
+pub fn membership_name(id: &NodeId) -> String {
+    format!("tributary.membership.{id}")
+}
+
+/// What the session hooks share.
+struct Node {
+    id: NodeId,
+    role: Role,
+    node_server: NodeServerRef,
+    membership: ActorRef<MembershipMsg>,
+    config: ClusterConfig,
+}
+
+/// Starts this node's side of the cluster with the default limits.
 pub async fn start(role: Role, id: &NodeId, cookie: String) -> anyhow::Result<ClusterParts> {
+    start_with(role, id, cookie, ClusterConfig::default()).await
+}
+
+/// Starts this node's side of the cluster: its node server, its membership,
+/// and its control actor.
+pub async fn start_with(
+    role: Role,
+    id: &NodeId,
+    cookie: String,
+    config: ClusterConfig,
+) -> anyhow::Result<ClusterParts> {
     let node_server = session::start_node_server(id, cookie).await?;
-    Ok(match role {
-        Role::Edge => ClusterParts {
-            on_connect: Some(edge_on_connect(node_server, id.to_string())),
-            on_session: None,
+    let (publish, members) = watch::channel(Vec::new());
+    let (membership, _) = Actor::spawn(
+        Some(membership_name(id)),
+        membership::Membership,
+        membership::MembershipArgs {
+            members_max: config.members_max,
+            rtt_sample_interval_ms: config.rtt_sample_interval_ms,
+            publish,
         },
+    )
+    .await?;
+    let node = Arc::new(Node {
+        id: id.clone(),
+        role,
+        node_server,
+        membership,
+        config,
+    });
+    Ok(match role {
+        Role::Edge => {
+            Actor::spawn(
+                Some(control::edge_control_name(id.as_str())),
+                control::EdgeControl,
+                id.to_string(),
+            )
+            .await?;
+            ClusterParts {
+                on_connect: Some(edge_on_connect(node)),
+                on_session: None,
+                members,
+            }
+        }
         Role::Cloud => {
-            Actor::spawn(Some("tributary.control".into()), Control, ()).await?;
+            Actor::spawn(
+                Some(control::cloud_control_name(id.as_str())),
+                control::CloudControl,
+                (),
+            )
+            .await?;
             ClusterParts {
                 on_connect: None,
-                on_session: Some(cloud_on_session(node_server)),
+                on_session: Some(cloud_on_session(node)),
+                members,
             }
         }
     })
 }
 
-/// The process group of the cloud's control actors.
-pub const CONTROL_GROUP: &str = "tributary.cloud.control";
-/// How long a session may take to authenticate.
-const SESSION_AUTH_TIMEOUT: Duration = Duration::from_secs(10);
-/// How long an edge looks for the cloud's control actor after its session is up.
-const CONTROL_LOOKUP_TIMEOUT: Duration = Duration::from_secs(10);
-const CONTROL_LOOKUP_POLL: Duration = Duration::from_millis(50);
-
-/// The cloud's control actor: for now it greets edges that reach it, which
-/// proves the path that remote control calls take.
-#[derive(Clone, Default)]
-pub struct Control;
-
-impl Actor for Control {
-    type Msg = String;
-    type State = ();
-    type Arguments = ();
-
-    async fn pre_start(&self, myself: ActorRef<String>, _: ()) -> Result<(), ActorProcessingErr> {
-        ractor::pg::join(CONTROL_GROUP.to_string(), vec![myself.get_cell()]);
-        Ok(())
-    }
-
-    async fn handle(
-        &self,
-        _: ActorRef<String>,
-        msg: String,
-        _: &mut (),
-    ) -> Result<(), ActorProcessingErr> {
-        tracing::info!(%msg, "control message over the cluster session");
-        Ok(())
-    }
-}
-
-/// The edge's hook on each new uplink connection: dial the session on it,
-/// then greet the cloud's control actor found through its process group.
-fn edge_on_connect(node_server: NodeServerRef, edge_id: String) -> OnConnect {
+/// The edge's hook on each new uplink connection: dial the session on it.
+fn edge_on_connect(node: Arc<Node>) -> OnConnect {
     Arc::new(move |link: &LinkHandle| {
-        let (ns, link, edge_id) = (node_server.clone(), link.clone(), edge_id.clone());
+        let (node, link) = (node.clone(), link.clone());
         tokio::spawn(async move {
-            let mut s = match session::dial_session_on(&ns, &link).await {
-                Ok(s) => s,
-                Err(e) => {
-                    tracing::warn!(error = %e, "dialing the cluster session failed");
-                    return;
-                }
-            };
-            if let Err(e) = s.authenticated(SESSION_AUTH_TIMEOUT).await {
-                tracing::warn!(error = %e, "the cluster session did not authenticate");
-                return;
-            }
-            tracing::info!(peer = %s.peer(), "cluster session up");
-            let deadline = tokio::time::Instant::now() + CONTROL_LOOKUP_TIMEOUT;
-            loop {
-                let remote = ractor::pg::get_members(&CONTROL_GROUP.to_string())
-                    .into_iter()
-                    .find(|m| !m.get_id().is_local());
-                if let Some(control) = remote {
-                    let _ = control.send_message(format!("hello from {edge_id}"));
-                    tracing::info!(actor = %control.get_id(), "remote actor reachable through process group {CONTROL_GROUP}");
-                    break;
-                }
-                if tokio::time::Instant::now() >= deadline {
-                    tracing::warn!(
-                        "no cloud control actor in {CONTROL_GROUP} after the session came up"
-                    );
-                    break;
-                }
-                tokio::time::sleep(CONTROL_LOOKUP_POLL).await;
-            }
-            let end = s.ended().await;
-            tracing::info!(?end, "cluster session ended");
+            let ns = node.node_server.clone();
+            let dial_link = link.clone();
+            run_session(node, link, move || async move {
+                session::dial_session_on(&ns, &dial_link).await
+            })
+            .await
         });
     })
 }
 
-/// The cloud's hook for session streams: accept the session, then log its end.
-fn cloud_on_session(node_server: NodeServerRef) -> SessionHook {
+/// The cloud's hook for session streams an edge opens: accept the session.
+fn cloud_on_session(node: Arc<Node>) -> SessionHook {
     Arc::new(move |link, streams| {
-        let ns = node_server.clone();
+        let node = node.clone();
         tokio::spawn(async move {
-            match session::accept_session_on(&ns, &link, streams).await {
-                Ok(mut s) => {
-                    if s.authenticated(SESSION_AUTH_TIMEOUT).await.is_ok() {
-                        tracing::info!(peer = %s.peer(), "cluster session up");
-                    }
-                    let end = s.ended().await;
-                    tracing::info!(peer = %s.peer(), ?end, "cluster session ended");
-                }
-                Err(e) => tracing::warn!(error = %e, "accepting a cluster session failed"),
-            }
+            let ns = node.node_server.clone();
+            let accept_link = link.clone();
+            run_session(node, link, move || async move {
+                session::accept_session_on(&ns, &accept_link, streams).await
+            })
+            .await
         });
     })
 }
+
+const MEMBERSHIP_CALL_TIMEOUT_MS: u64 = 2_000;
+
+/// Close code for a peer the membership has no room for.
+fn close_refused_code() -> u32 {
+    u32::try_from(tributary_cluster::quic::CLOSE_REFUSED.into_inner()).unwrap_or(u32::MAX)
+}
+
+/// One session's life on either side: end the peer's previous session,
+/// start this one, report it up once ready and down when it ends.
+async fn run_session<F, Fut>(node: Arc<Node>, link: LinkHandle, open: F)
+where
+    F: FnOnce() -> Fut,
+    Fut: Future<Output = Result<SessionHandle, SessionError>>,
+{
+    let (peer, role) = match session::peer_of(&link) {
+        Ok(p) => p,
+        Err(e) => {
+            tracing::warn!(error = %e, "a cluster session's peer has no usable identity");
+            return;
+        }
+    };
+    // Sessions join an edge to a cloud; any other pair (a cloud-role
+    // certificate dialing a cloud, say) has no business on this node.
+    let expected = match node.role {
+        Role::Edge => Role::Cloud,
+        Role::Cloud => Role::Edge,
+    };
+    if role != expected {
+        tracing::warn!(peer = %peer, %role, "refusing a cluster session from a {role} node");
+        link.close(
+            close_refused_code(),
+            "cluster sessions join edges to clouds only",
+        );
+        return;
+    }
+    let opening = ractor::call_t!(
+        node.membership,
+        |reply| MembershipMsg::Opening {
+            peer: peer.clone(),
+            role,
+            reply
+        },
+        MEMBERSHIP_CALL_TIMEOUT_MS
+    );
+    let (number, stale) = match opening {
+        Ok(Ok(v)) => v,
+        Ok(Err(full)) => {
+            tracing::warn!(peer = %peer, error = %full, "refusing a cluster peer");
+            link.close(close_refused_code(), &full.to_string());
+            return;
+        }
+        Err(e) => {
+            tracing::warn!(peer = %peer, error = %e, "the membership did not answer; no cluster session");
+            return;
+        }
+    };
+    if let Some(stale) = stale {
+        let timeout = Duration::from_millis(node.config.stale_session_stop_timeout_ms);
+        if !stale.close_and_wait(timeout).await {
+            tracing::warn!(peer = %peer, "the previous cluster session did not stop in time; starting the new one anyway");
+        } else {
+            tracing::info!(peer = %peer, "previous cluster session ended: a new one replaces it");
+        }
+    }
+    let down = |reason: String| {
+        let _ = node.membership.cast(MembershipMsg::Down {
+            peer: peer.clone(),
+            session: number,
+            reason,
+        });
+    };
+    let mut s = match open().await {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::warn!(peer = %peer, error = %e, "starting the cluster session failed");
+            down(e.to_string());
+            return;
+        }
+    };
+    let _ = node.membership.cast(MembershipMsg::Attach {
+        peer: peer.clone(),
+        session: number,
+        closer: s.closer(),
+    });
+    let ready = Duration::from_millis(node.config.session_ready_timeout_ms);
+    if let Err(e) = s.ready(ready).await {
+        tracing::warn!(peer = %peer, error = %e, "the cluster session did not get ready; closing it");
+        s.close();
+        down(e.to_string());
+        return;
+    }
+    let _ = node.membership.cast(MembershipMsg::Up {
+        peer: peer.clone(),
+        session: number,
+        link: link.clone(),
+    });
+    match node.role {
+        Role::Edge => greet_cloud(&node.id),
+        Role::Cloud => {
+            let timeout = Duration::from_millis(node.config.control_call_timeout_ms);
+            tokio::spawn(status_call(peer.clone(), link.clone(), timeout));
+        }
+    }
+    let end = s.ended().await;
+    down(end.to_string());
+}
+
+/// Greets the cloud's control actor: the edge-to-cloud direction.
+fn greet_cloud(edge: &NodeId) {
+    let remote = ractor::pg::get_members(&CLOUD_CONTROL_GROUP.to_string())
+        .into_iter()
+        .filter(|m| !m.get_id().is_local())
+        .max_by_key(|m| m.get_id().node());
+    match remote {
+        Some(control) => {
+            let _ = control.send_message(format!("hello from {edge}"));
+            tracing::info!(actor = %control.get_id(), "remote actor reachable through process group {CLOUD_CONTROL_GROUP}");
+        }
+        None => tracing::warn!(
+            "no cloud control actor in {CLOUD_CONTROL_GROUP} once the session was ready"
+        ),
+    }
+}
+
+/// The cloud's first control call to an edge that came up: proves the
+/// cloud-to-edge direction and logs the answer.
+async fn status_call(edge: NodeId, link: LinkHandle, timeout: Duration) {
+    let started = Instant::now();
+    match call_edge(edge.as_str(), ControlRequest::Status, timeout).await {
+        Ok(ControlReply::Status(st)) => tracing::info!(
+            peer = %edge,
+            call_us = u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX),
+            rtt_ms = u64::try_from(link.rtt().as_millis()).unwrap_or(u64::MAX),
+            edge_id = %st.edge_id,
+            uptime_ms = st.uptime_ms,
+            "control call answered"
+        ),
+        Ok(other) => {
+            tracing::warn!(peer = %edge, reply = ?other, "control call answered out of turn")
+        }
+        Err(e) => tracing::warn!(peer = %edge, error = %e, "control call failed"),
+    }
+}
+
+#[cfg(test)]
+mod tests;

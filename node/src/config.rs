@@ -75,8 +75,8 @@ settings! {
     welcome_timeout_ms: u64 = 40_000, "TRIBUTARY_WELCOME_TIMEOUT_MS";
     /// Edge: the first reconnect delay [default: 100].
     reconnect_backoff_initial_ms: u64 = 100, "TRIBUTARY_RECONNECT_BACKOFF_INITIAL_MS";
-    /// Edge: the longest reconnect delay [default: 5000].
-    reconnect_backoff_max_ms: u64 = 5_000, "TRIBUTARY_RECONNECT_BACKOFF_MAX_MS";
+    /// Edge: the longest reconnect delay; short, so that an edge rejoins within 1 s of a heal [default: 500].
+    reconnect_backoff_max_ms: u64 = 500, "TRIBUTARY_RECONNECT_BACKOFF_MAX_MS";
     /// Edge: append "A <device> <ts_us>" per acknowledged reading here (audit).
     ack_log: PathBuf = PathBuf::new(), "TRIBUTARY_ACK_LOG";
     /// Edge: simulated devices to run [default: 10].
@@ -125,12 +125,12 @@ settings! {
     report_interval_ms: u64 = 2_000, "TRIBUTARY_REPORT_INTERVAL_MS";
     /// The largest uplink frame accepted [default: 8388608].
     frame_bytes_max: usize = 8 * 1024 * 1024, "TRIBUTARY_FRAME_BYTES_MAX";
-    /// QUIC keep-alive period [default: 300].
-    keep_alive_interval_ms: u64 = 300, "TRIBUTARY_KEEP_ALIVE_INTERVAL_MS";
+    /// QUIC keep-alive period [default: 200].
+    keep_alive_interval_ms: u64 = 200, "TRIBUTARY_KEEP_ALIVE_INTERVAL_MS";
     /// QUIC idle timeout: a silent link is declared dead after this [default: 1500].
     idle_timeout_ms: u64 = 1_500, "TRIBUTARY_IDLE_TIMEOUT_MS";
-    /// QUIC handshake bound [default: 5000].
-    connect_timeout_ms: u64 = 5_000, "TRIBUTARY_CONNECT_TIMEOUT_MS";
+    /// QUIC handshake bound; raise it on links with a round trip near half of it [default: 1000].
+    connect_timeout_ms: u64 = 1_000, "TRIBUTARY_CONNECT_TIMEOUT_MS";
     /// The ractor cluster's shared cookie (QUIC's mutual TLS already authenticates peers) [default: tributary].
     cluster_cookie: String = "tributary".into(), "TRIBUTARY_CLUSTER_COOKIE";
     /// Edge: the MQTT broker as host:port; empty for no MQTT source [default: empty].

@@ -14,14 +14,14 @@ use clap::{Parser, Subcommand};
 use ractor::ActorRef;
 use tributary_actors::cloud::{CloudArgs, Listener, LISTENER_NAME};
 use tributary_actors::edge::device::Signal;
+use tributary_actors::edge::gateway::EdgeStages;
 use tributary_actors::edge::gateway::{GatewayArgs, StoreFactory};
+use tributary_actors::edge::mqtt::MqttConfig;
 use tributary_actors::edge::uplink::UplinkArgs;
 use tributary_actors::edge::{start_edge, DevicesConfig, EdgeArgs};
 use tributary_actors::outbox::{Outbox, OutboxStore, SledStore};
-use tributary_actors::sink::kafka::{KafkaLog, KafkaSinkConfig};
-use tributary_actors::edge::gateway::EdgeStages;
-use tributary_actors::edge::mqtt::MqttConfig;
 use tributary_actors::pipeline::StageRestarts;
+use tributary_actors::sink::kafka::{KafkaLog, KafkaSinkConfig};
 use tributary_actors::topology::{ComponentKind, Source, Topology};
 use tributary_cluster::tls::{self, NodeId, NodeIdentity, Role};
 use tributary_cluster::uplink::link::EdgeConnector;
@@ -51,7 +51,8 @@ enum Command {
         #[command(subcommand)]
         command: CertsCommand,
     },
-    /// Print readings as they are committed to the log (read_committed).
+    /// Print records as they are committed to a topic (read_committed): the
+    /// readings, or a sink topic of the cloud's stages (--readings-topic).
     Tail {
         #[arg(
             long,
@@ -125,13 +126,15 @@ pub fn run_cli(topology: Option<Topology>) -> anyhow::Result<()> {
                 &config,
                 count,
                 std::time::Duration::from_secs(idle_s),
-                |r| {
-                    let edge = r.edge.as_deref().unwrap_or("?");
-                    let seq = r.seq.as_deref().unwrap_or("?");
-                    println!(
-                        "{edge} seq {seq} p{}@{}: {}",
-                        r.partition, r.offset, r.value
-                    );
+                |r| match (&r.edge, &r.seq) {
+                    (Some(edge), Some(seq)) => {
+                        println!(
+                            "{edge} seq {seq} p{}@{}: {}",
+                            r.partition, r.offset, r.value
+                        )
+                    }
+                    // Records the cloud's stages wrote carry no edge headers.
+                    _ => println!("p{}@{}: {}", r.partition, r.offset, r.value),
                 },
             )?;
             eprintln!("{n} readings");
@@ -272,7 +275,10 @@ fn edge_plan(
                     bail!("an edge runs one MQTT source, but {id} is given a second, {:?}: subscribe to a wider topic filter instead", c.name);
                 }
                 let Some(mut config) = s.mqtt()? else {
-                    bail!("the topology's MQTT source {:?} needs a broker: set mqtt_addr", c.name);
+                    bail!(
+                        "the topology's MQTT source {:?} needs a broker: set mqtt_addr",
+                        c.name
+                    );
                 };
                 config.topic = m.topic_filter.clone();
                 config.device_level = m
@@ -556,13 +562,10 @@ async fn start_cloud_stages(
     );
     sup.restarts_max = s.restarts_max;
     sup.restart_period_ms = s.restart_period_ms;
-    let (root, handle) = ractor::Actor::spawn(
-        Some("tributary.cloud-stages".to_string()),
-        Supervisor,
-        sup,
-    )
-    .await
-    .context("starting the cloud stages")?;
+    let (root, handle) =
+        ractor::Actor::spawn(Some("tributary.cloud-stages".to_string()), Supervisor, sup)
+            .await
+            .context("starting the cloud stages")?;
     Ok(Some((root.get_cell(), handle)))
 }
 
