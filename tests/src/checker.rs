@@ -63,7 +63,8 @@ pub async fn consume_all(
     timeout: Duration,
 ) -> Result<Vec<ConsumedReading>, HarnessError> {
     let (bootstrap, topic) = (bootstrap.to_owned(), topic.to_owned());
-    blocking(move || consume_blocking(&bootstrap, &topic, expected_min, timeout, |m| decode(m))).await
+    blocking(move || consume_blocking(&bootstrap, &topic, expected_min, timeout, |m| decode(m)))
+        .await
 }
 
 /// A record of any JSON topic (alerts, windows), read `read_committed`.

@@ -51,18 +51,10 @@ fn anomaly() -> anyhow::Result<Topology> {
             )
         })
         .cloud(|c| {
-            c.stage(
-                "overheat",
-                "sim",
-                Threshold::above("temperature", 100.0),
-            )
-            .stage(
-                "spike",
-                "sim",
-                ZScore::new("temperature", secs(30), 6.0),
-            )
-            .sink("alerts", ["overheat", "spike"], Kafka::topic(alerts))
-            .sink("windows", "per-second", Kafka::topic(windows))
+            c.stage("overheat", "sim", Threshold::above("temperature", 100.0))
+                .stage("spike", "sim", ZScore::new("temperature", secs(30), 6.0))
+                .sink("alerts", ["overheat", "spike"], Kafka::topic(alerts))
+                .sink("windows", "per-second", Kafka::topic(windows))
         })
         .build()?)
 }
