@@ -416,6 +416,23 @@ async fn report_edge(every: std::time::Duration) {
             segments_quarantined = gs.stats.segments_quarantined,
             "edge flow"
         );
+        for st in &gs.stages {
+            tracing::info!(
+                stage = %st.name,
+                readings_in = st.stats.readings_in,
+                readings_out = st.stats.readings_out,
+                late = st.stats.late,
+                skipped = st.stats.skipped,
+                restarts = st.restarts,
+                "edge stage"
+            );
+        }
+        if gs.stage_outputs_dropped > 0 {
+            tracing::warn!(
+                stage_outputs_dropped = gs.stage_outputs_dropped,
+                "stage outputs were dropped because the outbox was full"
+            );
+        }
         report_mqtt(CALL_MS).await;
     }
 }
@@ -550,6 +567,7 @@ async fn start_cloud_stages(
         batch_readings_max: s.stages_batch_readings_max,
         poll_ms: s.stages_poll_ms,
         watermark_lag_ms: s.stages_watermark_lag_ms,
+        report_interval_ms: s.report_interval_ms,
     };
     let mut sup = SupervisorArgs::new(
         Strategy::OneForOne,

@@ -38,6 +38,8 @@ pub struct CloudStagesArgs {
     /// How long one poll waits for the first reading.
     pub poll_ms: u64,
     pub watermark_lag_ms: u64,
+    /// How often the actor logs what it did; 0 turns it off.
+    pub report_interval_ms: u64,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -77,6 +79,7 @@ pub struct CloudStagesState {
     readings_polled: u64,
     records_written: u64,
     transactions: u64,
+    last_report: std::time::Instant,
 }
 
 /// Runs blocking broker work without stalling the runtime's other tasks.
@@ -109,6 +112,34 @@ impl CloudStagesState {
                 value: value.clone(),
                 stream: e.stream.clone(),
             });
+        }
+    }
+
+    fn report(&mut self) {
+        let every = self.args.report_interval_ms;
+        if every == 0 || self.last_report.elapsed() < Duration::from_millis(every) {
+            return;
+        }
+        self.last_report = std::time::Instant::now();
+        tracing::info!(
+            readings_polled = self.readings_polled,
+            records_written = self.records_written,
+            transactions = self.transactions,
+            records_malformed = self.log.records_malformed(),
+            outputs_cut = self.pipeline.stats().outputs_cut,
+            "cloud stages"
+        );
+        for st in self.pipeline.reports() {
+            tracing::info!(
+                stage = %st.name,
+                readings_in = st.stats.readings_in,
+                readings_out = st.stats.readings_out,
+                alerts_out = st.stats.alerts_out,
+                late = st.stats.late,
+                skipped = st.stats.skipped,
+                restarts = st.restarts,
+                "cloud stage"
+            );
         }
     }
 
@@ -171,7 +202,10 @@ impl Actor for CloudStages {
         let pipeline = Pipeline::new(&args.stages, exits, args.restarts)?;
         let mut routes: HashMap<String, Vec<String>> = HashMap::new();
         for (stream, topic) in &args.sinks {
-            routes.entry(stream.clone()).or_default().push(topic.clone());
+            routes
+                .entry(stream.clone())
+                .or_default()
+                .push(topic.clone());
         }
         let open = args.open_log.clone();
         let log = tokio::task::spawn_blocking(move || open()).await??;
@@ -191,6 +225,7 @@ impl Actor for CloudStages {
             readings_polled: 0,
             records_written: 0,
             transactions: 0,
+            last_report: std::time::Instant::now(),
         })
     }
 
@@ -203,6 +238,7 @@ impl Actor for CloudStages {
         match msg {
             CloudStagesMsg::Poll => {
                 state.turn()?;
+                state.report();
                 // Through the mailbox, so that status and control calls get a turn.
                 myself.send_message(CloudStagesMsg::Poll)?;
             }
