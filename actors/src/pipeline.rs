@@ -298,7 +298,11 @@ impl Pipeline {
         tracing::warn!(stage = %slot.name, %reason, "stage failed; restarting it with fresh state");
         slot.last_failure = Some((now_ms, reason.clone()));
         let horizon = now_ms.saturating_sub(policy.restart_period_ms as i64);
-        while slot.recent_restarts_ms.front().is_some_and(|&t| t < horizon) {
+        while slot
+            .recent_restarts_ms
+            .front()
+            .is_some_and(|&t| t < horizon)
+        {
             slot.recent_restarts_ms.pop_front();
         }
         if slot.recent_restarts_ms.len() as u32 >= policy.restarts_max {
@@ -312,10 +316,13 @@ impl Pipeline {
         slot.recent_restarts_ms.push_back(now_ms);
         slot.restarts += 1;
         // Built once already, so the spec builds again.
-        let fresh = slot.spec.build(&slot.name).map_err(|error| PipelineError::Build {
-            stage: slot.name.clone(),
-            error,
-        })?;
+        let fresh = slot
+            .spec
+            .build(&slot.name)
+            .map_err(|error| PipelineError::Build {
+                stage: slot.name.clone(),
+                error,
+            })?;
         let old = std::mem::replace(&mut slot.op, fresh);
         // The failed operator's counters survive; its state does not.
         add_stats(&mut slot.stats_before, old.stats());
@@ -418,12 +425,8 @@ mod tests {
                 )
             })
             .cloud(|c| {
-                c.stage(
-                    "hot",
-                    "mean",
-                    Threshold::above("temperature.mean", 50.0),
-                )
-                .sink("alerts", "hot", Kafka::topic("alerts"))
+                c.stage("hot", "mean", Threshold::above("temperature.mean", 50.0))
+                    .sink("alerts", "hot", Kafka::topic("alerts"))
             })
             .build()
             .unwrap()
@@ -506,8 +509,12 @@ mod tests {
             restarts_max: 2,
             restart_period_ms: 60_000,
         };
-        let mut p = Pipeline::new(part.stages.iter().copied(), part.uplink.iter().copied(), policy)
-            .unwrap();
+        let mut p = Pipeline::new(
+            part.stages.iter().copied(),
+            part.uplink.iter().copied(),
+            policy,
+        )
+        .unwrap();
         let mut out = Vec::new();
         for s in [1, 2, 3, 4] {
             p.handle("sim", reading("d1", s, 1.0), &mut out).unwrap();
@@ -516,9 +523,16 @@ mod tests {
         assert_eq!(out.len(), 3);
         let report = &p.reports()[0];
         assert_eq!(report.restarts, 1);
-        assert!(report.last_failure.as_ref().unwrap().1.contains("bad reading"));
+        assert!(report
+            .last_failure
+            .as_ref()
+            .unwrap()
+            .1
+            .contains("bad reading"));
         p.handle("sim", reading("d1", 3, 1.0), &mut out).unwrap();
-        let err = p.handle("sim", reading("d1", 3, 1.0), &mut out).unwrap_err();
+        let err = p
+            .handle("sim", reading("d1", 3, 1.0), &mut out)
+            .unwrap_err();
         assert!(
             matches!(err, PipelineError::StageFailed { ref stage, restarts: 2, .. } if stage == "flaky"),
             "{err}"
@@ -529,8 +543,12 @@ mod tests {
     fn set_param_changes_a_running_detector_and_names_bad_params() {
         let t = topology();
         let cloud = t.part_for("c", &[], Role::Cloud);
-        let mut p = Pipeline::new(cloud.stages.iter().copied(), ["hot"], StageRestarts::default())
-            .unwrap();
+        let mut p = Pipeline::new(
+            cloud.stages.iter().copied(),
+            ["hot"],
+            StageRestarts::default(),
+        )
+        .unwrap();
         let mut mean = reading("d1", 1, 40.0);
         mean.metrics[0].name = "temperature.mean".into();
         let mut out = Vec::new();

@@ -586,9 +586,7 @@ impl TopologyBuilder {
                 component: c.name.clone(),
                 error,
             })?;
-            if matches!(c.placement, Placement::Edge(_))
-                && c.output() == Some(StreamKind::Alerts)
-            {
+            if matches!(c.placement, Placement::Edge(_)) && c.output() == Some(StreamKind::Alerts) {
                 return Err(TopologyError::AlertsOnEdge {
                     component: c.name.clone(),
                 });

@@ -189,7 +189,9 @@ impl Actor for SimulatedDevice {
             None => None,
         };
         let retry = match answer {
-            Some(IngestReply::Committed { .. } | IngestReply::Duplicate | IngestReply::Consumed) => {
+            Some(
+                IngestReply::Committed { .. } | IngestReply::Duplicate | IngestReply::Consumed,
+            ) => {
                 state.accepted += 1;
                 false
             }

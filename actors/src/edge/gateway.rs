@@ -104,7 +104,9 @@ pub struct GatewayStatus {
 
 pub enum GatewayMsg {
     Ingest(Reading, RpcReplyPort<IngestReply>),
-    CommitDue { generation: u64 },
+    CommitDue {
+        generation: u64,
+    },
     StagesTick,
     Read(ReadRequest, RpcReplyPort<Result<Vec<SegmentFrame>, String>>),
     Acked(u64),

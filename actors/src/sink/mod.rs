@@ -105,7 +105,8 @@ pub trait StageLog: Send + 'static {
     /// Up to `records_max` committed readings (`read_committed`), waiting at
     /// most `timeout` for the first. Records that are not readings are
     /// skipped and counted; their offsets still move on.
-    fn poll(&mut self, records_max: usize, timeout: Duration) -> Result<Vec<LogReading>, SinkError>;
+    fn poll(&mut self, records_max: usize, timeout: Duration)
+        -> Result<Vec<LogReading>, SinkError>;
 
     /// Writes `outputs` and commits the offsets of everything polled, at once.
     /// After an error the caller must start over from the committed offsets

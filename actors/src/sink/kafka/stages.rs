@@ -119,7 +119,11 @@ impl KafkaStageLog {
         })
     }
 
-    fn send(&self, mut record: BaseRecord<'_, str, [u8]>, deadline: Instant) -> Result<(), KafkaError> {
+    fn send(
+        &self,
+        mut record: BaseRecord<'_, str, [u8]>,
+        deadline: Instant,
+    ) -> Result<(), KafkaError> {
         loop {
             match self.producer.send(record) {
                 Ok(()) => return Ok(()),
@@ -201,7 +205,11 @@ impl KafkaStageLog {
 }
 
 impl StageLog for KafkaStageLog {
-    fn poll(&mut self, records_max: usize, timeout: Duration) -> Result<Vec<LogReading>, SinkError> {
+    fn poll(
+        &mut self,
+        records_max: usize,
+        timeout: Duration,
+    ) -> Result<Vec<LogReading>, SinkError> {
         let deadline = Instant::now() + timeout;
         let mut out = Vec::new();
         while out.len() < records_max {
@@ -248,8 +256,7 @@ impl StageLog for KafkaStageLog {
         if outputs.is_empty() && self.positions.is_empty() {
             return Ok(());
         }
-        let deadline =
-            Instant::now() + Duration::from_millis(self.config.sink.commit_timeout_ms);
+        let deadline = Instant::now() + Duration::from_millis(self.config.sink.commit_timeout_ms);
         self.producer.context().take_delivery_failure();
         match self.transact(outputs, deadline) {
             Ok(()) => {
