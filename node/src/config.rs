@@ -334,6 +334,7 @@ impl Resolved {
             reconnect_backoff_initial_ms: self.reconnect_backoff_initial_ms,
             reconnect_backoff_max_ms: self.reconnect_backoff_max_ms,
             marks_dir: Some(self.mqtt_marks_dir.clone()),
+            stream: None,
         };
         c.validate().map_err(|e| bad(mqtt_key(&e), e.to_string()))?;
         Ok(Some(c))

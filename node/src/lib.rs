@@ -286,7 +286,7 @@ fn edge_plan(
                 config.device_level = m
                     .device_level()
                     .context("validated topologies name the device level")?;
-                // PENDING(mqtt stream field): config.stream = Some(c.name.clone());
+                config.stream = Some(c.name.clone());
                 if m.qos != 1 {
                     tracing::warn!(source = %c.name, qos = m.qos, "the MQTT source subscribes with QoS 1, so that nothing is acked before the outbox has it");
                 }
@@ -456,6 +456,8 @@ async fn report_mqtt(call_ms: u64) {
         received = st.stats.received,
         committed = st.stats.committed,
         stale = st.stats.stale,
+        out_of_order = st.stats.out_of_order,
+        retries_full = st.stats.retries_full,
         redelivered_copies = st.stats.redelivered_copies,
         bad_payload = st.stats.bad_payload,
         bad_topic = st.stats.bad_topic,
