@@ -4,10 +4,15 @@
 //! machine move from one minute to the next. See BENCHMARKS.md.
 //!
 //! Run in release: `cargo run -p tributary-bench --release -- outbox`.
+//! `stages`, `devices` and `mqtt` measure the stages' CPU cost, the memory
+//! per device actor and MQTT ingest against their own baselines.
 
+mod devices;
 mod e2e;
 mod log;
+mod mqtt;
 mod outbox;
+mod stages;
 mod stats;
 mod workload;
 
@@ -117,6 +122,101 @@ enum Command {
         #[arg(long)]
         broker_pid: Option<u32>,
     },
+    /// Each window and detector stage on one core against a running-mean loop.
+    Stages {
+        /// Timed runs of each case; the tables give their median, min and max.
+        #[arg(long, default_value_t = 5)]
+        runs: usize,
+        /// Untimed runs first; they also advance event time, and 3 runs of
+        /// 20 s fill the z-score's 60 s window.
+        #[arg(long, default_value_t = 3)]
+        warmup: usize,
+        /// Readings per run.
+        #[arg(long, default_value_t = 200_000)]
+        readings: u64,
+        /// Devices the readings are spread over.
+        #[arg(long, default_value_t = 1000)]
+        devices: u64,
+        /// Each device's interval between readings, in event time.
+        #[arg(long, default_value_t = 100)]
+        interval_ms: u64,
+    },
+    /// Memory per idle device actor (RSS), each kind in a fresh process,
+    /// against a bare ractor actor.
+    Devices {
+        /// Actors per kind.
+        #[arg(long, default_value_t = 100_000)]
+        count: usize,
+        /// Fresh processes per kind.
+        #[arg(long, default_value_t = 3)]
+        runs: usize,
+        /// Kinds to measure (bare is the baseline).
+        #[arg(
+            long,
+            value_enum,
+            value_delimiter = ',',
+            default_value = "bare,mqtt,simulated,tokio-task"
+        )]
+        kinds: Vec<devices::Kind>,
+        /// The goal: 100k device actors in this many MB (10^6 bytes).
+        #[arg(long, default_value_t = 512.0)]
+        budget_mb: f64,
+    },
+    /// One measurement of `devices`, run by it in a child process.
+    #[command(hide = true)]
+    DevicesChild {
+        #[arg(long, value_enum)]
+        kind: devices::Kind,
+        #[arg(long)]
+        count: usize,
+    },
+    /// MQTT ingest on one edge (MqttSource, gateway, outbox on sled) against
+    /// a raw rumqttc subscriber on the same broker.
+    Mqtt {
+        #[command(flatten)]
+        reps: Reps,
+        /// The MQTT broker, host:port.
+        #[arg(long, env = "TRIBUTARY_MQTT_ADDR", default_value = "127.0.0.1:28883")]
+        broker: String,
+        /// Messages per run; a multiple of --devices.
+        #[arg(long, default_value_t = 200_000)]
+        readings: u64,
+        /// Devices publishing (one topic each).
+        #[arg(long, default_value_t = 100)]
+        devices: usize,
+        /// Publisher connections the devices are spread over.
+        #[arg(long, default_value_t = 1)]
+        publishers: usize,
+        /// The most messages the publishers may be ahead of the subscriber
+        /// under test: keep it below the broker's max_queued_messages, past
+        /// which Mosquitto drops messages.
+        #[arg(long, default_value_t = 50_000)]
+        lead_max: u64,
+        /// The MQTT source's inflight_max (the node's default).
+        #[arg(long, default_value_t = 512)]
+        inflight_max: usize,
+        /// The MQTT source's rumqttc request channel (the node's default).
+        #[arg(long, default_value_t = 1024)]
+        queued_requests_max: usize,
+        /// Readings per outbox segment (the node's default).
+        #[arg(long, default_value_t = 1000)]
+        segment_readings: usize,
+        /// The outbox's commit interval (the node's default).
+        #[arg(long, default_value_t = 50)]
+        commit_interval_ms: u64,
+        /// sled's page cache bound (the node's default).
+        #[arg(long, default_value_t = 16 * 1024 * 1024)]
+        cache_bytes_max: u64,
+        /// Where the temporary outboxes go [default: the system's temp dir].
+        #[arg(long)]
+        dir: Option<PathBuf>,
+        /// The broker's pid, if it runs here: its CPU per reading is reported too.
+        #[arg(long)]
+        broker_pid: Option<u32>,
+        /// Bound on one subject's run.
+        #[arg(long, default_value_t = 900)]
+        timeout_s: u64,
+    },
 }
 
 /// What the machine looked like when the benchmark started.
@@ -150,6 +250,13 @@ fn print_cpu_share(machine0: (f64, f64), own0: f64) {
 
 fn main() -> Result<()> {
     let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .init();
     print_machine();
     let machine0 = stats::machine_cpu_s();
     let own0 = stats::process_cpu_s("self");
@@ -210,6 +317,64 @@ fn main() -> Result<()> {
             runs,
             baseline_readings,
             broker_pid,
+        }),
+        Command::Stages {
+            runs,
+            warmup,
+            readings,
+            devices,
+            interval_ms,
+        } => stages::run(&stages::StagesOpts {
+            readings,
+            devices,
+            interval_ms,
+            runs,
+            warmup,
+        }),
+        Command::Devices {
+            count,
+            runs,
+            kinds,
+            budget_mb,
+        } => devices::run(&devices::DevicesOpts {
+            count,
+            runs,
+            kinds,
+            budget_mb,
+        }),
+        // The parent finds its one result line among the others.
+        Command::DevicesChild { kind, count } => devices::child(kind, count),
+        Command::Mqtt {
+            reps,
+            broker,
+            readings,
+            devices,
+            publishers,
+            lead_max,
+            inflight_max,
+            queued_requests_max,
+            segment_readings,
+            commit_interval_ms,
+            cache_bytes_max,
+            dir,
+            broker_pid,
+            timeout_s,
+        } => mqtt::run(&mqtt::MqttOpts {
+            broker,
+            readings,
+            devices,
+            publishers,
+            runs: reps.runs,
+            warmup: reps.warmup,
+            lead_max,
+            inflight_max,
+            queued_requests_max,
+            segment_readings,
+            commit_interval_ms,
+            cache_bytes_max,
+            dir: dir.unwrap_or_else(std::env::temp_dir),
+            broker_pid,
+            timeout_s,
         }),
     }?;
     print_cpu_share(machine0, own0);
