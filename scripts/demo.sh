@@ -80,14 +80,14 @@ grep -h "part of the topology" "$DIR"/cloud.log "$DIR"/edge-*.log 2>/dev/null |
     sed -E 's/.*topology="factory" /  /' || true
 
 say "Three MQTT line sensors publish to factory/<sensor>/telemetry (QoS 1)"
-# Vibration around 0.4; sensor-2 shakes hard once, 30 s in.
+# Vibration around 0.4; sensor-2 shakes hard once, about 15 s in.
 (
     i=0
     while true; do
         ts=$(date +%s%3N)
         for s in 0 1 2; do
             v="0.4$((RANDOM % 10))"
-            if [[ $s -eq 2 && $i -eq 300 ]]; then v="9.5"; fi
+            if [[ $s -eq 2 && $i -eq 100 ]]; then v="9.5"; fi
             mosquitto_pub -h 127.0.0.1 -p "$MQTT_PORT" -q 1 -t "factory/sensor-$s/telemetry" \
                 -m "{\"ts\": $ts, \"vibration\": $v}" 2>/dev/null
         done

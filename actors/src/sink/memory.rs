@@ -131,3 +131,118 @@ mod tests {
         assert_eq!(new.high_water_mark().unwrap(), Some(hwm));
     }
 }
+
+/// The cloud stages' side of an in-memory log: a single-partition readings
+/// log, a committed offset for the stages' group, and the committed outputs.
+/// Clones share it; each [`MemoryStageLog::open`] is a fresh consumer that
+/// starts at the committed offset, as a restarted stages actor would.
+#[derive(Debug, Clone, Default)]
+pub struct MemoryStageLog {
+    inner: Arc<Mutex<StageInner>>,
+}
+
+#[derive(Debug, Default)]
+struct StageInner {
+    readings: Vec<Reading>,
+    committed_offset: usize,
+    outputs: Vec<super::SinkRecord>,
+    /// Commits that fail before any effect, as a broker outage would.
+    commits_to_fail: u32,
+}
+
+/// One consumer of a [`MemoryStageLog`].
+pub struct MemoryStageConsumer {
+    log: MemoryStageLog,
+    position: usize,
+}
+
+impl MemoryStageLog {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, StageInner> {
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Appends committed readings, as the ingest would.
+    pub fn append(&self, readings: impl IntoIterator<Item = Reading>) {
+        self.lock().readings.extend(readings);
+    }
+
+    /// A consumer at the group's committed offset.
+    pub fn open(&self) -> MemoryStageConsumer {
+        MemoryStageConsumer {
+            position: self.lock().committed_offset,
+            log: self.clone(),
+        }
+    }
+
+    pub fn outputs(&self) -> Vec<super::SinkRecord> {
+        self.lock().outputs.clone()
+    }
+
+    pub fn committed_offset(&self) -> usize {
+        self.lock().committed_offset
+    }
+
+    pub fn len(&self) -> usize {
+        self.lock().readings.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Makes the next `n` commits fail.
+    pub fn fail_commits(&self, n: u32) {
+        self.lock().commits_to_fail = n;
+    }
+}
+
+impl super::StageLog for MemoryStageConsumer {
+    fn poll(
+        &mut self,
+        records_max: usize,
+        timeout: std::time::Duration,
+    ) -> Result<Vec<super::LogReading>, SinkError> {
+        let mut inner = self.log.lock();
+        if inner.readings.len() == self.position {
+            // Waits a little, as a broker would, so that a driver polling in
+            // a loop does not spin; a simulation passes a zero timeout.
+            drop(inner);
+            std::thread::sleep(timeout.min(std::time::Duration::from_millis(5)));
+            inner = self.log.lock();
+        }
+        let end = inner.readings.len().min(self.position + records_max);
+        let batch = inner.readings[self.position..end]
+            .iter()
+            .enumerate()
+            .map(|(i, r)| super::LogReading {
+                partition: 0,
+                offset: (self.position + i) as i64,
+                reading: r.clone(),
+            })
+            .collect();
+        self.position = end;
+        Ok(batch)
+    }
+
+    fn commit(&mut self, outputs: &[super::SinkRecord]) -> Result<(), SinkError> {
+        let mut inner = self.log.lock();
+        if inner.commits_to_fail > 0 {
+            inner.commits_to_fail -= 1;
+            return Err(SinkError::Stages {
+                step: "committing the transaction",
+                reason: "the simulated broker is unavailable".into(),
+            });
+        }
+        inner.outputs.extend_from_slice(outputs);
+        inner.committed_offset = self.position;
+        Ok(())
+    }
+
+    fn records_malformed(&self) -> u64 {
+        0
+    }
+}
