@@ -865,43 +865,12 @@ impl KafkaEdgeWriter {
         }
     }
 
-    /// Waits until every record is acknowledged and its delivery report
-    /// served. The base producer's own flush polls in steps of 100 ms, which
-    /// would add up to that much to every commit.
     fn flush(&self, deadline: Instant) -> Result<(), KafkaError> {
-        loop {
-            self.producer.poll(Duration::ZERO);
-            if self.producer.in_flight_count() == 0 {
-                return Ok(());
-            }
-            if Instant::now() >= deadline {
-                return Err(KafkaError::Flush(RDKafkaErrorCode::OperationTimedOut));
-            }
-            std::thread::sleep(FLUSH_SLEEP.min(remaining(deadline)));
-        }
+        flush_producer(&self.producer, deadline)
     }
 
-    /// Enqueues one record, waiting for room in a full local queue until
-    /// the deadline.
-    fn send(
-        &self,
-        mut record: BaseRecord<'_, str, [u8]>,
-        deadline: Instant,
-    ) -> Result<(), KafkaError> {
-        loop {
-            match self.producer.send(record) {
-                Ok(()) => return Ok(()),
-                Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), back))
-                    if Instant::now() < deadline =>
-                {
-                    // Serving delivery reports frees room in the queue.
-                    self.producer
-                        .poll(Duration::from_millis(QUEUE_FULL_BACKOFF_MS));
-                    record = back;
-                }
-                Err((error, _)) => return Err(error),
-            }
-        }
+    fn send(&self, record: BaseRecord<'_, str, [u8]>, deadline: Instant) -> Result<(), KafkaError> {
+        send_record(&self.producer, record, deadline)
     }
 
     fn produce_all(
@@ -1034,6 +1003,47 @@ impl EdgeLogWriter for KafkaEdgeWriter {
             .fetch_add(1, Ordering::Relaxed);
         self.hwm = Some(Some(hwm));
         Ok(())
+    }
+}
+
+/// Waits until every record is acknowledged and its delivery report
+/// served. The base producer's own flush polls in steps of 100 ms, which
+/// would add up to that much to every commit.
+fn flush_producer(
+    producer: &BaseProducer<WriterContext>,
+    deadline: Instant,
+) -> Result<(), KafkaError> {
+    loop {
+        producer.poll(Duration::ZERO);
+        if producer.in_flight_count() == 0 {
+            return Ok(());
+        }
+        if Instant::now() >= deadline {
+            return Err(KafkaError::Flush(RDKafkaErrorCode::OperationTimedOut));
+        }
+        std::thread::sleep(FLUSH_SLEEP.min(remaining(deadline)));
+    }
+}
+
+/// Enqueues one record, waiting for room in a full local queue until the
+/// deadline.
+fn send_record(
+    producer: &BaseProducer<WriterContext>,
+    mut record: BaseRecord<'_, str, [u8]>,
+    deadline: Instant,
+) -> Result<(), KafkaError> {
+    loop {
+        match producer.send(record) {
+            Ok(()) => return Ok(()),
+            Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), back))
+                if Instant::now() < deadline =>
+            {
+                // Serving delivery reports frees room in the queue.
+                producer.poll(Duration::from_millis(QUEUE_FULL_BACKOFF_MS));
+                record = back;
+            }
+            Err((error, _)) => return Err(error),
+        }
     }
 }
 

@@ -24,8 +24,7 @@ use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
 use rdkafka::{Offset, TopicPartitionList};
 
 use super::{
-    ensure_topics, remaining, KafkaSinkConfig, LogContext, WriterContext, FLUSH_SLEEP,
-    PRODUCER_DEFAULTS, QUEUE_FULL_BACKOFF_MS,
+    ensure_topics, remaining, KafkaSinkConfig, LogContext, WriterContext, PRODUCER_DEFAULTS,
 };
 use crate::reading::Reading;
 use crate::sink::{LogReading, SinkError, SinkRecord, StageLog};
@@ -119,39 +118,6 @@ impl KafkaStageLog {
         })
     }
 
-    fn send(
-        &self,
-        mut record: BaseRecord<'_, str, [u8]>,
-        deadline: Instant,
-    ) -> Result<(), KafkaError> {
-        loop {
-            match self.producer.send(record) {
-                Ok(()) => return Ok(()),
-                Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), back))
-                    if Instant::now() < deadline =>
-                {
-                    self.producer
-                        .poll(Duration::from_millis(QUEUE_FULL_BACKOFF_MS));
-                    record = back;
-                }
-                Err((error, _)) => return Err(error),
-            }
-        }
-    }
-
-    fn flush(&self, deadline: Instant) -> Result<(), KafkaError> {
-        loop {
-            self.producer.poll(Duration::ZERO);
-            if self.producer.in_flight_count() == 0 {
-                return Ok(());
-            }
-            if Instant::now() >= deadline {
-                return Err(KafkaError::Flush(RDKafkaErrorCode::OperationTimedOut));
-            }
-            std::thread::sleep(FLUSH_SLEEP.min(remaining(deadline)));
-        }
-    }
-
     fn transact(&mut self, outputs: &[SinkRecord], deadline: Instant) -> Result<(), SinkError> {
         self.producer
             .begin_transaction()
@@ -165,10 +131,10 @@ impl KafkaStageLog {
                 .key(o.key.as_str())
                 .payload(o.value.as_slice())
                 .headers(headers);
-            self.send(record, deadline)
+            super::send_record(&self.producer, record, deadline)
                 .map_err(stages_error("producing an output"))?;
         }
-        self.flush(deadline)
+        super::flush_producer(&self.producer, deadline)
             .map_err(stages_error("flushing the outputs"))?;
         if let Some(reason) = self.producer.context().take_delivery_failure() {
             return Err(SinkError::Stages {
