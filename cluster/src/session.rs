@@ -413,46 +413,36 @@ impl SessionHandle {
 
     /// Waits until the session is authenticated and its peer's name checked.
     pub async fn authenticated(&mut self, timeout: Duration) -> Result<(), SessionError> {
-        let reached = tokio::time::timeout(
+        self.wait_past(
             timeout,
-            self.state.wait_for(|s| !matches!(s, SessionState::Opening)),
+            |s| !matches!(s, SessionState::Opening),
+            |peer, timeout_ms| SessionError::AuthTimeout { peer, timeout_ms },
         )
-        .await;
-        let state = match reached {
-            Err(_) => {
-                return Err(SessionError::AuthTimeout {
-                    peer: self.peer.clone(),
-                    timeout_ms: u64::try_from(timeout.as_millis()).unwrap_or(u64::MAX),
-                })
-            }
-            Ok(Ok(state)) => state.clone(),
-            // The sender lives in `shared`, which this handle holds.
-            Ok(Err(_)) => SessionState::Ended(SessionEnd::Stopped),
-        };
-        match state {
-            SessionState::Ended(end) => Err(SessionError::Ended {
-                peer: self.peer.clone(),
-                end,
-            }),
-            _ => Ok(()),
-        }
+        .await
     }
 
     /// Waits until the session is ready: authenticated, and the peer's actors
     /// and process groups are known here, so its group members can be called.
     pub async fn ready(&mut self, timeout: Duration) -> Result<(), SessionError> {
-        let reached = tokio::time::timeout(
+        self.wait_past(
             timeout,
-            self.state
-                .wait_for(|s| matches!(s, SessionState::Ready | SessionState::Ended(_))),
+            |s| matches!(s, SessionState::Ready | SessionState::Ended(_)),
+            |peer, timeout_ms| SessionError::ReadyTimeout { peer, timeout_ms },
         )
-        .await;
-        let state = match reached {
+        .await
+    }
+
+    /// Waits until the state satisfies `reached`; an ended session is an error.
+    async fn wait_past(
+        &mut self,
+        timeout: Duration,
+        reached: impl FnMut(&SessionState) -> bool,
+        timed_out: impl FnOnce(NodeId, u64) -> SessionError,
+    ) -> Result<(), SessionError> {
+        let state = match tokio::time::timeout(timeout, self.state.wait_for(reached)).await {
             Err(_) => {
-                return Err(SessionError::ReadyTimeout {
-                    peer: self.peer.clone(),
-                    timeout_ms: u64::try_from(timeout.as_millis()).unwrap_or(u64::MAX),
-                })
+                let timeout_ms = u64::try_from(timeout.as_millis()).unwrap_or(u64::MAX);
+                return Err(timed_out(self.peer.clone(), timeout_ms));
             }
             Ok(Ok(state)) => state.clone(),
             // The sender lives in `shared`, which this handle holds.
