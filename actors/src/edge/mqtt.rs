@@ -137,6 +137,9 @@ use crate::outbox::segment::decode_payload;
 use crate::reading::{Metric, Reading, ReadingError, Value, DEVICE_ID_BYTES_MAX};
 
 pub const MQTT_NAME: &str = "tributary.mqtt";
+/// Acks waiting for room in the MQTT client's request queue; past it the
+/// source fails and restarts (its held messages are redelivered, not lost).
+pub const DEFERRED_ACKS_MAX: usize = 65_536;
 
 /// How long a device actor waits for the gateway before retrying the same
 /// reading (the gateway recognises the retry).
@@ -486,6 +489,9 @@ pub struct MqttStats {
     /// Acks not sent because the connection their message came on had ended
     /// (the broker redelivers those messages).
     pub acks_skipped: u64,
+    /// Acks that found the client's request queue full and waited in the
+    /// source's own bounded queue (`DEFERRED_ACKS_MAX`) for room.
+    pub acks_deferred: u64,
     /// Retries of readings the gateway refused as full.
     pub retries_full: u64,
     /// Retries of readings the gateway did not answer (away or too slow).
@@ -1324,6 +1330,10 @@ pub struct MqttSourceState {
     malformed_logged_at: Option<Instant>,
     malformed_unlogged: bool,
     last_malformed: String,
+    /// Acks the client's request queue had no room for, oldest first:
+    /// (stripped message, connection). They hold no permit, so the poll task
+    /// keeps polling, which is what drains the client's queue.
+    deferred_acks: VecDeque<(Publish, u64)>,
 }
 
 /// The marks (default tree: device → ts) and durable keys (id → key) on disk.
@@ -1407,11 +1417,27 @@ impl MqttSourceState {
         if h.publish.qos == QoS::AtMostOnce {
             return Ok(());
         }
+        self.flush_deferred_acks()?;
         let link = lock_link(&self.link);
         if link.ackable(h.connection) {
-            self.client
-                .try_ack(&h.publish)
-                .map_err(|e| format!("queueing a PUBACK: {e}"))?;
+            if !self.deferred_acks.is_empty() || self.client.try_ack(&h.publish).is_err() {
+                // rumqttc writes one queued request per poll but may read many
+                // messages meanwhile: its queue can fill under a burst. Keep
+                // the ack, in order, and retry; a crash here would only make
+                // the broker redeliver everything held.
+                if self.deferred_acks.len() >= DEFERRED_ACKS_MAX {
+                    return Err(format!(
+                        "queueing a PUBACK: {DEFERRED_ACKS_MAX} acks already wait for the MQTT client's queue"
+                    )
+                    .into());
+                }
+                let mut stripped = h.publish.clone();
+                stripped.payload = Default::default();
+                stripped.topic = String::new();
+                self.deferred_acks.push_back((stripped, h.connection));
+                self.stats.acks_deferred += 1;
+                return Ok(());
+            }
             tracing::trace!(
                 pkid = h.publish.pkid,
                 connection = h.connection,
@@ -1427,6 +1453,20 @@ impl MqttSourceState {
             // Its packet id means nothing on the current connection; the
             // broker redelivers it there, and the durable keys recognise it.
             self.stats.acks_skipped += 1;
+        }
+        Ok(())
+    }
+
+    /// Sends the deferred acks the client's queue has room for, in order;
+    /// those of an ended connection are skipped (the broker redelivers).
+    fn flush_deferred_acks(&mut self) -> Result<(), ActorProcessingErr> {
+        while let Some((publish, connection)) = self.deferred_acks.front() {
+            if !lock_link(&self.link).ackable(*connection) {
+                self.stats.acks_skipped += 1;
+            } else if self.client.try_ack(publish).is_err() {
+                return Ok(());
+            }
+            self.deferred_acks.pop_front();
         }
         Ok(())
     }
@@ -1895,6 +1935,7 @@ impl Actor for MqttSource {
             connection: 0,
             session: 0,
             held: HeldSet::new(),
+            deferred_acks: VecDeque::new(),
             devices: HashMap::new(),
             marks,
             keys,
@@ -2083,6 +2124,7 @@ impl Actor for MqttSource {
             }
             MqttMsg::SyncMarks => state.sync_marks()?,
             MqttMsg::Tick => {
+                state.flush_deferred_acks()?;
                 let idle = Duration::from_millis(state.config.device_idle_ms);
                 let expired: Vec<String> = state
                     .devices
