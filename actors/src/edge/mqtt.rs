@@ -1216,7 +1216,10 @@ enum Received {
 /// The messages received and not yet acked, by token, with the broker's
 /// packet ids to recognise its copies.
 struct HeldSet<P> {
-    held: HashMap<u64, Held<P>>,
+    /// By token, which grows with arrival: the first is the oldest.
+    held: std::collections::BTreeMap<u64, Held<P>>,
+    /// Held messages whose ack may go, waiting for an older one's.
+    releasable: std::collections::BTreeSet<u64>,
     /// Held QoS 1 messages by (session, packet id).
     by_pkid: HashMap<(u64, u16), u64>,
     next_token: u64,
@@ -1225,7 +1228,8 @@ struct HeldSet<P> {
 impl<P> HeldSet<P> {
     fn new() -> Self {
         Self {
-            held: HashMap::new(),
+            held: std::collections::BTreeMap::new(),
+            releasable: std::collections::BTreeSet::new(),
             by_pkid: HashMap::new(),
             next_token: 0,
         }
@@ -1276,6 +1280,26 @@ impl<P> HeldSet<P> {
             },
         );
         Received::New(token)
+    }
+
+    /// Marks a held message as ready to ack, and returns those that may now
+    /// be acked, oldest first: acks go out in arrival order, because
+    /// Mosquitto 2.0.11 reorders a session's deliveries when PUBACKs come out
+    /// of order (measured in BENCHMARKS.md), and stages skip readings older
+    /// than their device's latest.
+    fn release_in_order(&mut self, token: u64) -> Vec<Held<P>> {
+        if !self.held.contains_key(&token) {
+            return Vec::new();
+        }
+        self.releasable.insert(token);
+        let mut out = Vec::new();
+        while let Some(oldest) = self.held.keys().next().copied() {
+            if !self.releasable.remove(&oldest) {
+                break;
+            }
+            out.extend(self.take(oldest));
+        }
+        out
     }
 
     /// Removes a held message; the caller acks it if its connection allows.
@@ -1409,11 +1433,17 @@ impl MqttSourceState {
         }
     }
 
-    /// Acks (on the connection it came on, if still up) and releases a held message.
+    /// Releases a held message: it and any younger ones already released are
+    /// acked (on the connection each came on, if still up) once every older
+    /// one is.
     fn release(&mut self, token: u64) -> Result<(), ActorProcessingErr> {
-        let Some(h) = self.held.take(token) else {
-            return Ok(());
-        };
+        for h in self.held.release_in_order(token) {
+            self.ack(h)?;
+        }
+        Ok(())
+    }
+
+    fn ack(&mut self, h: Held<OwnedSemaphorePermit>) -> Result<(), ActorProcessingErr> {
         if h.publish.qos == QoS::AtMostOnce {
             return Ok(());
         }
@@ -2394,6 +2424,26 @@ mod tests {
         load_store(&store, &mut HashMap::new(), &mut small).unwrap();
         assert_eq!(small.get("d", 12), Some(KnownBy::MarksStore));
         assert_eq!(store.keys.len(), 1);
+    }
+
+    #[test]
+    fn acks_go_out_in_arrival_order() {
+        let mut held: HeldSet<()> = HeldSet::new();
+        let mut tokens = Vec::new();
+        for pkid in 1..=3 {
+            let Received::New(t) = held.receive(publish(pkid, "p/d/t", "x"), 1, 1, ()) else {
+                panic!("each delivery is new");
+            };
+            tokens.push(t);
+        }
+        let pkids = |hs: Vec<Held<()>>| hs.iter().map(|h| h.publish.pkid).collect::<Vec<_>>();
+        // The second is durable first: its ack waits for the first's.
+        assert!(held.release_in_order(tokens[1]).is_empty());
+        assert_eq!(pkids(held.release_in_order(tokens[0])), [1, 2]);
+        assert_eq!(pkids(held.release_in_order(tokens[2])), [3]);
+        // Releasing what is gone does nothing.
+        assert!(held.release_in_order(tokens[2]).is_empty());
+        assert_eq!(held.len(), 0);
     }
 
     #[test]
