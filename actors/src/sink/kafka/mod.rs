@@ -663,11 +663,23 @@ impl KafkaEdgeWriter {
 
         // Fetched after init_transactions: every transaction of this edge has
         // ended, so the latest mark lies below this offset.
-        let (low, high) = self
-            .shared
-            .watermarks
-            .fetch_watermarks(topic, HWM_PARTITION, remaining(deadline))
-            .map_err(|e| recover_error(format!("fetching the watermarks of {topic}: {e}")))?;
+        // Right after the topic's creation a broker may not lead its partition
+        // yet (NotLeaderForPartition): that settles, so ask again until the
+        // deadline rather than fail the edge's connection.
+        let (low, high) = until_settled(
+            deadline,
+            &format!("fetching the watermarks of {topic}"),
+            |timeout| {
+                self.shared
+                    .watermarks
+                    .fetch_watermarks(topic, HWM_PARTITION, timeout)
+                    .map_err(|e| e.to_string())
+            },
+        )
+        .map_err(|e| match e {
+            SinkError::Config(reason) => recover_error(reason),
+            other => other,
+        })?;
         if high <= low {
             return Ok(None);
         }
