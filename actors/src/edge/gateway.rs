@@ -280,6 +280,8 @@ impl GatewayState {
 
     /// Stores stage outputs (alerts cannot leave an edge; the topology
     /// refuses detectors there, so a custom stage's are counted and dropped).
+    /// Every drop is counted; the 1st, 2nd, 4th, 8th... are logged, so that a
+    /// long episode does not flood the log.
     fn store_outputs(&mut self, now: Instant) {
         let Some(stages) = &mut self.stages else {
             return;
@@ -289,7 +291,9 @@ impl GatewayState {
                 Output::Reading(r) => r,
                 Output::Alert(a) => {
                     stages.outputs_dropped += 1;
-                    tracing::warn!(stage = %e.stream, device = %a.device_id, "an edge stage raised an alert; alerts are raised on the cloud, so it is dropped");
+                    if stages.outputs_dropped.is_power_of_two() {
+                        tracing::warn!(dropped = stages.outputs_dropped, stage = %e.stream, device = %a.device_id, "an edge stage raised an alert; alerts are raised on the cloud, so it is dropped");
+                    }
                     continue;
                 }
             };
@@ -297,15 +301,21 @@ impl GatewayState {
                 Ok(()) => {}
                 Err(Refusal::Full(r, _) | Refusal::SegmentFull(r, _)) => {
                     stages.outputs_dropped += 1;
-                    tracing::warn!(stage = %e.stream, device = %r.device_id, "outbox full: a stage output was dropped");
+                    if stages.outputs_dropped.is_power_of_two() {
+                        tracing::warn!(dropped = stages.outputs_dropped, stage = %e.stream, device = %r.device_id, "outbox full: a stage output was dropped");
+                    }
                 }
                 Err(Refusal::Invalid(err, _)) => {
                     stages.outputs_dropped += 1;
-                    tracing::warn!(stage = %e.stream, error = %err, "a stage output was refused");
+                    if stages.outputs_dropped.is_power_of_two() {
+                        tracing::warn!(dropped = stages.outputs_dropped, stage = %e.stream, error = %err, "a stage output was refused");
+                    }
                 }
                 Err(Refusal::TooLarge(n, _)) => {
                     stages.outputs_dropped += 1;
-                    tracing::warn!(stage = %e.stream, bytes = n, "a stage output exceeds segment_bytes_max");
+                    if stages.outputs_dropped.is_power_of_two() {
+                        tracing::warn!(dropped = stages.outputs_dropped, stage = %e.stream, bytes = n, "a stage output exceeds segment_bytes_max");
+                    }
                 }
             }
         }
