@@ -352,6 +352,20 @@ pub struct Component {
 }
 
 impl Component {
+    fn new(
+        name: impl Into<String>,
+        placement: Placement,
+        inputs: Vec<String>,
+        kind: ComponentKind,
+    ) -> Self {
+        Self {
+            name: name.into(),
+            placement,
+            inputs,
+            kind,
+        }
+    }
+
     /// What it emits; `None` for a sink.
     pub fn output(&self) -> Option<StreamKind> {
         match &self.kind {
@@ -725,12 +739,12 @@ pub struct EdgeBuilder {
 
 impl EdgeBuilder {
     pub fn source(mut self, name: impl Into<String>, source: impl Into<Source>) -> Self {
-        self.components.push(Component {
-            name: name.into(),
-            placement: self.placement.clone(),
-            inputs: Vec::new(),
-            kind: ComponentKind::Source(source.into()),
-        });
+        self.components.push(Component::new(
+            name,
+            self.placement.clone(),
+            Vec::new(),
+            ComponentKind::Source(source.into()),
+        ));
         self
     }
 
@@ -741,12 +755,12 @@ impl EdgeBuilder {
         inputs: impl Inputs,
         stage: impl Into<StageSpec>,
     ) -> Self {
-        self.components.push(Component {
-            name: name.into(),
-            placement: self.placement.clone(),
-            inputs: dedup(inputs),
-            kind: ComponentKind::Stage(stage.into()),
-        });
+        self.components.push(Component::new(
+            name,
+            self.placement.clone(),
+            dedup(inputs),
+            ComponentKind::Stage(stage.into()),
+        ));
         self
     }
 }
@@ -765,12 +779,12 @@ impl CloudBuilder {
         inputs: impl Inputs,
         stage: impl Into<StageSpec>,
     ) -> Self {
-        self.components.push(Component {
-            name: name.into(),
-            placement: Placement::Cloud,
-            inputs: dedup(inputs),
-            kind: ComponentKind::Stage(stage.into()),
-        });
+        self.components.push(Component::new(
+            name,
+            Placement::Cloud,
+            dedup(inputs),
+            ComponentKind::Stage(stage.into()),
+        ));
         self
     }
 
@@ -780,12 +794,12 @@ impl CloudBuilder {
         inputs: impl Inputs,
         sink: impl Into<Sink>,
     ) -> Self {
-        self.components.push(Component {
-            name: name.into(),
-            placement: Placement::Cloud,
-            inputs: dedup(inputs),
-            kind: ComponentKind::Sink(sink.into()),
-        });
+        self.components.push(Component::new(
+            name,
+            Placement::Cloud,
+            dedup(inputs),
+            ComponentKind::Sink(sink.into()),
+        ));
         self
     }
 }

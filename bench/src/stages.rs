@@ -111,6 +111,20 @@ fn reading(o: &StagesOpts, i: u64) -> Reading {
     }
 }
 
+/// The benchmarked metric as a number, as the stages read it.
+fn metric_value(r: &Reading) -> Option<f64> {
+    match r
+        .metrics
+        .iter()
+        .find(|m| m.name == METRIC)
+        .map(|m| &m.value)
+    {
+        Some(Value::F64(v)) => Some(*v),
+        Some(Value::I64(v)) => Some(*v as f64),
+        _ => None,
+    }
+}
+
 /// The baseline: a running mean per device, the least a stateful stage does.
 #[derive(Default)]
 struct RunningMeans {
@@ -119,15 +133,8 @@ struct RunningMeans {
 
 impl RunningMeans {
     fn handle(&mut self, r: Reading) -> usize {
-        let v = match r
-            .metrics
-            .iter()
-            .find(|m| m.name == METRIC)
-            .map(|m| &m.value)
-        {
-            Some(Value::F64(v)) => *v,
-            Some(Value::I64(v)) => *v as f64,
-            _ => return 0,
+        let Some(v) = metric_value(&r) else {
+            return 0;
         };
         match self.by_device.get_mut(&r.device_id) {
             Some((n, mean)) => {
@@ -155,15 +162,8 @@ struct OrderedTable {
 
 impl OrderedTable {
     fn handle(&mut self, r: Reading) -> usize {
-        let v = match r
-            .metrics
-            .iter()
-            .find(|m| m.name == METRIC)
-            .map(|m| &m.value)
-        {
-            Some(Value::F64(v)) => *v,
-            Some(Value::I64(v)) => *v as f64,
-            _ => return 0,
+        let Some(v) = metric_value(&r) else {
+            return 0;
         };
         self.tick += 1;
         let tick = self.tick;
