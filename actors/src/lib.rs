@@ -4,6 +4,7 @@
 //! **Boundary:** only [`sink::kafka`] knows rdkafka; only the cluster crate
 //! knows quinn and rustls.
 
+pub mod clock;
 pub mod cloud;
 pub mod edge;
 pub mod outbox;

@@ -208,6 +208,21 @@ impl Simulated {
         (1000.0 / self.rate_hz).round().max(1.0) as u64
     }
 
+    /// The devices this source runs on an edge, stamping `stream` on their
+    /// readings; they run until stopped.
+    pub fn devices_config(&self, stream: &str) -> crate::edge::DevicesConfig {
+        crate::edge::DevicesConfig {
+            count: self.devices,
+            interval_ms: self.interval_ms(),
+            signal: self.signal.clone(),
+            seed: self.seed,
+            id_prefix: self.id_prefix.clone(),
+            readings_max: 0,
+            stream: Some(stream.to_string()),
+            stop_at_us: None,
+        }
+    }
+
     fn validate(&self) -> Result<(), ParamError> {
         if self.devices == 0 {
             return Err(ParamError::Zero {

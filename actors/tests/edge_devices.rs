@@ -8,7 +8,9 @@ use ractor::{ActorRef, RpcReplyPort};
 use tributary_actors::edge::device::{DeviceMsg, Signal};
 use tributary_actors::edge::gateway::{GatewayArgs, GatewayMsg, GatewayStatus, StoreFactory};
 use tributary_actors::edge::uplink::UplinkArgs;
-use tributary_actors::edge::{start_edge, DevicesConfig, EdgeArgs, DEVICES_NAME, GATEWAY_NAME};
+use tributary_actors::edge::{
+    start_edge, DevicesConfig, EdgeArgs, EdgeNames, DEVICES_NAME, GATEWAY_NAME,
+};
 use tributary_actors::outbox::{MemoryStore, OutboxConfig, OutboxStore};
 use tributary_actors::supervision::{ChildStatus, SupervisorMsg};
 use tributary_cluster::quic::QuicConfig;
@@ -76,6 +78,8 @@ async fn a_crashed_device_restarts_and_accepted_readings_stay() {
             },
             ack_log: None,
             stages: None,
+            names: EdgeNames::default(),
+            clock: tributary_actors::clock::system(),
         },
         uplink: UplinkArgs {
             edge_id: id.to_string(),
@@ -84,6 +88,8 @@ async fn a_crashed_device_restarts_and_accepted_readings_stay() {
             reconnect_backoff_initial_ms: 100,
             reconnect_backoff_max_ms: 1000,
             on_connect: None,
+            names: EdgeNames::default(),
+            jitter_seed: None,
         },
         devices: vec![DevicesConfig {
             count: 2,
@@ -93,10 +99,12 @@ async fn a_crashed_device_restarts_and_accepted_readings_stay() {
             id_prefix: "dev-".into(),
             readings_max: 0,
             stream: None,
+            stop_at_us: None,
         }],
         mqtt: None,
         restarts_max: 5,
         restart_period_ms: 10_000,
+        names: EdgeNames::default(),
     };
     let (root, _handle) = start_edge(args).await.unwrap();
 

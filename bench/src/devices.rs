@@ -33,7 +33,7 @@ use tokio::sync::Notify;
 use tributary_actors::edge::device::{DeviceArgs, Signal, SimulatedDevice};
 use tributary_actors::edge::gateway::{GatewayMsg, IngestReply};
 use tributary_actors::edge::mqtt::{MqttDevice, MqttDeviceArgs, MqttMsg, RetryGauge};
-use tributary_actors::edge::GATEWAY_NAME;
+use tributary_actors::edge::{EdgeNames, GATEWAY_NAME};
 use tributary_actors::supervision::{ChildSpec, Restart, Strategy, Supervisor, SupervisorArgs};
 
 use crate::stats::{median, thousands};
@@ -254,6 +254,7 @@ async fn spawn_kind(kind: Kind, count: usize) -> Result<(Alive, Sample)> {
                     source: source.clone(),
                     stream: None,
                     gauge: gauge.clone(),
+                    names: EdgeNames::default(),
                 };
                 let (a, _) = Actor::spawn_linked(None, MqttDevice, args, source.get_cell()).await?;
                 children.push(a);
@@ -272,6 +273,9 @@ async fn spawn_kind(kind: Kind, count: usize) -> Result<(Alive, Sample)> {
                         seed: i as u64,
                         readings_max: 0,
                         stream: None,
+                        stop_at_us: None,
+                        names: EdgeNames::default(),
+                        clock: tributary_actors::clock::system(),
                     };
                     ChildSpec::new(
                         format!("device/{id}"),

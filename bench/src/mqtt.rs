@@ -38,7 +38,7 @@ use tributary_actors::edge::gateway::{Gateway, GatewayArgs, GatewayMsg, StoreFac
 use tributary_actors::edge::mqtt::{
     MqttConfig, MqttMsg, MqttSource, MqttSourceArgs, MQTT_NAME, REQUEST_HEADROOM,
 };
-use tributary_actors::edge::GATEWAY_NAME;
+use tributary_actors::edge::{EdgeNames, GATEWAY_NAME};
 use tributary_actors::outbox::{FullPolicy, OutboxConfig, OutboxStore, SledStore};
 
 use crate::log::unique_suffix;
@@ -515,6 +515,8 @@ async fn edge_pass(broker: &(String, u16), o: &MqttOpts, prefix: &str) -> Result
         ack_log: None,
         // Every reading goes to the outbox as it comes, as with no topology.
         stages: None,
+        names: EdgeNames::default(),
+        clock: tributary_actors::clock::system(),
     };
     let ended: Ended = Arc::default();
     let (watcher, _) = Actor::spawn(None, Watcher, ended.clone())
@@ -540,6 +542,7 @@ async fn edge_pass(broker: &(String, u16), o: &MqttOpts, prefix: &str) -> Result
     let source_args = MqttSourceArgs {
         config,
         outbox_marks: Arc::new(HashMap::new()),
+        names: EdgeNames::default(),
     };
     let (source, _) = Actor::spawn_linked(
         Some(MQTT_NAME.to_string()),

@@ -6,11 +6,13 @@
 //!
 //! - [`tls`]: the cluster CA, node certificates and the peer identity check.
 //! - [`quic`]: QUIC endpoints and stream routing.
+//! - [`net`]: where UDP sockets come from: the OS, or a simulated network.
 //! - [`session`]: the ractor_cluster session over a QUIC stream.
 //! - [`backoff`]: reconnect delays with jitter.
 //! - [`uplink`]: the edge-to-cloud protocol: frames, sans-IO cores, and links.
 
 pub mod backoff;
+pub mod net;
 pub mod quic;
 pub mod session;
 pub mod tls;

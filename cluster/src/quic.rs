@@ -14,6 +14,7 @@ use quinn::crypto::rustls::{NoInitialCipherSuite, QuicClientConfig, QuicServerCo
 use quinn::{Connection, Endpoint, IdleTimeout, RecvStream, SendStream, VarInt};
 use rustls::pki_types::CertificateDer;
 
+use crate::net::{Network, OsNetwork};
 use crate::tls::{self, NodeIdentity, TlsError, CLOUD_SERVER_NAME};
 
 // Closing codes of a Tributary connection, sent in CONNECTION_CLOSE so the
@@ -249,6 +250,16 @@ pub fn server_endpoint(
     identity: &NodeIdentity,
     config: &QuicConfig,
 ) -> Result<Endpoint, QuicError> {
+    server_endpoint_on(&OsNetwork, bind, identity, config)
+}
+
+/// [`server_endpoint`] on the given network.
+pub fn server_endpoint_on(
+    network: &dyn Network,
+    bind: SocketAddr,
+    identity: &NodeIdentity,
+    config: &QuicConfig,
+) -> Result<Endpoint, QuicError> {
     let tls = tls::server_config(identity)?;
     let crypto = QuicServerConfig::try_from(tls).map_err(|source| QuicError::QuicTls {
         side: "server",
@@ -260,12 +271,31 @@ pub fn server_endpoint(
     // A client that changes address is more likely an attack than a roaming
     // edge behind the same NAT; a reconnect is cheap.
     server.migration(false);
-    Endpoint::server(server, bind).map_err(|source| QuicError::Bind { addr: bind, source })
+    let socket = network
+        .bind(bind)
+        .map_err(|source| QuicError::Bind { addr: bind, source })?;
+    Endpoint::new_with_abstract_socket(
+        network.endpoint_config(),
+        Some(server),
+        socket,
+        Arc::new(quinn::TokioRuntime),
+    )
+    .map_err(|source| QuicError::Bind { addr: bind, source })
 }
 
 /// A client endpoint on `bind` (see [`unspecified_bind_for`]) that dials
 /// cloud nodes, presenting this node's certificate.
 pub fn client_endpoint(
+    bind: SocketAddr,
+    identity: &NodeIdentity,
+    config: &QuicConfig,
+) -> Result<Endpoint, QuicError> {
+    client_endpoint_on(&OsNetwork, bind, identity, config)
+}
+
+/// [`client_endpoint`] on the given network.
+pub fn client_endpoint_on(
+    network: &dyn Network,
     bind: SocketAddr,
     identity: &NodeIdentity,
     config: &QuicConfig,
@@ -277,8 +307,16 @@ pub fn client_endpoint(
     })?;
     let mut client = quinn::ClientConfig::new(Arc::new(crypto));
     client.transport_config(Arc::new(config.transport()?));
-    let mut endpoint =
-        Endpoint::client(bind).map_err(|source| QuicError::Bind { addr: bind, source })?;
+    let socket = network
+        .bind(bind)
+        .map_err(|source| QuicError::Bind { addr: bind, source })?;
+    let mut endpoint = Endpoint::new_with_abstract_socket(
+        network.endpoint_config(),
+        None,
+        socket,
+        Arc::new(quinn::TokioRuntime),
+    )
+    .map_err(|source| QuicError::Bind { addr: bind, source })?;
     endpoint.set_default_client_config(client);
     Ok(endpoint)
 }

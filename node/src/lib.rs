@@ -18,7 +18,7 @@ use tributary_actors::edge::gateway::EdgeStages;
 use tributary_actors::edge::gateway::{GatewayArgs, StoreFactory};
 use tributary_actors::edge::mqtt::MqttConfig;
 use tributary_actors::edge::uplink::UplinkArgs;
-use tributary_actors::edge::{start_edge, DevicesConfig, EdgeArgs};
+use tributary_actors::edge::{start_edge, DevicesConfig, EdgeArgs, EdgeNames};
 use tributary_actors::outbox::{Outbox, OutboxStore, SledStore};
 use tributary_actors::pipeline::StageRestarts;
 use tributary_actors::sink::kafka::{KafkaLog, KafkaSinkConfig};
@@ -247,6 +247,7 @@ fn edge_plan(
         id_prefix: s.device_id_prefix.clone(),
         readings_max: s.device_readings_max,
         stream,
+        stop_at_us: None,
     };
     let Some(t) = topology else {
         return Ok((vec![from_settings(None)], s.mqtt()?, None));
@@ -263,13 +264,8 @@ fn edge_plan(
                     bail!("two simulated sources on {id} use the device id prefix {:?}: give {:?} its own with .id_prefix(..)", sim.id_prefix, c.name);
                 }
                 devices.push(DevicesConfig {
-                    count: sim.devices,
-                    interval_ms: ((1000.0 / sim.rate_hz).round() as u64).max(1),
-                    signal: sim.signal.clone(),
-                    seed: sim.seed,
-                    id_prefix: sim.id_prefix.clone(),
-                    stream: Some(c.name.clone()),
-                    ..from_settings(None)
+                    readings_max: s.device_readings_max,
+                    ..sim.devices_config(&c.name)
                 });
             }
             ComponentKind::Source(Source::Mqtt(m)) => {
@@ -347,6 +343,8 @@ async fn run_edge(
             outbox: s.outbox(),
             ack_log: (!s.ack_log.as_os_str().is_empty()).then(|| s.ack_log.clone()),
             stages,
+            names: EdgeNames::default(),
+            clock: tributary_actors::clock::system(),
         },
         uplink: UplinkArgs {
             edge_id: id.to_string(),
@@ -358,11 +356,14 @@ async fn run_edge(
             reconnect_backoff_initial_ms: s.reconnect_backoff_initial_ms,
             reconnect_backoff_max_ms: s.reconnect_backoff_max_ms,
             on_connect: cluster.on_connect,
+            names: EdgeNames::default(),
+            jitter_seed: None,
         },
         devices,
         mqtt,
         restarts_max: s.restarts_max,
         restart_period_ms: s.restart_period_ms,
+        names: EdgeNames::default(),
     };
     let (root, handle) = start_edge(args)
         .await
@@ -502,6 +503,8 @@ async fn run_cloud(
         sink: Arc::new(log),
         report_interval_ms: s.report_interval_ms,
         on_session: cluster.on_session,
+        names_prefix: String::new(),
+        network: tributary_cluster::net::os(),
     };
     let (listener, handle): (ActorRef<_>, _) =
         ractor::Actor::spawn(Some(LISTENER_NAME.to_string()), Listener, args)

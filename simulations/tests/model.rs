@@ -3,7 +3,7 @@
 //! torn writes), disk and log outages, each checked against the simple model
 //! "every acknowledged reading is in the log once, in device order".
 
-use tributary_simulations::{run_seed, Mutation, Sim, SimConfig, Violation};
+use tributary_simulations::model::{run_seed, Mutation, Sim, SimConfig, Violation};
 
 /// Seeds per test run; each seed is a different configuration and schedule.
 const SEEDS: u64 = 300;

@@ -53,6 +53,8 @@ pub struct IngestState {
     edge_id: String,
     core: Ingest,
     writer: Option<Box<dyn EdgeLogWriter>>,
+    /// Whether sink calls run on a blocking thread (see [`LogSink::is_blocking`]).
+    sink_blocks: bool,
     committing: bool,
     /// `None` once stopping: dropping it lets the writer finish what is queued.
     tx: Option<mpsc::Sender<Frame>>,
@@ -114,7 +116,7 @@ impl IngestState {
         self.committing = true;
         let edge = self.edge_id.clone();
         let me = myself.clone();
-        tokio::task::spawn_blocking(move || {
+        run_sink(self.sink_blocks, move || {
             let hwm = Hwm {
                 epoch: batch.epoch,
                 seq: batch.seq_through,
@@ -123,6 +125,17 @@ impl IngestState {
             let result = writer.commit(&edge, hwm, &batches).map(|_| readings);
             let _ = me.send_message(IngestMsg::Committed(writer, batch, result));
         });
+    }
+}
+
+/// Runs a sink call where it belongs: on a blocking thread for a real
+/// broker; inline for a simulated log, whose answer then arrives in the same
+/// simulated instant on every replay.
+fn run_sink(blocking: bool, f: impl FnOnce() + Send + 'static) {
+    if blocking {
+        tokio::task::spawn_blocking(f);
+    } else {
+        f();
     }
 }
 
@@ -180,7 +193,8 @@ impl Actor for IngestActor {
         let sink = args.sink.clone();
         let edge = edge_id.clone();
         let me = myself.clone();
-        tokio::task::spawn_blocking(move || {
+        let sink_blocks = sink.is_blocking();
+        run_sink(sink_blocks, move || {
             let result = (|| {
                 let mut writer = match pooled {
                     Some(w) => w,
@@ -196,6 +210,7 @@ impl Actor for IngestActor {
             edge_id,
             core,
             writer: None,
+            sink_blocks,
             committing: false,
             tx: Some(tx),
             handle: up.handle,

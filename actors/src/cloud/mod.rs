@@ -18,6 +18,7 @@ use std::time::Duration;
 
 use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort, SupervisionEvent};
 use tokio::task::JoinHandle;
+use tributary_cluster::net::SharedNetwork;
 use tributary_cluster::quic::QuicConfig;
 use tributary_cluster::tls::NodeIdentity;
 use tributary_cluster::uplink::link::{
@@ -88,6 +89,12 @@ pub struct CloudArgs {
     /// Serves a cluster session stream an edge opened; without it, session
     /// streams are dropped.
     pub on_session: Option<SessionHook>,
+    /// Prefixes the names the ingest actors register under; empty in a node
+    /// process, unique per incarnation in a simulation that runs several
+    /// clouds (or restarts one) in one process.
+    pub names_prefix: String,
+    /// Where the listener's UDP socket comes from.
+    pub network: SharedNetwork,
 }
 
 /// Takes over a session stream, with a handle on its connection.
@@ -122,8 +129,8 @@ pub struct ListenerState {
     last_reported: u64,
 }
 
-fn ingest_name(edge: &str) -> String {
-    format!("ingest/{edge}")
+fn ingest_name(prefix: &str, edge: &str) -> String {
+    format!("{prefix}ingest/{edge}")
 }
 
 async fn serve_connection(
@@ -184,7 +191,8 @@ impl Actor for Listener {
         myself: ActorRef<ListenerMsg>,
         args: CloudArgs,
     ) -> Result<ListenerState, ActorProcessingErr> {
-        let endpoint = Arc::new(CloudEndpoint::bind(
+        let endpoint = Arc::new(CloudEndpoint::bind_on(
+            args.network.as_ref(),
             args.listen_addr,
             &args.identity,
             args.quic.clone(),
@@ -242,7 +250,7 @@ impl Actor for Listener {
     ) -> Result<(), ActorProcessingErr> {
         match msg {
             ListenerMsg::Incoming(up) => {
-                let name = ingest_name(up.edge_id.as_str());
+                let name = ingest_name(&state.args.names_prefix, up.edge_id.as_str());
                 // A reconnecting edge may find its previous ingest still alive
                 // (its link not yet timed out): stop it first, so that one
                 // writer per edge exists and goes back to the pool.

@@ -7,7 +7,7 @@
 //! as full is kept and retried: a simulated sensor that cannot deliver falls
 //! behind, as a real one with a small buffer would.
 
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use ractor::{Actor, ActorProcessingErr, ActorRef};
 use rand::rngs::SmallRng;
@@ -15,7 +15,8 @@ use rand::{RngExt, SeedableRng};
 use tokio::time::Instant;
 
 use super::gateway::{GatewayMsg, IngestReply};
-use super::GATEWAY_NAME;
+use super::EdgeNames;
+use crate::clock::SharedClock;
 use crate::reading::{Metric, Reading, Value};
 
 /// How long a device waits for the gateway's answer before it retries the
@@ -66,6 +67,13 @@ pub struct DeviceArgs {
     pub readings_max: u64,
     /// The topology source it belongs to, stamped on its readings.
     pub stream: Option<String>,
+    /// Stops the device once its clock reaches this time (µs since the
+    /// epoch), as `readings_max` stops it after a count; `None` for no end.
+    pub stop_at_us: Option<i64>,
+    /// Where the edge's gateway is registered.
+    pub names: EdgeNames,
+    /// Stamps the readings.
+    pub clock: SharedClock,
 }
 
 pub enum DeviceMsg {
@@ -90,13 +98,6 @@ pub struct DeviceState {
     started: Instant,
 }
 
-fn unix_us() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_micros() as i64)
-        .unwrap_or(0)
-}
-
 impl DeviceState {
     fn sample(&mut self) -> Reading {
         let s = &self.args.signal;
@@ -117,7 +118,7 @@ impl DeviceState {
         self.counter += 1;
         // Timestamps strictly grow per device, which makes (device, ts) a
         // reading's identity even across restarts.
-        let ts = unix_us().max(self.last_ts_us + 1);
+        let ts = self.args.clock.now_us().max(self.last_ts_us + 1);
         self.last_ts_us = ts;
         Reading {
             device_id: self.args.device_id.clone(),
@@ -178,12 +179,18 @@ impl Actor for SimulatedDevice {
             DeviceMsg::Tick => {}
         }
         if state.pending.is_none() {
+            if let Some(stop_at) = state.args.stop_at_us {
+                if state.args.clock.now_us() >= stop_at {
+                    tracing::debug!(device = %state.args.device_id, "device reached its stop time");
+                    myself.stop(None);
+                    return Ok(());
+                }
+            }
             state.pending = Some(state.sample());
         }
         let reading = state.pending.clone().expect("set above");
-        let answer = match ractor::registry::where_is(GATEWAY_NAME) {
-            Some(cell) => {
-                let gateway: ActorRef<GatewayMsg> = cell.into();
+        let answer = match state.args.names.where_is_gateway() {
+            Some(gateway) => {
                 ractor::call_t!(gateway, GatewayMsg::Ingest, INGEST_TIMEOUT_MS, reading).ok()
             }
             None => None,

@@ -23,13 +23,14 @@ use std::collections::HashMap;
 use std::io::Write;
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::{Instant, SystemTime, UNIX_EPOCH};
+use std::time::Instant;
 
 use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
 use tributary_cluster::uplink::{ReadRequest, SegmentFrame};
 
 use super::uplink::UplinkMsg;
-use super::UPLINK_NAME;
+use super::EdgeNames;
+use crate::clock::SharedClock;
 use crate::outbox::Outbox;
 use crate::outbox::{Committed, OutboxConfig, OutboxStats, OutboxStore, Refusal, StoreError};
 use crate::pipeline::{Emitted, Pipeline, PipelineError, StageReport, StageRestarts};
@@ -76,6 +77,11 @@ pub struct GatewayArgs {
     /// The stages this edge runs before the outbox; `None` stores every
     /// reading as it comes.
     pub stages: Option<EdgeStages>,
+    /// Where the edge's uplink is registered.
+    pub names: EdgeNames,
+    /// Stamps readings on arrival, dates a new outbox's epoch, and moves the
+    /// stages' watermark when input is quiet.
+    pub clock: SharedClock,
 }
 
 /// The edge's part of a topology, as the gateway runs it.
@@ -125,6 +131,12 @@ impl ractor::Message for GatewayMsg {}
 #[derive(Clone, Default)]
 pub struct Gateway;
 
+/// The runtime's notion of now: simulated under a simulation, so that the
+/// outbox's commit timer follows simulated time.
+fn now() -> Instant {
+    tokio::time::Instant::now().into_std()
+}
+
 type Ticket = Option<RpcReplyPort<IngestReply>>;
 
 fn answer(ticket: Ticket, reply: IngestReply) {
@@ -156,13 +168,8 @@ pub struct GatewayState {
     timer_armed: bool,
     /// Whether the last reading was refused as full, to log episodes, not readings.
     full: bool,
-}
-
-fn now_us() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_micros() as i64)
-        .unwrap_or(0)
+    names: EdgeNames,
+    clock: SharedClock,
 }
 
 impl GatewayState {
@@ -239,7 +246,7 @@ impl GatewayState {
                 for t in tickets {
                     answer(t, IngestReply::Committed { seq });
                 }
-                if let Some(uplink) = ractor::registry::where_is(UPLINK_NAME) {
+                if let Some(uplink) = ractor::registry::where_is(self.names.uplink()) {
                     let _ = uplink.send_message(UplinkMsg::Sealed(seq));
                 }
             }
@@ -353,7 +360,7 @@ impl Actor for Gateway {
         let store = (args.store)()?;
         // The epoch of a new outbox is its creation time, so that a newer
         // outbox always has a larger epoch than an older one.
-        let (outbox, rec) = Outbox::open(store, args.outbox, now_us() as u64)?;
+        let (outbox, rec) = Outbox::open(store, args.outbox, args.clock.now_us().max(1) as u64)?;
         tracing::info!(
             epoch = rec.epoch,
             sealed_through = rec.sealed_through,
@@ -401,6 +408,8 @@ impl Actor for Gateway {
             timer_generation: 0,
             timer_armed: false,
             full: false,
+            names: args.names,
+            clock: args.clock,
         })
     }
 
@@ -424,8 +433,8 @@ impl Actor for Gateway {
                     state.waiting.insert(key.0.to_string(), (key.1, reply));
                     return Ok(());
                 }
-                reading.edge_ts_us = now_us();
-                let now = Instant::now();
+                reading.edge_ts_us = state.clock.now_us();
+                let now = now();
                 let stream = reading.stream.clone().unwrap_or_default();
                 let (feeds, stored) = match &state.stages {
                     Some(st) => (st.pipeline.reads(&stream), st.uplink.contains(&stream)),
@@ -502,9 +511,10 @@ impl Actor for Gateway {
                 state.after_append(&myself, now);
             }
             GatewayMsg::StagesTick => {
-                let now = Instant::now();
+                let now = now();
                 if let Some(st) = &mut state.stages {
-                    let watermark_us = now_us() - (STAGES_WATERMARK_LAG_MS * 1000) as i64;
+                    let watermark_us =
+                        state.clock.now_us() - (STAGES_WATERMARK_LAG_MS * 1000) as i64;
                     st.pipeline.advance_watermark(watermark_us, &mut st.out)?;
                     if !st.out.is_empty() {
                         state.store_outputs(now);
@@ -518,10 +528,7 @@ impl Actor for Gateway {
                     state.commit(&myself);
                     if !state.timer_armed {
                         if let Some(deadline) = state.outbox.poll_timeout() {
-                            state.arm_timer(
-                                &myself,
-                                deadline.saturating_duration_since(Instant::now()),
-                            );
+                            state.arm_timer(&myself, deadline.saturating_duration_since(now()));
                         }
                     }
                 }

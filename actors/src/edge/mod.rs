@@ -38,6 +38,57 @@ pub const GATEWAY_NAME: &str = "tributary.gateway";
 pub const UPLINK_NAME: &str = "tributary.uplink";
 pub const DEVICES_NAME: &str = "tributary.devices";
 
+/// The registered names of one edge's actors. A node process runs one edge,
+/// under the fixed names above; a simulation runs several edges in one
+/// process, and restarts them after crashes that leave the old names
+/// registered, so it gives each edge incarnation its own prefix.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct EdgeNames {
+    prefix: Arc<str>,
+}
+
+impl EdgeNames {
+    /// Names that all start with `prefix`.
+    pub fn scoped(prefix: impl Into<String>) -> Self {
+        Self {
+            prefix: prefix.into().into(),
+        }
+    }
+
+    fn name(&self, base: &str) -> String {
+        format!("{}{base}", self.prefix)
+    }
+
+    pub fn edge(&self) -> String {
+        self.name(EDGE_NAME)
+    }
+
+    pub fn gateway(&self) -> String {
+        self.name(GATEWAY_NAME)
+    }
+
+    pub fn uplink(&self) -> String {
+        self.name(UPLINK_NAME)
+    }
+
+    pub fn devices(&self) -> String {
+        self.name(DEVICES_NAME)
+    }
+
+    pub fn mqtt(&self) -> String {
+        self.name(MQTT_NAME)
+    }
+
+    pub fn device(&self, id: &str) -> String {
+        self.name(&format!("device/{id}"))
+    }
+
+    /// The gateway, if it is running.
+    pub fn where_is_gateway(&self) -> Option<ActorRef<gateway::GatewayMsg>> {
+        ractor::registry::where_is(self.gateway()).map(Into::into)
+    }
+}
+
 /// The simulated devices of an edge.
 #[derive(Debug, Clone)]
 pub struct DevicesConfig {
@@ -51,6 +102,9 @@ pub struct DevicesConfig {
     pub readings_max: u64,
     /// The topology source these devices are, stamped on their readings.
     pub stream: Option<String>,
+    /// Stops the devices once the edge's clock reaches this time (µs since
+    /// the epoch); `None` for no end.
+    pub stop_at_us: Option<i64>,
 }
 
 #[derive(Clone)]
@@ -63,15 +117,16 @@ pub struct EdgeArgs {
     pub mqtt: Option<MqttConfig>,
     pub restarts_max: u32,
     pub restart_period_ms: u64,
+    /// The names the edge's actors register under; the same value must be in
+    /// the gateway's, uplink's and devices' arguments.
+    pub names: EdgeNames,
 }
 
 /// The MQTT devices' marks in the outbox, read before the uplink can delete
 /// anything. A failure here is the gateway's to report when it opens the
 /// outbox; the source then starts from its own marks store.
 fn mqtt_outbox_marks(gateway: &GatewayArgs) -> HashMap<String, i64> {
-    let epoch = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(1, |d| d.as_micros() as u64);
+    let epoch = gateway.clock.now_us().max(1) as u64;
     let scan = (gateway.store)()
         .map_err(|e| e.to_string())
         .and_then(|store| {
@@ -104,10 +159,13 @@ pub async fn start_edge(
                 seed: group.seed.wrapping_add(i as u64),
                 readings_max: group.readings_max,
                 stream: group.stream.clone(),
+                stop_at_us: group.stop_at_us,
+                names: args.names.clone(),
+                clock: args.gateway.clock.clone(),
             };
             // Transient: a device that finished its readings stays stopped.
             ChildSpec::new(
-                format!("device/{id}"),
+                args.names.device(&id),
                 Restart::Transient,
                 SimulatedDevice,
                 dargs,
@@ -119,30 +177,41 @@ pub async fn start_edge(
     device_sup.restart_period_ms = args.restart_period_ms;
     let mut children = vec![
         ChildSpec::new(
-            GATEWAY_NAME,
+            args.names.gateway(),
             Restart::Permanent,
             Gateway,
             args.gateway.clone(),
         ),
-        ChildSpec::new(UPLINK_NAME, Restart::Permanent, Uplink, args.uplink.clone()),
-        ChildSpec::new(DEVICES_NAME, Restart::Permanent, Supervisor, device_sup),
+        ChildSpec::new(
+            args.names.uplink(),
+            Restart::Permanent,
+            Uplink,
+            args.uplink.clone(),
+        ),
+        ChildSpec::new(
+            args.names.devices(),
+            Restart::Permanent,
+            Supervisor,
+            device_sup,
+        ),
     ];
     if let Some(config) = args.mqtt {
         let outbox_marks = Arc::new(mqtt_outbox_marks(&args.gateway));
         // Last: it depends on the gateway only, and a failure of its own
         // should not restart the uplink or the simulated devices.
         children.push(ChildSpec::new(
-            MQTT_NAME,
+            args.names.mqtt(),
             Restart::Permanent,
             MqttSource,
             MqttSourceArgs {
                 config,
                 outbox_marks,
+                names: args.names.clone(),
             },
         ));
     }
     let mut root = SupervisorArgs::new(Strategy::RestForOne, children);
     root.restarts_max = args.restarts_max;
     root.restart_period_ms = args.restart_period_ms;
-    Actor::spawn(Some(EDGE_NAME.to_string()), Supervisor, root).await
+    Actor::spawn(Some(args.names.edge()), Supervisor, root).await
 }

@@ -132,7 +132,7 @@ use tokio::time::Instant;
 use tributary_cluster::uplink::ReadRequest;
 
 use super::gateway::{GatewayMsg, IngestReply};
-use super::GATEWAY_NAME;
+use super::EdgeNames;
 use crate::outbox::segment::decode_payload;
 use crate::reading::{Metric, Reading, ReadingError, Value, DEVICE_ID_BYTES_MAX};
 
@@ -858,6 +858,8 @@ pub struct MqttDeviceArgs {
     /// Set on every reading (the topology's stream).
     pub stream: Option<String>,
     pub gauge: Arc<RetryGauge>,
+    /// Where the edge's gateway is registered.
+    pub names: EdgeNames,
 }
 
 /// The head reading once built, so a retry sends the very same one.
@@ -1015,9 +1017,8 @@ impl Actor for MqttDevice {
         let current = state.current.as_ref().expect("built above");
         let reading = current.reading.clone();
         let (ts, out_of_order) = (reading.device_ts_us, current.out_of_order);
-        let answer = match ractor::registry::where_is(GATEWAY_NAME) {
-            Some(cell) => {
-                let gateway: ActorRef<GatewayMsg> = cell.into();
+        let answer = match state.args.names.where_is_gateway() {
+            Some(gateway) => {
                 ractor::call_t!(gateway, GatewayMsg::Ingest, INGEST_TIMEOUT_MS, reading).ok()
             }
             None => None,
@@ -1350,6 +1351,7 @@ pub struct MqttSourceState {
     sync_scheduled: bool,
     parked: VecDeque<ParkedMsg>,
     gauge: Arc<RetryGauge>,
+    names: EdgeNames,
     stats: MqttStats,
     malformed_logged_at: Option<Instant>,
     malformed_unlogged: bool,
@@ -1639,6 +1641,7 @@ impl MqttSourceState {
             source: myself.clone(),
             stream: self.config.stream.clone(),
             gauge: self.gauge.clone(),
+            names: self.names.clone(),
         };
         let (actor, _) = Actor::spawn_linked(None, MqttDevice, args, myself.get_cell()).await?;
         self.devices.insert(
@@ -1712,6 +1715,8 @@ pub struct MqttSourceArgs {
     /// readings encoded as [`outbox_key_entry`]. The live outbox adds to it at
     /// each start.
     pub outbox_marks: Arc<HashMap<String, i64>>,
+    /// Where the edge's gateway is registered.
+    pub names: EdgeNames,
 }
 
 /// Separates a device from a ts in the exact keys [`outbox_marks`] returns. A
@@ -1788,12 +1793,13 @@ pub fn outbox_marks<T>(
 /// keys (oldest first, so the newest stay); returns the keys added, for the
 /// store.
 async fn recover_from_outbox(
+    names: &EdgeNames,
     marks: &mut HashMap<String, Mark>,
     keys: &mut DurableKeys,
 ) -> Result<Vec<(KeysChange, String, i64)>, ActorProcessingErr> {
-    let gateway: ActorRef<GatewayMsg> = ractor::registry::where_is(GATEWAY_NAME)
-        .ok_or("the gateway is not running")?
-        .into();
+    let gateway = names
+        .where_is_gateway()
+        .ok_or("the gateway is not running")?;
     let status = ractor::call_t!(gateway, GatewayMsg::Status, GATEWAY_CALL_MS)
         .map_err(|e| format!("asking the gateway for its status: {e}"))?;
     let mut changes = Vec::new();
@@ -1913,7 +1919,7 @@ impl Actor for MqttSource {
                 changes.push((change, device.to_owned(), ts));
             }
         }
-        changes.extend(recover_from_outbox(&mut marks, &mut keys).await?);
+        changes.extend(recover_from_outbox(&args.names, &mut marks, &mut keys).await?);
         if let Some(store) = &marks_store {
             for (change, device, ts) in &changes {
                 store.apply(*change, device, *ts)?;
@@ -1958,6 +1964,7 @@ impl Actor for MqttSource {
         );
         Ok(MqttSourceState {
             config,
+            names: args.names.clone(),
             client,
             link,
             poll_task,

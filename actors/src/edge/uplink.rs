@@ -14,7 +14,7 @@ use tributary_cluster::uplink::link::{EdgeConnector, LinkHandle};
 use tributary_cluster::uplink::{EdgeUplink, EdgeUplinkConfig, Frame, ReadRequest, SegmentFrame};
 
 use super::gateway::{GatewayMsg, GatewayStatus};
-use super::GATEWAY_NAME;
+use super::EdgeNames;
 
 /// How long the uplink waits for the gateway to answer a read.
 const GATEWAY_CALL_TIMEOUT_MS: u64 = 10_000;
@@ -35,6 +35,12 @@ pub struct UplinkArgs {
     pub reconnect_backoff_max_ms: u64,
     /// Called with each new connection, e.g. to start the cluster session on it.
     pub on_connect: Option<ConnectHook>,
+    /// Where the edge's gateway is registered.
+    pub names: EdgeNames,
+    /// Seeds the reconnect jitter; `None` draws one, so that edges that lost
+    /// the cloud together do not redial in step. A simulation sets it to
+    /// replay a run.
+    pub jitter_seed: Option<u64>,
 }
 
 /// What the uplink reports about itself.
@@ -86,11 +92,11 @@ pub struct UplinkState {
     segments_sent: u64,
 }
 
-fn gateway() -> Option<ActorRef<GatewayMsg>> {
-    ractor::registry::where_is(GATEWAY_NAME).map(Into::into)
-}
-
 impl UplinkState {
+    fn gateway(&self) -> Option<ActorRef<GatewayMsg>> {
+        self.args.names.where_is_gateway()
+    }
+
     fn drop_link(&mut self, reason: &str) {
         if let Some(live) = self.live.take() {
             live.handle.close(CLOSE_PROTOCOL, reason);
@@ -109,7 +115,7 @@ impl UplinkState {
     /// Drains the core's outputs: deletions, reads, frames, the timer.
     async fn pump(&mut self, myself: &ActorRef<UplinkMsg>) {
         if let Some(seq) = self.core.poll_delete() {
-            if let Some(g) = gateway() {
+            if let Some(g) = self.gateway() {
                 let _ = g.send_message(GatewayMsg::Acked(seq));
             }
         }
@@ -139,7 +145,7 @@ impl UplinkState {
         }
         if let Some(deadline) = self.core.poll_timeout() {
             myself.send_after(
-                deadline.saturating_duration_since(std::time::Instant::now()),
+                deadline.saturating_duration_since(tokio::time::Instant::now().into_std()),
                 || UplinkMsg::Timer,
             );
         }
@@ -147,7 +153,7 @@ impl UplinkState {
 
     /// The segments asked for, or `None` when the gateway could not answer.
     async fn read(&mut self, req: ReadRequest) -> Option<Vec<SegmentFrame>> {
-        let g = gateway()?;
+        let g = self.gateway()?;
         match ractor::call_t!(g, GatewayMsg::Read, GATEWAY_CALL_TIMEOUT_MS, req) {
             Ok(Ok(segments)) => Some(segments),
             Ok(Err(e)) => {
@@ -172,7 +178,10 @@ impl Actor for Uplink {
         myself: ActorRef<UplinkMsg>,
         args: UplinkArgs,
     ) -> Result<UplinkState, ActorProcessingErr> {
-        let g = gateway().ok_or("the gateway is not running")?;
+        let g = args
+            .names
+            .where_is_gateway()
+            .ok_or("the gateway is not running")?;
         let status: GatewayStatus =
             ractor::call_t!(g, GatewayMsg::Status, GATEWAY_CALL_TIMEOUT_MS)?;
         let core = EdgeUplink::new(
@@ -182,7 +191,7 @@ impl Actor for Uplink {
             status.acked_through,
             status.sealed_through,
         );
-        let seed = rand::random::<u64>();
+        let seed = args.jitter_seed.unwrap_or_else(rand::random::<u64>);
         let backoff = Backoff::new(
             args.reconnect_backoff_initial_ms,
             args.reconnect_backoff_max_ms,
@@ -296,7 +305,9 @@ impl Actor for Uplink {
                     handle: dialed.handle,
                     tasks: vec![write_task, read_task, watch_task],
                 });
-                state.core.handle_link_up(std::time::Instant::now());
+                state
+                    .core
+                    .handle_link_up(tokio::time::Instant::now().into_std());
                 state.pump(&myself).await;
             }
             UplinkMsg::Frame(generation, frame) => {
@@ -334,7 +345,10 @@ impl Actor for Uplink {
                 }
             }
             UplinkMsg::Timer => {
-                if let Err(e) = state.core.handle_timeout(std::time::Instant::now()) {
+                if let Err(e) = state
+                    .core
+                    .handle_timeout(tokio::time::Instant::now().into_std())
+                {
                     tracing::warn!(error = %e, "uplink timed out; reconnecting");
                     state.drop_link(&e.to_string());
                     state.schedule_connect(&myself);

@@ -101,7 +101,7 @@ pub enum OutboxConfigError {
     SegmentBytes(usize),
     #[error("commit_interval_ms must be between 1 and 60000, not {0}")]
     CommitInterval(u64),
-    #[error("outbox_bytes_max ({0}) must hold at least 4 segments of segment_bytes_max ({1})")]
+    #[error("outbox_bytes_max ({0}) must hold at least 4 segments of segment_bytes_max ({1}), each with its 33-byte header")]
     OutboxBytes(u64, usize),
 }
 

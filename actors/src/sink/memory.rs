@@ -41,6 +41,11 @@ impl MemoryLog {
         self.inner.lock().expect("memory log lock").records.clone()
     }
 
+    /// How many records are committed.
+    pub fn records_len(&self) -> usize {
+        self.inner.lock().expect("memory log lock").records.len()
+    }
+
     /// Makes commits and recoveries fail until called again with `false`.
     pub fn set_unavailable(&self, unavailable: bool) {
         self.inner.lock().expect("memory log lock").unavailable = unavailable;
@@ -48,6 +53,10 @@ impl MemoryLog {
 }
 
 impl LogSink for MemoryLog {
+    fn is_blocking(&self) -> bool {
+        false
+    }
+
     fn open_edge(&self, edge_id: &str) -> Result<Box<dyn EdgeLogWriter>, SinkError> {
         let mut inner = self.inner.lock().expect("memory log lock");
         let generation = inner.generations.entry(edge_id.to_string()).or_insert(0);

@@ -62,6 +62,13 @@ pub trait LogSink: Send + Sync + 'static {
     /// Opens the writer for one edge. Opening fences any earlier writer of the
     /// same edge (in this process or another), so that a zombie cannot commit.
     fn open_edge(&self, edge_id: &str) -> Result<Box<dyn EdgeLogWriter>, SinkError>;
+
+    /// Whether its calls block on I/O, so that the ingest runs them on a
+    /// blocking thread. A simulated log answers at once, and must run on the
+    /// simulation's own thread to stay deterministic.
+    fn is_blocking(&self) -> bool {
+        true
+    }
 }
 
 /// The transactional writer of one edge's stream.

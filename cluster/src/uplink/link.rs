@@ -241,8 +241,25 @@ impl EdgeConnector {
         quic: crate::quic::QuicConfig,
         frame_bytes_max: usize,
     ) -> Result<Self, UplinkSetupError> {
+        Self::new_on(
+            &crate::net::OsNetwork,
+            identity,
+            cloud_addr,
+            quic,
+            frame_bytes_max,
+        )
+    }
+
+    /// [`EdgeConnector::new`] on the given network.
+    pub fn new_on(
+        network: &dyn crate::net::Network,
+        identity: &crate::tls::NodeIdentity,
+        cloud_addr: std::net::SocketAddr,
+        quic: crate::quic::QuicConfig,
+        frame_bytes_max: usize,
+    ) -> Result<Self, UplinkSetupError> {
         let bind = crate::quic::unspecified_bind_for(cloud_addr);
-        let endpoint = crate::quic::client_endpoint(bind, identity, &quic)?;
+        let endpoint = crate::quic::client_endpoint_on(network, bind, identity, &quic)?;
         Ok(Self {
             endpoint,
             cloud_addr,
@@ -325,7 +342,26 @@ impl CloudEndpoint {
         frame_bytes_max: usize,
         hello_timeout_ms: u64,
     ) -> Result<Self, UplinkSetupError> {
-        let endpoint = crate::quic::server_endpoint(addr, identity, &quic)?;
+        Self::bind_on(
+            &crate::net::OsNetwork,
+            addr,
+            identity,
+            quic,
+            frame_bytes_max,
+            hello_timeout_ms,
+        )
+    }
+
+    /// [`CloudEndpoint::bind`] on the given network.
+    pub fn bind_on(
+        network: &dyn crate::net::Network,
+        addr: std::net::SocketAddr,
+        identity: &crate::tls::NodeIdentity,
+        quic: crate::quic::QuicConfig,
+        frame_bytes_max: usize,
+        hello_timeout_ms: u64,
+    ) -> Result<Self, UplinkSetupError> {
+        let endpoint = crate::quic::server_endpoint_on(network, addr, identity, &quic)?;
         Ok(Self {
             endpoint,
             quic,

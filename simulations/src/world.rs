@@ -1,0 +1,1226 @@
+//! One deterministic run of real edge and cloud code in a simulated world.
+//!
+//! Each node is a turmoil host: its actors (the gateway, the uplink, the
+//! simulated devices, the cloud's listener and ingest actors) are the ones a
+//! `node` process runs, built from the same arguments. Only the side effects
+//! are simulated, each behind the trait the real code already uses:
+//! - **network:** QUIC (quinn, rustls with mutual TLS) over turmoil's UDP
+//!   ([`tributary_cluster::net::TurmoilNetwork`]), where partitions, loss and
+//!   latency are injected;
+//! - **disk:** the outbox's [`OutboxStore`] is a [`MemoryStore`] that loses
+//!   unsynced writes (and can tear one) when its host crashes;
+//! - **log:** the cloud writes through [`LogSink`] into a [`MemoryLog`] with
+//!   transactions and fencing, which outlives cloud crashes as a broker does;
+//! - **clock:** readings are stamped by a [`Clock`] on simulated time, with a
+//!   per-edge skew.
+//!
+//! turmoil steps every host one millisecond at a time on one thread, so a
+//! seed replays the same run. The driver injects the plan's faults, samples
+//! each edge, and checks the invariants when the run ends.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::hash::{Hash, Hasher};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, Instant};
+
+use ractor::ActorRef;
+use tributary_actors::clock::Clock;
+use tributary_actors::cloud::{CloudArgs, Listener};
+use tributary_actors::edge::gateway::{EdgeStages, GatewayArgs, GatewayMsg, StoreFactory};
+use tributary_actors::edge::uplink::{UplinkArgs, UplinkMsg};
+use tributary_actors::edge::{start_edge, DevicesConfig, EdgeArgs, EdgeNames};
+use tributary_actors::outbox::{
+    segment, MemoryStore, OutboxConfig, OutboxStore, StoreError, StoreMeta,
+};
+use tributary_actors::pipeline::StageRestarts;
+use tributary_actors::sink::memory::MemoryLog;
+use tributary_actors::sink::{EdgeLogWriter, Hwm, LogSink, SegmentBatch, SinkError};
+use tributary_actors::topology::{ComponentKind, Simulated, Source, Topology};
+use tributary_cluster::net::TurmoilNetwork;
+use tributary_cluster::quic::QuicConfig;
+use tributary_cluster::tls::{self, NodeId, NodeIdentity, Role};
+use tributary_cluster::uplink::link::EdgeConnector;
+use tributary_cluster::uplink::{EdgeUplinkConfig, IngestConfig};
+
+use crate::report::{EdgeSample, Sample, Timeline, TimelineEvent};
+use crate::scenario::{FaultKind, Params, Plan, Scenario};
+
+/// The simulated calendar starts here (2026-01-01T00:00:00Z), whatever the
+/// real date, so that readings' timestamps replay too.
+const EPOCH_US: i64 = 1_767_225_600_000_000;
+const CLOUD_HOST: &str = "cloud";
+const CLOUD_PORT: u16 = 4433;
+const FRAME_BYTES_MAX: usize = 1 << 20;
+const TICK_MS: u64 = 1;
+const SAMPLE_INTERVAL_MS: u64 = 250;
+/// How long a host whose software ended on its own (its supervisor gave up)
+/// stays down before the "service manager" starts it again.
+const SERVICE_RESTART_MS: u64 = 1_000;
+/// A run never lasts longer than this much simulated time past its drain
+/// budget, whatever the plan says.
+const RUN_SLACK_MS: u64 = 10_000;
+/// Readings a single run may see; beyond that the checks would cost more
+/// than the run, so the run is refused up front.
+pub const READINGS_PER_RUN_MAX: u64 = 5_000_000;
+
+/// A deliberately broken variant of the system, to prove that the checks
+/// would catch the real bug.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mutation {
+    /// The outbox's disk reports every other sync as done without doing it,
+    /// so the gateway acknowledges readings before they are durable.
+    AckBeforeFsync,
+    /// The cloud's log forgets the edges' high-water marks, so a reconnecting
+    /// edge's resent segments are written again.
+    ForgetHwm,
+}
+
+impl Mutation {
+    pub fn name(self) -> &'static str {
+        match self {
+            Mutation::AckBeforeFsync => "ack-before-fsync",
+            Mutation::ForgetHwm => "forget-hwm",
+        }
+    }
+
+    pub fn from_name(name: &str) -> Option<Self> {
+        [Mutation::AckBeforeFsync, Mutation::ForgetHwm]
+            .into_iter()
+            .find(|m| m.name() == name)
+    }
+}
+
+/// An edge node of the simulated cluster.
+#[derive(Debug, Clone, PartialEq)]
+pub struct EdgeSpec {
+    pub id: String,
+    pub labels: Vec<String>,
+}
+
+/// Everything one run needs.
+#[derive(Clone)]
+pub struct RunSpec {
+    pub scenario: Scenario,
+    pub params: Params,
+    pub seed: u64,
+    /// The user's topology; `None` runs devices that send raw readings.
+    pub topology: Option<Arc<Topology>>,
+    /// Edge nodes; empty for `edge-1..=params.edges`.
+    pub edges: Vec<EdgeSpec>,
+    pub mutation: Option<Mutation>,
+    /// The command that runs this spec, minus the seed, for replay lines.
+    pub command: String,
+}
+
+impl RunSpec {
+    pub fn new(scenario: Scenario, seed: u64) -> Self {
+        Self {
+            scenario,
+            params: Params::default(),
+            seed,
+            topology: None,
+            edges: Vec::new(),
+            mutation: None,
+            command: format!(
+                "cargo run -p tributary-simulations --release -- run --scenario {scenario}"
+            ),
+        }
+    }
+
+    /// The command that replays this run exactly.
+    pub fn replay_command(&self) -> String {
+        format!("{} --seed {}", self.command, self.seed)
+    }
+
+    fn edge_specs(&self) -> Vec<EdgeSpec> {
+        if !self.edges.is_empty() {
+            return self.edges.clone();
+        }
+        (1..=self.params.edges.max(1))
+            .map(|i| EdgeSpec {
+                id: format!("edge-{i}"),
+                labels: Vec::new(),
+            })
+            .collect()
+    }
+}
+
+/// An invariant that did not hold.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum Violation {
+    #[error("reading ({device}, {ts_us}) was acknowledged to its device but is not in the log")]
+    Lost { device: String, ts_us: i64 },
+    #[error("reading ({device}, {ts_us}) is in the log {times} times")]
+    Duplicated {
+        device: String,
+        ts_us: i64,
+        times: usize,
+    },
+    #[error("device {device} has reading {ts_us} after reading {after_us} in the log")]
+    OutOfOrder {
+        device: String,
+        ts_us: i64,
+        after_us: i64,
+    },
+    #[error("reading ({device}, {ts_us}) is in the log but no edge ever stored it")]
+    Invented { device: String, ts_us: i64 },
+    #[error("edge {edge} holds {bytes} bytes in its outbox, over its budget of {budget}")]
+    OverBudget {
+        edge: String,
+        bytes: u64,
+        budget: u64,
+    },
+    #[error("edge {edge} has {segments} segments in flight, over its window of {window}")]
+    WindowExceeded {
+        edge: String,
+        segments: usize,
+        window: usize,
+    },
+    #[error("the backlog did not drain within {budget_ms} ms after the faults stopped ({left})")]
+    NoDrain { budget_ms: u64, left: String },
+    #[error("the simulation failed: {0}")]
+    Simulation(String),
+    #[error("setting up the run failed: {0}")]
+    Setup(String),
+}
+
+/// What a run measured.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Figures {
+    pub readings_acked: u64,
+    pub readings_dropped: u64,
+    pub readings_in_log: u64,
+    pub records_in_log: u64,
+    pub edge_crashes: u64,
+    pub cloud_crashes: u64,
+    pub faults: u64,
+    pub backlog_bytes_max: u64,
+    pub drain_ms: Option<u64>,
+    pub simulated_ms: u64,
+    pub wall_ms: u64,
+}
+
+/// The result of one run.
+pub struct Outcome {
+    pub spec_seed: u64,
+    pub verdict: Result<(), Violation>,
+    /// A hash of every fault, sample and log record: equal seeds, equal hashes.
+    pub trace_hash: u64,
+    pub figures: Figures,
+    pub timeline: Timeline,
+    pub replay: String,
+}
+
+/// (stream, device, ts) of a reading an edge stored.
+type Written = (Option<String>, String, i64);
+
+/// What a simulated disk saw written, and the lying variant.
+#[derive(Clone)]
+struct SimDisk {
+    disk: MemoryStore,
+    /// (stream, device, ts) of every reading ever appended.
+    written: Arc<Mutex<HashSet<Written>>>,
+    lying: bool,
+    syncs: Arc<AtomicU64>,
+}
+
+impl OutboxStore for SimDisk {
+    fn load_meta(&mut self) -> Result<Option<StoreMeta>, StoreError> {
+        self.disk.load_meta()
+    }
+
+    fn init_meta(&mut self, meta: StoreMeta) -> Result<(), StoreError> {
+        self.disk.init_meta(meta)
+    }
+
+    fn append(&mut self, seq: u64, bytes: &[u8]) -> Result<(), StoreError> {
+        if let Ok(seg) = segment::verify(bytes, seq) {
+            if let Ok(readings) = segment::decode_payload(seg.payload, seg.readings_count) {
+                let mut w = self.written.lock().expect("written lock");
+                for r in readings {
+                    w.insert((r.stream, r.device_id, r.device_ts_us));
+                }
+            }
+        }
+        self.disk.append(seq, bytes)
+    }
+
+    fn sync(&mut self) -> Result<(), StoreError> {
+        if self.lying && self.syncs.fetch_add(1, Relaxed) % 2 == 1 {
+            return Ok(());
+        }
+        self.disk.sync()
+    }
+
+    fn list(&self) -> Result<Vec<(u64, u64)>, StoreError> {
+        self.disk.list()
+    }
+
+    fn read_range(
+        &self,
+        from: u64,
+        through: u64,
+        max: usize,
+    ) -> Result<Vec<(u64, Vec<u8>)>, StoreError> {
+        self.disk.read_range(from, through, max)
+    }
+
+    fn remove(&mut self, seq: u64) -> Result<(), StoreError> {
+        self.disk.remove(seq)
+    }
+
+    fn quarantine(&mut self, seq: u64) -> Result<(), StoreError> {
+        self.disk.quarantine(seq)
+    }
+
+    fn quarantined(&self) -> Result<Vec<u64>, StoreError> {
+        self.disk.quarantined()
+    }
+}
+
+/// The log, optionally forgetting marks (the [`Mutation::ForgetHwm`] bug).
+struct SimLog {
+    log: MemoryLog,
+    forget_hwm: bool,
+}
+
+impl LogSink for SimLog {
+    fn is_blocking(&self) -> bool {
+        false
+    }
+
+    fn open_edge(&self, edge_id: &str) -> Result<Box<dyn EdgeLogWriter>, SinkError> {
+        let writer = self.log.open_edge(edge_id)?;
+        if self.forget_hwm {
+            Ok(Box::new(Forgetful(writer)))
+        } else {
+            Ok(writer)
+        }
+    }
+}
+
+struct Forgetful(Box<dyn EdgeLogWriter>);
+
+impl EdgeLogWriter for Forgetful {
+    fn high_water_mark(&mut self) -> Result<Option<Hwm>, SinkError> {
+        self.0.high_water_mark().map(|_| None)
+    }
+
+    fn commit(
+        &mut self,
+        edge_id: &str,
+        hwm: Hwm,
+        batches: &[SegmentBatch],
+    ) -> Result<(), SinkError> {
+        self.0.commit(edge_id, hwm, batches)
+    }
+}
+
+/// Simulated calendar time, skewed per host.
+#[derive(Debug)]
+struct SimClock {
+    skew_us: i64,
+}
+
+impl Clock for SimClock {
+    fn now_us(&self) -> i64 {
+        let elapsed = turmoil::sim_elapsed().unwrap_or_default();
+        EPOCH_US + self.skew_us + elapsed.as_micros() as i64
+    }
+}
+
+/// What an edge's sampler last saw, read by the driver.
+#[derive(Debug, Clone, Default)]
+struct EdgeSeen {
+    backlog_readings: u64,
+    backlog_bytes: u64,
+    segments_stored: usize,
+    link_up: bool,
+    inflight_segments: usize,
+}
+
+struct EdgeShared {
+    spec: EdgeSpec,
+    disk: MemoryStore,
+    written: Arc<Mutex<HashSet<Written>>>,
+    syncs: Arc<AtomicU64>,
+    ack_log: PathBuf,
+    incarnation: AtomicU64,
+    seen: Mutex<EdgeSeen>,
+    violations: Mutex<Vec<Violation>>,
+    devices: Vec<DevicesConfig>,
+    stages: Option<EdgeStages>,
+    skew_us: i64,
+}
+
+struct World {
+    run_id: u64,
+    seed: u64,
+    plan: Plan,
+    params: Params,
+    mutation: Option<Mutation>,
+    edges: Vec<Arc<EdgeShared>>,
+    log: MemoryLog,
+    cloud_incarnation: AtomicU64,
+    pki: &'static Pki,
+    stop_at_ms: u64,
+}
+
+/// Certificates for every node a simulation may run, made once per process
+/// (key generation is the slow part of setting up a run).
+struct Pki {
+    _dir: tempfile::TempDir,
+    cloud: NodeIdentity,
+    edges: Mutex<HashMap<String, NodeIdentity>>,
+    path: PathBuf,
+}
+
+fn pki() -> Result<&'static Pki, String> {
+    static PKI: OnceLock<Result<Pki, String>> = OnceLock::new();
+    PKI.get_or_init(|| {
+        let dir = tempfile::tempdir().map_err(|e| format!("creating the PKI directory: {e}"))?;
+        let path = dir.path().to_path_buf();
+        tls::init_ca(&path).map_err(|e| e.to_string())?;
+        let id = NodeId::new("cloud-1").map_err(|e| e.to_string())?;
+        tls::issue(&path, &id, Role::Cloud, 30).map_err(|e| e.to_string())?;
+        let cloud = NodeIdentity::load_from_dir(&path, &id).map_err(|e| e.to_string())?;
+        Ok(Pki {
+            _dir: dir,
+            cloud,
+            edges: Mutex::new(HashMap::new()),
+            path,
+        })
+    })
+    .as_ref()
+    .map_err(Clone::clone)
+}
+
+impl Pki {
+    fn edge(&self, id: &str) -> Result<NodeIdentity, String> {
+        let mut edges = self.edges.lock().expect("pki lock");
+        if let Some(i) = edges.get(id) {
+            return Ok(i.clone());
+        }
+        let node = NodeId::new(id).map_err(|e| e.to_string())?;
+        tls::issue(&self.path, &node, Role::Edge, 30).map_err(|e| e.to_string())?;
+        let identity = NodeIdentity::load_from_dir(&self.path, &node).map_err(|e| e.to_string())?;
+        edges.insert(id.to_string(), identity.clone());
+        Ok(identity)
+    }
+}
+
+static RUNS: AtomicU64 = AtomicU64::new(0);
+
+fn quic() -> QuicConfig {
+    QuicConfig::default()
+}
+
+/// The devices and stages an edge runs: the topology's part for it, with
+/// simulated devices standing in for MQTT sources (no broker here).
+fn edge_plan(
+    spec: &RunSpec,
+    edge: &EdgeSpec,
+) -> Result<(Vec<DevicesConfig>, Option<EdgeStages>), String> {
+    let params = &spec.params;
+    let Some(t) = &spec.topology else {
+        let sim = Simulated::devices(params.devices_per_edge.max(1))
+            .rate_hz(params.rate_hz)
+            .seed(spec.seed)
+            .id_prefix("dev-");
+        let mut devices = sim.devices_config("");
+        devices.stream = None;
+        return Ok((vec![devices], None));
+    };
+    let labels: Vec<&str> = edge.labels.iter().map(String::as_str).collect();
+    let part = t.part_for(&edge.id, &labels, Role::Edge);
+    let mut devices = Vec::new();
+    for c in &part.sources {
+        match &c.kind {
+            ComponentKind::Source(Source::Simulated(sim)) => {
+                devices.push(sim.devices_config(&c.name))
+            }
+            ComponentKind::Source(Source::Mqtt(_)) => devices.push(
+                Simulated::devices(params.devices_per_edge.max(1))
+                    .rate_hz(params.rate_hz)
+                    .seed(spec.seed)
+                    .id_prefix(format!("{}-", c.name))
+                    .devices_config(&c.name),
+            ),
+            _ => {}
+        }
+    }
+    let stages = EdgeStages {
+        stages: part.stages.iter().map(|c| (*c).clone()).collect(),
+        uplink: part.uplink.iter().map(|n| n.to_string()).collect(),
+        restarts: StageRestarts {
+            restarts_max: 5,
+            restart_period_ms: 10_000,
+        },
+    };
+    Ok((devices, Some(stages)))
+}
+
+async fn run_edge(world: Arc<World>, index: usize) -> turmoil::Result {
+    let shared = world.edges[index].clone();
+    let inc = shared.incarnation.fetch_add(1, Relaxed);
+    let names = EdgeNames::scoped(format!("sim{}/{}#{inc}/", world.run_id, shared.spec.id));
+    let identity = world.pki.edge(&shared.spec.id)?;
+    let cloud = SocketAddr::new(turmoil::lookup(CLOUD_HOST), CLOUD_PORT);
+    let connector = EdgeConnector::new_on(
+        &TurmoilNetwork::seeded(world.seed ^ (index as u64 + 1) << 32 ^ inc),
+        &identity,
+        cloud,
+        quic(),
+        FRAME_BYTES_MAX,
+    )?;
+    let disk = SimDisk {
+        disk: shared.disk.clone(),
+        written: shared.written.clone(),
+        lying: world.mutation == Some(Mutation::AckBeforeFsync),
+        syncs: shared.syncs.clone(),
+    };
+    let store: StoreFactory = Arc::new(move || Ok(Box::new(disk.clone()) as Box<dyn OutboxStore>));
+    let clock: Arc<dyn Clock> = Arc::new(SimClock {
+        skew_us: shared.skew_us,
+    });
+    let stop_at_us = EPOCH_US + shared.skew_us + world.stop_at_ms as i64 * 1000;
+    let devices = shared
+        .devices
+        .iter()
+        .map(|d| DevicesConfig {
+            stop_at_us: Some(stop_at_us),
+            ..d.clone()
+        })
+        .collect();
+    let plan = &world.plan;
+    let args = EdgeArgs {
+        gateway: GatewayArgs {
+            store,
+            outbox: OutboxConfig {
+                outbox_bytes_max: plan.outbox_bytes_max,
+                segment_readings_max: plan.segment_readings_max,
+                // The outbox wants room for at least four segments.
+                segment_bytes_max: (plan.outbox_bytes_max / 4)
+                    .saturating_sub(segment::HEADER_BYTES as u64)
+                    .clamp(1024, 64 * 1024) as usize,
+                commit_interval_ms: 50,
+                full_policy: plan.full_policy,
+            },
+            ack_log: Some(shared.ack_log.clone()),
+            stages: shared.stages.clone(),
+            names: names.clone(),
+            clock,
+        },
+        uplink: UplinkArgs {
+            edge_id: shared.spec.id.clone(),
+            connector,
+            core: EdgeUplinkConfig {
+                inflight_segments_max: plan.inflight_segments_max,
+                ..EdgeUplinkConfig::default()
+            },
+            reconnect_backoff_initial_ms: 100,
+            reconnect_backoff_max_ms: 500,
+            on_connect: None,
+            names: names.clone(),
+            jitter_seed: Some(world.seed ^ inc ^ (index as u64) << 40),
+        },
+        devices,
+        mqtt: None,
+        restarts_max: 5,
+        restart_period_ms: 10_000,
+        names: names.clone(),
+    };
+    let (_root, handle) = start_edge(args).await?;
+    let sampler = tokio::spawn(sample_edge(world.clone(), index, names));
+    let _ = handle.await;
+    sampler.abort();
+    Ok(())
+}
+
+/// Reads the edge's figures every sample interval, and checks its bounds.
+async fn sample_edge(world: Arc<World>, index: usize, names: EdgeNames) {
+    let shared = world.edges[index].clone();
+    let call_ms = 1_000;
+    let mut every = tokio::time::interval(Duration::from_millis(SAMPLE_INTERVAL_MS / 2));
+    loop {
+        every.tick().await;
+        let Some(gateway) = names.where_is_gateway() else {
+            continue;
+        };
+        let Ok(status) = ractor::call_t!(gateway, GatewayMsg::Status, call_ms) else {
+            continue;
+        };
+        let uplink: Option<ActorRef<UplinkMsg>> =
+            ractor::registry::where_is(names.uplink()).map(Into::into);
+        let up = match uplink {
+            Some(u) => ractor::call_t!(u, UplinkMsg::Status, call_ms).ok(),
+            None => None,
+        };
+        let backlog_readings = status
+            .stats
+            .readings_committed
+            .saturating_sub(status.stats.readings_dropped)
+            .saturating_sub(acked_readings(&status));
+        let mut seen = shared.seen.lock().expect("seen lock");
+        seen.backlog_bytes = status.bytes_used;
+        seen.backlog_readings = backlog_readings;
+        seen.segments_stored = status.segments_stored;
+        seen.link_up = up.as_ref().is_some_and(|u| u.up);
+        seen.inflight_segments = up.as_ref().map_or(0, |u| u.inflight_segments);
+        let mut v = shared.violations.lock().expect("violations lock");
+        if status.bytes_used > world.plan.outbox_bytes_max && v.len() < 16 {
+            v.push(Violation::OverBudget {
+                edge: shared.spec.id.clone(),
+                bytes: status.bytes_used,
+                budget: world.plan.outbox_bytes_max,
+            });
+        }
+        if seen.inflight_segments > world.plan.inflight_segments_max && v.len() < 16 {
+            v.push(Violation::WindowExceeded {
+                edge: shared.spec.id.clone(),
+                segments: seen.inflight_segments,
+                window: world.plan.inflight_segments_max,
+            });
+        }
+    }
+}
+
+/// Readings the outbox no longer holds because the cloud confirmed them; the
+/// outbox counts segments, so this is an estimate for the picture only.
+fn acked_readings(status: &tributary_actors::edge::gateway::GatewayStatus) -> u64 {
+    let segments = status.stats.segments_committed.max(1);
+    status.stats.readings_committed * status.stats.segments_acked / segments
+}
+
+async fn run_cloud(world: Arc<World>) -> turmoil::Result {
+    let inc = world.cloud_incarnation.fetch_add(1, Relaxed);
+    let args = CloudArgs {
+        listen_addr: SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), CLOUD_PORT),
+        identity: world.pki.cloud.clone(),
+        quic: quic(),
+        frame_bytes_max: FRAME_BYTES_MAX,
+        hello_timeout_ms: 5_000,
+        ingest: IngestConfig {
+            commit_segments_max: world.plan.commit_segments_max,
+            pending_segments_max: 64,
+        },
+        sink: Arc::new(SimLog {
+            log: world.log.clone(),
+            forget_hwm: world.mutation == Some(Mutation::ForgetHwm),
+        }),
+        report_interval_ms: 0,
+        on_session: None,
+        names_prefix: format!("sim{}/cloud#{inc}/", world.run_id),
+        network: Arc::new(TurmoilNetwork::seeded(world.seed ^ inc)),
+    };
+    let (_listener, handle) = ractor::Actor::spawn(None, Listener, args).await?;
+    let _ = handle.await;
+    Ok(())
+}
+
+/// Counts of overlapping faults, so that the end of one does not heal
+/// another still running.
+#[derive(Default)]
+struct Active {
+    partitions: HashMap<usize, u32>,
+    one_way: HashMap<(usize, bool), u32>,
+    degraded: HashMap<usize, u32>,
+    crashed: HashMap<usize, u32>,
+    cloud_crashed: u32,
+    broker_down: u32,
+    disk_full: HashMap<usize, u32>,
+}
+
+enum Transition {
+    Start(FaultKind),
+    End(FaultKind),
+}
+
+/// Runs one seed to its verdict.
+pub fn run(spec: &RunSpec) -> Outcome {
+    let started = Instant::now();
+    let replay = spec.replay_command();
+    let plan = Plan::new(spec.scenario, &spec.params, spec.seed);
+    let edges = spec.edge_specs();
+    let edge_ids: Vec<String> = edges.iter().map(|e| e.id.clone()).collect();
+    let mut timeline = Timeline {
+        title: format!("{} · seed {}", spec.scenario, spec.seed),
+        replay_command: replay.clone(),
+        edges: edge_ids.clone(),
+        outbox_bytes_max: plan.outbox_bytes_max,
+        drain_budget_ms: spec.params.drain_budget_s * 1000,
+        ..Timeline::default()
+    };
+    let fail = |v: Violation, timeline: Timeline| Outcome {
+        spec_seed: spec.seed,
+        verdict: Err(v),
+        trace_hash: 0,
+        figures: Figures::default(),
+        timeline,
+        replay: replay.clone(),
+    };
+    let expected = (spec.params.faults_s + spec.params.drain_budget_s) as f64
+        * spec.params.rate_hz
+        * (spec.params.devices_per_edge * edges.len()) as f64;
+    if expected > READINGS_PER_RUN_MAX as f64 {
+        return fail(
+            Violation::Setup(format!(
+                "about {expected:.0} readings, over the {READINGS_PER_RUN_MAX} a run may check"
+            )),
+            timeline,
+        );
+    }
+    let pki = match pki() {
+        Ok(p) => p,
+        Err(e) => return fail(Violation::Setup(e), timeline),
+    };
+    let audit_dir = match tempfile::tempdir() {
+        Ok(d) => d,
+        Err(e) => return fail(Violation::Setup(e.to_string()), timeline),
+    };
+    let faults_end_ms = plan
+        .faults
+        .iter()
+        .map(|f| f.until_ms)
+        .max()
+        .unwrap_or(0)
+        .max(spec.params.faults_s * 1000);
+    let mut shared_edges = Vec::new();
+    let mut raw_streams: HashSet<Option<String>> = HashSet::new();
+    for (i, e) in edges.iter().enumerate() {
+        let (devices, stages) = match edge_plan(spec, e) {
+            Ok(p) => p,
+            Err(err) => return fail(Violation::Setup(err), timeline),
+        };
+        for d in &devices {
+            raw_streams.insert(d.stream.clone());
+        }
+        shared_edges.push(Arc::new(EdgeShared {
+            spec: e.clone(),
+            disk: MemoryStore::new(),
+            written: Arc::default(),
+            syncs: Arc::default(),
+            ack_log: audit_dir.path().join(format!("{}.acks", e.id)),
+            incarnation: AtomicU64::new(0),
+            seen: Mutex::default(),
+            violations: Mutex::default(),
+            devices,
+            stages,
+            skew_us: plan.clock_skew_us.get(i).copied().unwrap_or(0),
+        }));
+    }
+    let world = Arc::new(World {
+        run_id: RUNS.fetch_add(1, Relaxed),
+        seed: spec.seed,
+        plan: plan.clone(),
+        params: spec.params.clone(),
+        mutation: spec.mutation,
+        edges: shared_edges,
+        log: MemoryLog::new(),
+        cloud_incarnation: AtomicU64::new(0),
+        pki,
+        stop_at_ms: faults_end_ms,
+    });
+    let budget_ms = world.params.drain_budget_s * 1000;
+    let mut sim = turmoil::Builder::new()
+        .rng_seed(spec.seed)
+        .epoch(std::time::UNIX_EPOCH + Duration::from_micros(EPOCH_US as u64))
+        .simulation_duration(Duration::from_millis(
+            faults_end_ms + budget_ms + RUN_SLACK_MS * 2,
+        ))
+        .tick_duration(Duration::from_millis(TICK_MS))
+        .min_message_latency(Duration::from_millis(1))
+        .max_message_latency(Duration::from_millis(plan.latency_max_ms))
+        .build();
+    let w = world.clone();
+    sim.host(CLOUD_HOST, move || run_cloud(w.clone()));
+    for (i, e) in edges.iter().enumerate() {
+        let w = world.clone();
+        sim.host(e.id.as_str(), move || run_edge(w.clone(), i));
+    }
+
+    let mut transitions: BTreeMap<u64, Vec<Transition>> = BTreeMap::new();
+    for f in &plan.faults {
+        transitions
+            .entry(f.at_ms)
+            .or_default()
+            .push(Transition::Start(f.kind));
+        transitions
+            .entry(f.until_ms)
+            .or_default()
+            .push(Transition::End(f.kind));
+        timeline.events.push(TimelineEvent {
+            at_ms: f.at_ms,
+            until_ms: Some(f.until_ms),
+            target: f.kind.target(&edge_ids),
+            label: f.kind.label(),
+        });
+    }
+    let mut trace = std::collections::hash_map::DefaultHasher::new();
+    let mut active = Active::default();
+    let mut figures = Figures {
+        faults: plan.faults.len() as u64,
+        ..Figures::default()
+    };
+    let mut service_down: HashMap<String, u64> = HashMap::new();
+    let mut next_sample_ms = 0;
+    let mut drained_at = None;
+    let mut verdict: Result<(), Violation> = Ok(());
+    let mut acked_so_far: Vec<u64> = vec![0; edges.len()];
+    loop {
+        let now_ms = sim.elapsed().as_millis() as u64;
+        while let Some(entry) = transitions.first_entry() {
+            if *entry.key() > now_ms {
+                break;
+            }
+            for t in entry.remove() {
+                let (start, kind) = match t {
+                    Transition::Start(k) => (true, k),
+                    Transition::End(k) => (false, k),
+                };
+                (now_ms, start, format!("{kind:?}")).hash(&mut trace);
+                apply(
+                    &mut sim,
+                    &world,
+                    &mut active,
+                    &edge_ids,
+                    kind,
+                    start,
+                    &mut figures,
+                );
+            }
+        }
+        // A host whose software ended on its own is restarted, as a service
+        // manager would, unless a fault holds it down.
+        for (i, id) in edge_ids.iter().enumerate() {
+            let held = active.crashed.get(&i).copied().unwrap_or(0) > 0;
+            restart_if_ended(&mut sim, &mut service_down, id, held, now_ms, &mut timeline);
+        }
+        restart_if_ended(
+            &mut sim,
+            &mut service_down,
+            CLOUD_HOST,
+            active.cloud_crashed > 0,
+            now_ms,
+            &mut timeline,
+        );
+        if let Err(e) = sim.step() {
+            verdict = Err(Violation::Simulation(e.to_string()));
+            break;
+        }
+        if now_ms >= next_sample_ms {
+            next_sample_ms = now_ms + SAMPLE_INTERVAL_MS;
+            let sample = take_sample(&mut sim, &world, now_ms, &mut acked_so_far);
+            for e in &sample.edges {
+                figures.backlog_bytes_max = figures.backlog_bytes_max.max(e.backlog_bytes);
+                (e.backlog_bytes, e.link_up, e.running, e.acked_total).hash(&mut trace);
+            }
+            (now_ms, sample.log_readings_total).hash(&mut trace);
+            timeline.samples.push(sample);
+            if let Some(v) = world.edges.iter().find_map(|e| {
+                e.violations
+                    .lock()
+                    .expect("violations lock")
+                    .first()
+                    .cloned()
+            }) {
+                verdict = Err(v);
+                break;
+            }
+            if now_ms >= faults_end_ms {
+                if drained(&mut sim, &world, &edge_ids) {
+                    drained_at = Some(now_ms);
+                    break;
+                }
+                if now_ms > faults_end_ms + budget_ms {
+                    verdict = Err(Violation::NoDrain {
+                        budget_ms,
+                        left: left_over(&world),
+                    });
+                    break;
+                }
+            }
+        }
+    }
+    figures.simulated_ms = sim.elapsed().as_millis() as u64;
+    drop(sim);
+    let checked = check(&world, &raw_streams, &mut figures, &mut trace);
+    if verdict.is_ok() {
+        verdict = checked;
+    }
+    figures.drain_ms = drained_at.map(|t| t.saturating_sub(faults_end_ms));
+    figures.wall_ms = started.elapsed().as_millis() as u64;
+    timeline.faults_end_ms = faults_end_ms;
+    timeline.drained_at_ms = drained_at;
+    timeline.verdict = verdict.as_ref().map(|_| ()).map_err(|v| v.to_string());
+    timeline.figures = figure_rows(&figures, &plan);
+    Outcome {
+        spec_seed: spec.seed,
+        verdict,
+        trace_hash: trace.finish(),
+        figures,
+        timeline,
+        replay,
+    }
+}
+
+fn restart_if_ended(
+    sim: &mut turmoil::Sim<'_>,
+    down: &mut HashMap<String, u64>,
+    host: &str,
+    held: bool,
+    now_ms: u64,
+    timeline: &mut Timeline,
+) {
+    if held || sim.is_host_running(host) {
+        down.remove(host);
+        return;
+    }
+    let since = *down.entry(host.to_string()).or_insert(now_ms);
+    if now_ms >= since + SERVICE_RESTART_MS {
+        sim.bounce(host);
+        down.remove(host);
+        timeline.events.push(TimelineEvent {
+            at_ms: now_ms,
+            until_ms: None,
+            target: host.to_string(),
+            label: "restarted after its supervisor gave up".into(),
+        });
+    }
+}
+
+fn apply(
+    sim: &mut turmoil::Sim<'_>,
+    world: &World,
+    active: &mut Active,
+    edges: &[String],
+    kind: FaultKind,
+    start: bool,
+    figures: &mut Figures,
+) {
+    // Returns whether this transition changes the state: the first start or
+    // the last end of overlapping faults of the same kind.
+    fn count(n: &mut u32, start: bool) -> bool {
+        if start {
+            *n += 1;
+            *n == 1
+        } else {
+            *n = n.saturating_sub(1);
+            *n == 0
+        }
+    }
+    match kind {
+        FaultKind::Partition { edge } => {
+            if count(active.partitions.entry(edge).or_default(), start) {
+                if start {
+                    sim.partition(edges[edge].as_str(), CLOUD_HOST);
+                } else {
+                    sim.repair(edges[edge].as_str(), CLOUD_HOST);
+                }
+            }
+        }
+        FaultKind::OneWay { edge, to_cloud } => {
+            if count(active.one_way.entry((edge, to_cloud)).or_default(), start) {
+                let (from, to) = if to_cloud {
+                    (edges[edge].as_str(), CLOUD_HOST)
+                } else {
+                    (CLOUD_HOST, edges[edge].as_str())
+                };
+                if start {
+                    sim.partition_oneway(from, to);
+                } else {
+                    sim.repair_oneway(from, to);
+                }
+            }
+        }
+        FaultKind::Degraded {
+            edge,
+            loss,
+            latency_ms,
+        } => {
+            let n = active.degraded.entry(edge).or_default();
+            let changed = count(n, start);
+            let host = edges[edge].as_str();
+            if start {
+                sim.set_link_fail_rate(host, CLOUD_HOST, loss);
+                sim.set_link_max_message_latency(
+                    host,
+                    CLOUD_HOST,
+                    Duration::from_millis(latency_ms),
+                );
+            } else if changed {
+                sim.set_link_fail_rate(host, CLOUD_HOST, 0.0);
+                sim.set_link_max_message_latency(
+                    host,
+                    CLOUD_HOST,
+                    Duration::from_millis(world.plan.latency_max_ms),
+                );
+            }
+        }
+        FaultKind::EdgeCrash {
+            edge,
+            unsynced_kept,
+            torn,
+        } => {
+            if count(active.crashed.entry(edge).or_default(), start) {
+                let host = edges[edge].as_str();
+                if start {
+                    sim.crash(host);
+                    world.edges[edge].disk.crash(Some(unsynced_kept), torn);
+                    figures.edge_crashes += 1;
+                } else {
+                    sim.bounce(host);
+                }
+            }
+        }
+        FaultKind::CloudCrash => {
+            if count(&mut active.cloud_crashed, start) {
+                if start {
+                    sim.crash(CLOUD_HOST);
+                    figures.cloud_crashes += 1;
+                } else {
+                    sim.bounce(CLOUD_HOST);
+                }
+            }
+        }
+        FaultKind::BrokerDown => {
+            if count(&mut active.broker_down, start) {
+                world.log.set_unavailable(start);
+            }
+        }
+        FaultKind::DiskFull { edge } => {
+            if count(active.disk_full.entry(edge).or_default(), start) {
+                world.edges[edge].disk.set_sync_failing(start);
+            }
+        }
+    }
+}
+
+fn take_sample(
+    sim: &mut turmoil::Sim<'_>,
+    world: &World,
+    now_ms: u64,
+    acked_so_far: &mut [u64],
+) -> Sample {
+    let mut edges = Vec::new();
+    for (i, e) in world.edges.iter().enumerate() {
+        let running = sim.is_host_running(e.spec.id.as_str());
+        let seen = e.seen.lock().expect("seen lock").clone();
+        // The audit file is the ground truth for acknowledgements; reading
+        // it each sample is cheap next to a simulated second.
+        acked_so_far[i] = count_lines(&e.ack_log, 'A');
+        edges.push(EdgeSample {
+            backlog_readings: seen.backlog_readings,
+            backlog_bytes: seen.backlog_bytes,
+            acked_total: acked_so_far[i],
+            link_up: running && seen.link_up,
+            running,
+        });
+    }
+    Sample {
+        t_ms: now_ms,
+        edges,
+        log_readings_total: world.log.records_len() as u64,
+    }
+}
+
+fn count_lines(path: &PathBuf, tag: char) -> u64 {
+    std::fs::read_to_string(path)
+        .map(|s| s.lines().filter(|l| l.starts_with(tag)).count() as u64)
+        .unwrap_or(0)
+}
+
+fn drained(sim: &mut turmoil::Sim<'_>, world: &World, edges: &[String]) -> bool {
+    world.edges.iter().zip(edges).all(|(e, id)| {
+        let seen = e.seen.lock().expect("seen lock");
+        sim.is_host_running(id.as_str()) && seen.segments_stored == 0 && seen.backlog_bytes == 0
+    })
+}
+
+fn left_over(world: &World) -> String {
+    world
+        .edges
+        .iter()
+        .map(|e| {
+            let s = e.seen.lock().expect("seen lock");
+            format!(
+                "{}: {} segments, {} bytes, link {}",
+                e.spec.id,
+                s.segments_stored,
+                s.backlog_bytes,
+                if s.link_up { "up" } else { "down" }
+            )
+        })
+        .collect::<Vec<_>>()
+        .join("; ")
+}
+
+type Key = (String, i64);
+
+fn read_audit(path: &PathBuf) -> (Vec<Key>, HashSet<Key>) {
+    let mut acked = Vec::new();
+    let mut dropped = HashSet::new();
+    if let Ok(text) = std::fs::read_to_string(path) {
+        for line in text.lines() {
+            let mut parts = line.split(' ');
+            let (Some(tag), Some(device), Some(ts)) = (parts.next(), parts.next(), parts.next())
+            else {
+                continue;
+            };
+            let Ok(ts) = ts.parse::<i64>() else { continue };
+            match tag {
+                "A" => acked.push((device.to_string(), ts)),
+                "D" => {
+                    dropped.insert((device.to_string(), ts));
+                }
+                _ => {}
+            }
+        }
+    }
+    (acked, dropped)
+}
+
+/// The safety checks, on the whole log once the run is over. Device ids are
+/// an edge's own (two edges may both have a `dev-0`), so every key carries
+/// its edge.
+fn check(
+    world: &World,
+    raw_streams: &HashSet<Option<String>>,
+    figures: &mut Figures,
+    trace: &mut impl Hasher,
+) -> Result<(), Violation> {
+    let records = world.log.records();
+    figures.records_in_log = records.len() as u64;
+    let edge_index: HashMap<&str, usize> = world
+        .edges
+        .iter()
+        .enumerate()
+        .map(|(i, e)| (e.spec.id.as_str(), i))
+        .collect();
+    let written: Vec<HashSet<Written>> = world
+        .edges
+        .iter()
+        .map(|e| e.written.lock().expect("written lock").clone())
+        .collect();
+    let mut in_log: Vec<HashMap<Key, usize>> = vec![HashMap::new(); world.edges.len()];
+    let mut last: HashMap<(usize, Option<String>, String), i64> = HashMap::new();
+    let named = |edge: &str, device: &str| format!("{edge}/{device}");
+    for r in &records {
+        let rd = &r.reading;
+        (&r.edge_id, r.epoch, r.seq, &rd.device_id, rd.device_ts_us).hash(trace);
+        let Some(&e) = edge_index.get(r.edge_id.as_str()) else {
+            return Err(Violation::Invented {
+                device: named(&r.edge_id, &rd.device_id),
+                ts_us: rd.device_ts_us,
+            });
+        };
+        let key3 = (rd.stream.clone(), rd.device_id.clone(), rd.device_ts_us);
+        if !written[e].contains(&key3) {
+            return Err(Violation::Invented {
+                device: named(&r.edge_id, &rd.device_id),
+                ts_us: rd.device_ts_us,
+            });
+        }
+        if let Some(prev) = last.insert(
+            (e, rd.stream.clone(), rd.device_id.clone()),
+            rd.device_ts_us,
+        ) {
+            if rd.device_ts_us == prev {
+                return Err(Violation::Duplicated {
+                    device: named(&r.edge_id, &rd.device_id),
+                    ts_us: rd.device_ts_us,
+                    times: 2,
+                });
+            }
+            if rd.device_ts_us < prev {
+                return Err(Violation::OutOfOrder {
+                    device: named(&r.edge_id, &rd.device_id),
+                    ts_us: rd.device_ts_us,
+                    after_us: prev,
+                });
+            }
+        }
+        if raw_streams.contains(&rd.stream) {
+            figures.readings_in_log += 1;
+            *in_log[e]
+                .entry((rd.device_id.clone(), rd.device_ts_us))
+                .or_default() += 1;
+        }
+    }
+    for (e, edge) in world.edges.iter().enumerate() {
+        for (key, times) in &in_log[e] {
+            if *times > 1 {
+                return Err(Violation::Duplicated {
+                    device: named(&edge.spec.id, &key.0),
+                    ts_us: key.1,
+                    times: *times,
+                });
+            }
+        }
+        let (acked, dropped) = read_audit(&edge.ack_log);
+        figures.readings_acked += acked.len() as u64;
+        figures.readings_dropped += dropped.len() as u64;
+        for key in &acked {
+            if !in_log[e].contains_key(key) && !dropped.contains(key) {
+                return Err(Violation::Lost {
+                    device: named(&edge.spec.id, &key.0),
+                    ts_us: key.1,
+                });
+            }
+        }
+    }
+    Ok(())
+}
+
+fn figure_rows(f: &Figures, plan: &Plan) -> Vec<(String, String)> {
+    let speed = if f.wall_ms > 0 {
+        format!("{:.0}×", f.simulated_ms as f64 / f.wall_ms as f64)
+    } else {
+        "-".into()
+    };
+    vec![
+        ("readings acknowledged".into(), f.readings_acked.to_string()),
+        ("readings in the log".into(), f.readings_in_log.to_string()),
+        ("dropped by policy".into(), f.readings_dropped.to_string()),
+        (
+            "records in the log (incl. stage outputs)".into(),
+            f.records_in_log.to_string(),
+        ),
+        ("faults".into(), f.faults.to_string()),
+        ("edge crashes".into(), f.edge_crashes.to_string()),
+        ("cloud crashes".into(), f.cloud_crashes.to_string()),
+        (
+            "largest backlog".into(),
+            format!("{} B", f.backlog_bytes_max),
+        ),
+        (
+            "drained after faults".into(),
+            f.drain_ms.map_or("no".into(), |d| format!("{d} ms")),
+        ),
+        (
+            "outbox budget".into(),
+            format!("{} B", plan.outbox_bytes_max),
+        ),
+        ("full policy".into(), format!("{:?}", plan.full_policy)),
+        (
+            "segment readings max".into(),
+            plan.segment_readings_max.to_string(),
+        ),
+        (
+            "uplink window (segments)".into(),
+            plan.inflight_segments_max.to_string(),
+        ),
+        (
+            "simulated".into(),
+            format!("{:.1} s", f.simulated_ms as f64 / 1000.0),
+        ),
+        (
+            "wall clock".into(),
+            format!("{:.2} s", f.wall_ms as f64 / 1000.0),
+        ),
+        ("speed".into(), speed),
+    ]
+}
