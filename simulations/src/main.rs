@@ -11,6 +11,7 @@ use std::process::ExitCode;
 
 use clap::{Args, Parser, Subcommand};
 use indicatif::{ProgressBar, ProgressStyle};
+use tributary_actors::outbox::FullPolicy;
 use tributary_simulations::report::{render_html, render_svg};
 use tributary_simulations::swarm::swarm;
 use tributary_simulations::{run, Mutation, Params, RunSpec, Scenario};
@@ -82,6 +83,9 @@ struct Common {
     /// Overrides the seed's choice of outbox budget.
     #[arg(long)]
     outbox_bytes_max: Option<u64>,
+    /// Overrides the seed's choice of what a full outbox does: block or drop-oldest.
+    #[arg(long)]
+    full_policy: Option<String>,
     /// Runs a deliberately broken variant: ack-before-fsync or forget-hwm.
     #[arg(long)]
     mutation: Option<String>,
@@ -101,6 +105,16 @@ impl Common {
             })?),
             None => None,
         };
+        let full_policy = match self.full_policy.as_deref() {
+            None => None,
+            Some("block") => Some(FullPolicy::Block),
+            Some("drop-oldest") => Some(FullPolicy::DropOldest),
+            Some(other) => {
+                return Err(format!(
+                    "unknown --full-policy {other:?}: block or drop-oldest"
+                ))
+            }
+        };
         let d = Params::default();
         let params = Params {
             edges: self.edges.unwrap_or(d.edges),
@@ -111,6 +125,7 @@ impl Common {
             outages: self.outages.unwrap_or(d.outages),
             drain_budget_s: self.drain_budget_s.unwrap_or(d.drain_budget_s),
             outbox_bytes_max: self.outbox_bytes_max,
+            full_policy,
         };
         if params.edges == 0 || params.devices_per_edge == 0 {
             return Err("--edges and --devices-per-edge must be at least 1".into());
@@ -124,7 +139,7 @@ impl Common {
         // The replay line repeats every option given, so it replays exactly.
         let mut command =
             format!("cargo run -p tributary-simulations --release -- run --scenario {scenario}");
-        let flags: [(&str, Option<String>); 9] = [
+        let flags: [(&str, Option<String>); 10] = [
             ("--edges", self.edges.map(|v| v.to_string())),
             (
                 "--devices-per-edge",
@@ -142,6 +157,7 @@ impl Common {
                 "--outbox-bytes-max",
                 self.outbox_bytes_max.map(|v| v.to_string()),
             ),
+            ("--full-policy", self.full_policy.clone()),
             ("--mutation", self.mutation.clone()),
         ];
         for (flag, value) in flags {

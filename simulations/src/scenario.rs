@@ -201,6 +201,8 @@ pub struct Params {
     pub drain_budget_s: u64,
     /// Overrides the seed's outbox budget.
     pub outbox_bytes_max: Option<u64>,
+    /// Overrides the seed's choice of what a full outbox does.
+    pub full_policy: Option<FullPolicy>,
 }
 
 impl Default for Params {
@@ -214,6 +216,7 @@ impl Default for Params {
             outages: 2,
             drain_budget_s: 60,
             outbox_bytes_max: None,
+            full_policy: None,
         }
     }
 }
@@ -231,6 +234,8 @@ pub struct Plan {
     pub commit_segments_max: usize,
     /// The links' base latency bound.
     pub latency_max_ms: u64,
+    /// How long the log takes to answer a transaction it has committed.
+    pub log_latency_ms: u64,
 }
 
 /// Bytes a reading takes in the outbox, roughly: budgets are set in readings.
@@ -251,11 +256,12 @@ impl Plan {
         let outage_readings = (per_edge_rate * params.outage_s as f64).max(50.0) as u64;
         let mut outbox_bytes_max =
             outage_readings * READING_BYTES_APPROX * rng.random_range(1..=4) / 2;
-        let full_policy = if rng.random_bool(0.3) {
+        let drop_oldest = rng.random_bool(0.3);
+        let full_policy = params.full_policy.unwrap_or(if drop_oldest {
             FullPolicy::DropOldest
         } else {
             FullPolicy::Block
-        };
+        });
         let mut plan = Plan {
             faults: Vec::new(),
             clock_skew_us: vec![0; edges],
@@ -265,6 +271,7 @@ impl Plan {
             inflight_segments_max: rng.random_range(1..=8),
             commit_segments_max: rng.random_range(1..=4),
             latency_max_ms: rng.random_range(1..=30),
+            log_latency_ms: rng.random_range(1..=20),
         };
         let outages = |rng: &mut SmallRng,
                        plan: &mut Plan,

@@ -37,7 +37,7 @@ use tributary_actors::outbox::{
 };
 use tributary_actors::pipeline::StageRestarts;
 use tributary_actors::sink::memory::MemoryLog;
-use tributary_actors::sink::{EdgeLogWriter, Hwm, LogSink, SegmentBatch, SinkError};
+use tributary_actors::sink::{EdgeLogWriter, Hwm, LogSink, SegmentBatch, SinkCalls, SinkError};
 use tributary_actors::topology::{ComponentKind, Simulated, Source, Topology};
 use tributary_cluster::net::TurmoilNetwork;
 use tributary_cluster::quic::QuicConfig;
@@ -55,6 +55,7 @@ const CLOUD_HOST: &str = "cloud";
 const CLOUD_PORT: u16 = 4433;
 const FRAME_BYTES_MAX: usize = 1 << 20;
 const TICK_MS: u64 = 1;
+const COMMIT_INTERVAL_MS: u64 = 50;
 const SAMPLE_INTERVAL_MS: u64 = 250;
 /// How long a host whose software ended on its own (its supervisor gave up)
 /// stays down before the "service manager" starts it again.
@@ -98,6 +99,16 @@ impl Mutation {
 pub struct EdgeSpec {
     pub id: String,
     pub labels: Vec<String>,
+}
+
+impl EdgeSpec {
+    /// An edge node with the labels a topology's selectors match.
+    pub fn new(id: impl Into<String>, labels: &[&str]) -> Self {
+        Self {
+            id: id.into(),
+            labels: labels.iter().map(|l| l.to_string()).collect(),
+        }
+    }
 }
 
 /// Everything one run needs.
@@ -285,11 +296,14 @@ impl OutboxStore for SimDisk {
 struct SimLog {
     log: MemoryLog,
     forget_hwm: bool,
+    answer_after: Duration,
 }
 
 impl LogSink for SimLog {
-    fn is_blocking(&self) -> bool {
-        false
+    fn calls(&self) -> SinkCalls {
+        SinkCalls::Inline {
+            answer_after: self.answer_after,
+        }
     }
 
     fn open_edge(&self, edge_id: &str) -> Result<Box<dyn EdgeLogWriter>, SinkError> {
@@ -335,6 +349,8 @@ impl Clock for SimClock {
 /// What an edge's sampler last saw, read by the driver.
 #[derive(Debug, Clone, Default)]
 struct EdgeSeen {
+    /// Simulated time of the status these figures come from.
+    at_ms: u64,
     backlog_readings: u64,
     backlog_bytes: u64,
     segments_stored: usize,
@@ -506,7 +522,7 @@ async fn run_edge(world: Arc<World>, index: usize) -> turmoil::Result {
                 segment_bytes_max: (plan.outbox_bytes_max / 4)
                     .saturating_sub(segment::HEADER_BYTES as u64)
                     .clamp(1024, 64 * 1024) as usize,
-                commit_interval_ms: 50,
+                commit_interval_ms: COMMIT_INTERVAL_MS,
                 full_policy: plan.full_policy,
             },
             ack_log: Some(shared.ack_log.clone()),
@@ -565,6 +581,7 @@ async fn sample_edge(world: Arc<World>, index: usize, names: EdgeNames) {
             .saturating_sub(status.stats.readings_dropped)
             .saturating_sub(acked_readings(&status));
         let mut seen = shared.seen.lock().expect("seen lock");
+        seen.at_ms = turmoil::sim_elapsed().unwrap_or_default().as_millis() as u64;
         seen.backlog_bytes = status.bytes_used;
         seen.backlog_readings = backlog_readings;
         seen.segments_stored = status.segments_stored;
@@ -610,6 +627,7 @@ async fn run_cloud(world: Arc<World>) -> turmoil::Result {
         sink: Arc::new(SimLog {
             log: world.log.clone(),
             forget_hwm: world.mutation == Some(Mutation::ForgetHwm),
+            answer_after: Duration::from_millis(world.plan.log_latency_ms),
         }),
         report_interval_ms: 0,
         on_session: None,
@@ -643,15 +661,20 @@ enum Transition {
 pub fn run(spec: &RunSpec) -> Outcome {
     let started = Instant::now();
     let replay = spec.replay_command();
-    let plan = Plan::new(spec.scenario, &spec.params, spec.seed);
     let edges = spec.edge_specs();
+    // The plan strikes the edges that exist, whatever `params.edges` says.
+    let params = Params {
+        edges: edges.len(),
+        ..spec.params.clone()
+    };
+    let plan = Plan::new(spec.scenario, &params, spec.seed);
     let edge_ids: Vec<String> = edges.iter().map(|e| e.id.clone()).collect();
     let mut timeline = Timeline {
         title: format!("{} · seed {}", spec.scenario, spec.seed),
         replay_command: replay.clone(),
         edges: edge_ids.clone(),
         outbox_bytes_max: plan.outbox_bytes_max,
-        drain_budget_ms: spec.params.drain_budget_s * 1000,
+        drain_budget_ms: params.drain_budget_s * 1000,
         ..Timeline::default()
     };
     let fail = |v: Violation, timeline: Timeline| Outcome {
@@ -662,9 +685,9 @@ pub fn run(spec: &RunSpec) -> Outcome {
         timeline,
         replay: replay.clone(),
     };
-    let expected = (spec.params.faults_s + spec.params.drain_budget_s) as f64
-        * spec.params.rate_hz
-        * (spec.params.devices_per_edge * edges.len()) as f64;
+    let expected = (params.faults_s + params.drain_budget_s) as f64
+        * params.rate_hz
+        * (params.devices_per_edge * edges.len()) as f64;
     if expected > READINGS_PER_RUN_MAX as f64 {
         return fail(
             Violation::Setup(format!(
@@ -687,7 +710,7 @@ pub fn run(spec: &RunSpec) -> Outcome {
         .map(|f| f.until_ms)
         .max()
         .unwrap_or(0)
-        .max(spec.params.faults_s * 1000);
+        .max(params.faults_s * 1000);
     let mut shared_edges = Vec::new();
     let mut raw_streams: HashSet<Option<String>> = HashSet::new();
     for (i, e) in edges.iter().enumerate() {
@@ -716,7 +739,7 @@ pub fn run(spec: &RunSpec) -> Outcome {
         run_id: RUNS.fetch_add(1, Relaxed),
         seed: spec.seed,
         plan: plan.clone(),
-        params: spec.params.clone(),
+        params,
         mutation: spec.mutation,
         edges: shared_edges,
         log: MemoryLog::new(),
@@ -769,7 +792,7 @@ pub fn run(spec: &RunSpec) -> Outcome {
     let mut next_sample_ms = 0;
     let mut drained_at = None;
     let mut verdict: Result<(), Violation> = Ok(());
-    let mut acked_so_far: Vec<u64> = vec![0; edges.len()];
+    let mut acked_so_far: Vec<AuditTail> = vec![AuditTail::default(); edges.len()];
     loop {
         let now_ms = sim.elapsed().as_millis() as u64;
         while let Some(entry) = transitions.first_entry() {
@@ -831,7 +854,7 @@ pub fn run(spec: &RunSpec) -> Outcome {
                 break;
             }
             if now_ms >= faults_end_ms {
-                if drained(&mut sim, &world, &edge_ids) {
+                if drained(&mut sim, &world, &edge_ids, &raw_streams) {
                     drained_at = Some(now_ms);
                     break;
                 }
@@ -1003,7 +1026,7 @@ fn take_sample(
     sim: &mut turmoil::Sim<'_>,
     world: &World,
     now_ms: u64,
-    acked_so_far: &mut [u64],
+    acked_so_far: &mut [AuditTail],
 ) -> Sample {
     let mut edges = Vec::new();
     for (i, e) in world.edges.iter().enumerate() {
@@ -1011,11 +1034,11 @@ fn take_sample(
         let seen = e.seen.lock().expect("seen lock").clone();
         // The audit file is the ground truth for acknowledgements; reading
         // it each sample is cheap next to a simulated second.
-        acked_so_far[i] = count_lines(&e.ack_log, 'A');
+        acked_so_far[i].read_more(&e.ack_log);
         edges.push(EdgeSample {
             backlog_readings: seen.backlog_readings,
             backlog_bytes: seen.backlog_bytes,
-            acked_total: acked_so_far[i],
+            acked_total: acked_so_far[i].acked,
             link_up: running && seen.link_up,
             running,
         });
@@ -1027,16 +1050,74 @@ fn take_sample(
     }
 }
 
-fn count_lines(path: &PathBuf, tag: char) -> u64 {
-    std::fs::read_to_string(path)
-        .map(|s| s.lines().filter(|l| l.starts_with(tag)).count() as u64)
-        .unwrap_or(0)
+/// Counts the acknowledgements in an edge's audit trail as it grows, reading
+/// only what was appended since the last look.
+#[derive(Debug, Clone, Default)]
+struct AuditTail {
+    offset: u64,
+    acked: u64,
 }
 
-fn drained(sim: &mut turmoil::Sim<'_>, world: &World, edges: &[String]) -> bool {
-    world.edges.iter().zip(edges).all(|(e, id)| {
+impl AuditTail {
+    fn read_more(&mut self, path: &PathBuf) {
+        use std::io::{Read, Seek, SeekFrom};
+        let Ok(mut file) = std::fs::File::open(path) else {
+            return;
+        };
+        if file.seek(SeekFrom::Start(self.offset)).is_err() {
+            return;
+        }
+        let mut more = Vec::new();
+        if file.read_to_end(&mut more).is_err() {
+            return;
+        }
+        // Only whole lines: a line being written is counted next time.
+        let whole = more.iter().rposition(|b| *b == b'\n').map_or(0, |i| i + 1);
+        self.acked += more[..whole]
+            .split(|b| *b == b'\n')
+            .filter(|l| l.first() == Some(&b'A'))
+            .count() as u64;
+        self.offset += whole as u64;
+    }
+}
+
+/// Whether every edge's outbox is empty, by a status taken after the
+/// devices stopped and their last readings were committed, and every
+/// reading acknowledged so far is in the log.
+fn drained(
+    sim: &mut turmoil::Sim<'_>,
+    world: &World,
+    edges: &[String],
+    raw_streams: &HashSet<Option<String>>,
+) -> bool {
+    let settled_ms = world.stop_at_ms + COMMIT_INTERVAL_MS * 2;
+    let empty = world.edges.iter().zip(edges).all(|(e, id)| {
         let seen = e.seen.lock().expect("seen lock");
-        sim.is_host_running(id.as_str()) && seen.segments_stored == 0 && seen.backlog_bytes == 0
+        sim.is_host_running(id.as_str())
+            && seen.at_ms >= settled_ms
+            && seen.segments_stored == 0
+            && seen.backlog_bytes == 0
+    });
+    if !empty {
+        return false;
+    }
+    let mut in_log: HashSet<(&str, String, i64)> = HashSet::new();
+    let records = world.log.records();
+    for r in &records {
+        if raw_streams.contains(&r.reading.stream) {
+            in_log.insert((
+                r.edge_id.as_str(),
+                r.reading.device_id.clone(),
+                r.reading.device_ts_us,
+            ));
+        }
+    }
+    world.edges.iter().all(|e| {
+        let (acked, dropped) = read_audit(&e.ack_log);
+        acked.into_iter().all(|(device, ts)| {
+            in_log.contains(&(e.spec.id.as_str(), device.clone(), ts))
+                || dropped.contains(&(device, ts))
+        })
     })
 }
 

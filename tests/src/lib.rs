@@ -8,6 +8,7 @@
 //! - [`process`]: runs the `node` binary as a child process that tests can kill -9 or freeze.
 
 pub mod broker;
+pub mod chaos;
 pub mod checker;
 pub mod fixture;
 pub mod process;

@@ -16,7 +16,8 @@ const POLL_INTERVAL_MS: u64 = 50;
 const LOG_TAIL_BYTES: u64 = 4_096;
 
 /// The `node` binary of this build: `target/<profile>/node`, next to the test executable's
-/// `deps/` directory.
+/// `deps/` directory, or next to the executable itself (a harness binary such as `chaos`
+/// lives in `target/<profile>/`).
 ///
 /// # Panics
 /// When it has not been built.
@@ -27,6 +28,11 @@ pub fn node_binary() -> PathBuf {
         .and_then(Path::parent)
         .expect("the test executable lives in target/<profile>/deps");
     let node = profile_dir.join("node");
+    if let Some(beside) = exe.parent().map(|dir| dir.join("node")) {
+        if !node.is_file() && beside.is_file() {
+            return beside;
+        }
+    }
     assert!(
         node.is_file(),
         "{} does not exist: build it: cargo build -p tributary-node",

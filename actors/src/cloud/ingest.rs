@@ -18,7 +18,7 @@ use tributary_cluster::uplink::{CommitBatch, Frame, Ingest, IngestConfig, Refuse
 
 use super::{CloudCounters, WriterPool};
 use crate::outbox::segment;
-use crate::sink::{EdgeLogWriter, Hwm, LogSink, SegmentBatch, SinkError};
+use crate::sink::{EdgeLogWriter, Hwm, LogSink, SegmentBatch, SinkCalls, SinkError};
 
 /// Close code when the cloud gives up on a link (protocol error or log down).
 const CLOSE_PROTOCOL: u32 = 1;
@@ -53,8 +53,8 @@ pub struct IngestState {
     edge_id: String,
     core: Ingest,
     writer: Option<Box<dyn EdgeLogWriter>>,
-    /// Whether sink calls run on a blocking thread (see [`LogSink::is_blocking`]).
-    sink_blocks: bool,
+    /// Where sink calls run (see [`LogSink::calls`]).
+    sink_calls: SinkCalls,
     committing: bool,
     /// `None` once stopping: dropping it lets the writer finish what is queued.
     tx: Option<mpsc::Sender<Frame>>,
@@ -116,26 +116,43 @@ impl IngestState {
         self.committing = true;
         let edge = self.edge_id.clone();
         let me = myself.clone();
-        run_sink(self.sink_blocks, move || {
+        run_sink(self.sink_calls, me, move || {
             let hwm = Hwm {
                 epoch: batch.epoch,
                 seq: batch.seq_through,
             };
             let readings: u64 = batches.iter().map(|b| b.readings.len() as u64).sum();
             let result = writer.commit(&edge, hwm, &batches).map(|_| readings);
-            let _ = me.send_message(IngestMsg::Committed(writer, batch, result));
+            IngestMsg::Committed(writer, batch, result)
         });
     }
 }
 
-/// Runs a sink call where it belongs: on a blocking thread for a real
-/// broker; inline for a simulated log, whose answer then arrives in the same
-/// simulated instant on every replay.
-fn run_sink(blocking: bool, f: impl FnOnce() + Send + 'static) {
-    if blocking {
-        tokio::task::spawn_blocking(f);
-    } else {
-        f();
+/// Runs a sink call where it belongs and sends its answer to the ingest: on
+/// a blocking thread for a real broker; inline for a simulated log, so that
+/// its effect happens at the same simulated instant on every replay, with the
+/// answer delivered after the log's simulated round trip.
+fn run_sink(
+    calls: SinkCalls,
+    me: ActorRef<IngestMsg>,
+    f: impl FnOnce() -> IngestMsg + Send + 'static,
+) {
+    match calls {
+        SinkCalls::Blocking => {
+            tokio::task::spawn_blocking(move || {
+                let _ = me.send_message(f());
+            });
+        }
+        SinkCalls::Inline { answer_after } if answer_after.is_zero() => {
+            let _ = me.send_message(f());
+        }
+        SinkCalls::Inline { answer_after } => {
+            let msg = f();
+            tokio::spawn(async move {
+                tokio::time::sleep(answer_after).await;
+                let _ = me.send_message(msg);
+            });
+        }
     }
 }
 
@@ -193,8 +210,8 @@ impl Actor for IngestActor {
         let sink = args.sink.clone();
         let edge = edge_id.clone();
         let me = myself.clone();
-        let sink_blocks = sink.is_blocking();
-        run_sink(sink_blocks, move || {
+        let sink_calls = sink.calls();
+        run_sink(sink_calls, me, move || {
             let result = (|| {
                 let mut writer = match pooled {
                     Some(w) => w,
@@ -203,14 +220,14 @@ impl Actor for IngestActor {
                 let hwm = writer.high_water_mark()?;
                 Ok((writer, hwm))
             })();
-            let _ = me.send_message(IngestMsg::Recovered(result));
+            IngestMsg::Recovered(result)
         });
         tracing::info!(edge = %edge_id, epoch = up.epoch, next_seq = up.next_seq, peer = %up.handle.remote_address(), "edge connected");
         Ok(IngestState {
             edge_id,
             core,
             writer: None,
-            sink_blocks,
+            sink_calls,
             committing: false,
             tx: Some(tx),
             handle: up.handle,

@@ -347,6 +347,38 @@ impl GatewayState {
     }
 }
 
+/// Opens the audit trail for appending. A crash in the middle of a line
+/// leaves a torn last line; its reading's answer was never sent (answers go
+/// out after the trail is flushed), so the torn line is cut off rather than
+/// glued to the next one.
+fn open_ack_log(path: &std::path::Path) -> std::io::Result<std::fs::File> {
+    use std::io::{Read, Seek, SeekFrom};
+    /// Far longer than any line, so a torn line's start is always in it.
+    const TAIL_BYTES_MAX: u64 = 64 * 1024;
+    let mut file = std::fs::OpenOptions::new()
+        .create(true)
+        .read(true)
+        .append(true)
+        .open(path)?;
+    let len = file.metadata()?.len();
+    if len > 0 {
+        let tail_len = len.min(TAIL_BYTES_MAX);
+        let mut tail = vec![0u8; tail_len as usize];
+        file.seek(SeekFrom::Start(len - tail_len))?;
+        file.read_exact(&mut tail)?;
+        if tail.last() != Some(&b'\n') {
+            let keep = match tail.iter().rposition(|b| *b == b'\n') {
+                Some(i) => len - tail_len + i as u64 + 1,
+                None if len <= TAIL_BYTES_MAX => 0,
+                None => len,
+            };
+            tracing::warn!(path = %path.display(), bytes = len - keep, "the ack log ends in a torn line; cutting it off");
+            file.set_len(keep)?;
+        }
+    }
+    Ok(file)
+}
+
 impl Actor for Gateway {
     type Msg = GatewayMsg;
     type State = GatewayState;
@@ -370,13 +402,11 @@ impl Actor for Gateway {
             "outbox opened"
         );
         let ack_log = match &args.ack_log {
-            Some(p) => Some(std::io::BufWriter::new(
-                std::fs::OpenOptions::new()
-                    .create(true)
-                    .append(true)
-                    .open(p)
-                    .map_err(|e| format!("opening the ack log {}: {e}", p.display()))?,
-            )),
+            Some(p) => {
+                Some(std::io::BufWriter::new(open_ack_log(p).map_err(|e| {
+                    format!("opening the ack log {}: {e}", p.display())
+                })?))
+            }
             None => None,
         };
         let stages = match args.stages {
@@ -576,5 +606,32 @@ impl Actor for Gateway {
         // (and answering their sources) spares the sources a retry.
         state.commit(&myself);
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io::Write;
+
+    use super::open_ack_log;
+
+    #[test]
+    fn a_torn_last_line_of_the_ack_log_is_cut_off() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("acks");
+        std::fs::write(&path, "A dev-0 100\nA dev-0 2").unwrap();
+        let mut f = open_ack_log(&path).unwrap();
+        writeln!(f, "A dev-1 300").unwrap();
+        drop(f);
+        let text = std::fs::read_to_string(&path).unwrap();
+        assert_eq!(text, "A dev-0 100\nA dev-1 300\n");
+        // A whole file is left as it is.
+        let f = open_ack_log(&path).unwrap();
+        drop(f);
+        assert_eq!(std::fs::read_to_string(&path).unwrap(), text);
+        // A file that is one torn line is emptied.
+        std::fs::write(&path, "A dev").unwrap();
+        drop(open_ack_log(&path).unwrap());
+        assert_eq!(std::fs::read_to_string(&path).unwrap(), "");
     }
 }

@@ -53,8 +53,10 @@ impl MemoryLog {
 }
 
 impl LogSink for MemoryLog {
-    fn is_blocking(&self) -> bool {
-        false
+    fn calls(&self) -> super::SinkCalls {
+        super::SinkCalls::Inline {
+            answer_after: std::time::Duration::ZERO,
+        }
     }
 
     fn open_edge(&self, edge_id: &str) -> Result<Box<dyn EdgeLogWriter>, SinkError> {

@@ -63,12 +63,23 @@ pub trait LogSink: Send + Sync + 'static {
     /// same edge (in this process or another), so that a zombie cannot commit.
     fn open_edge(&self, edge_id: &str) -> Result<Box<dyn EdgeLogWriter>, SinkError>;
 
-    /// Whether its calls block on I/O, so that the ingest runs them on a
-    /// blocking thread. A simulated log answers at once, and must run on the
-    /// simulation's own thread to stay deterministic.
-    fn is_blocking(&self) -> bool {
-        true
+    /// Where the ingest runs this sink's calls.
+    fn calls(&self) -> SinkCalls {
+        SinkCalls::Blocking
     }
+}
+
+/// Where the ingest runs a sink's calls.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SinkCalls {
+    /// On a blocking thread: the calls wait on a broker.
+    Blocking,
+    /// On the ingest's own task: the calls answer at once, as a simulated
+    /// log does, which must run on the simulation's thread to replay
+    /// exactly. The answer reaches the ingest `answer_after` later, as a
+    /// broker's reply would: a commit is already in the log while its
+    /// answer travels, and a crash in between is a real case.
+    Inline { answer_after: std::time::Duration },
 }
 
 /// The transactional writer of one edge's stream.

@@ -1,0 +1,187 @@
+//! The simulated cluster: real edge and cloud actors over simulated QUIC,
+//! disk, log and clock. Every seed must keep the invariants; deliberately
+//! broken variants must be caught; a seed must replay exactly.
+//!
+//! A failure names its seed and the command that replays it.
+
+use std::sync::Arc;
+
+use tributary_actors::stages::{secs, Window};
+use tributary_actors::topology::{EdgeSelector, Kafka, Simulated, Topology};
+use tributary_simulations::swarm::swarm;
+use tributary_simulations::world::EdgeSpec;
+use tributary_simulations::{run, Mutation, RunSpec, Scenario, Violation};
+
+/// The CI swarm: the `random` scenario (each seed enables its own subset of
+/// faults) over this many seeds.
+const SWARM_SEEDS: u64 = 200;
+/// Deliberate bugs must be caught within this many seeds of the scenario
+/// that exposes them.
+const MUTATION_SEEDS_MAX: u64 = 40;
+
+fn threads() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get())
+}
+
+#[test]
+fn a_swarm_of_random_faults_keeps_every_invariant() {
+    let spec = RunSpec::new(Scenario::Random, 0);
+    let s = swarm(&spec, 0, SWARM_SEEDS, threads(), &|_, _| {});
+    let failures: Vec<String> = s
+        .failures
+        .iter()
+        .map(|f| format!("seed {}: {}\n  replay: {}", f.seed, f.violation, f.replay))
+        .collect();
+    assert_eq!(s.failed, 0, "{}", failures.join("\n"));
+    assert_eq!(s.passed, SWARM_SEEDS);
+    // The swarm must actually hurt the system, or passing means little.
+    assert!(s.edge_crashes >= 20, "only {} edge crashes", s.edge_crashes);
+    assert!(
+        s.cloud_crashes >= 20,
+        "only {} cloud crashes",
+        s.cloud_crashes
+    );
+    assert!(s.faults >= SWARM_SEEDS, "only {} faults", s.faults);
+    assert!(
+        s.readings_acked >= SWARM_SEEDS * 1000,
+        "only {} readings acknowledged",
+        s.readings_acked
+    );
+    println!(
+        "{} seeds: {} readings, {} faults, {:.0}× real time, {:.0} seeds/min",
+        s.seeds,
+        s.readings_acked,
+        s.faults,
+        s.speedup(),
+        s.seeds_per_minute()
+    );
+}
+
+#[test]
+fn every_named_scenario_keeps_every_invariant() {
+    for scenario in Scenario::ALL {
+        if scenario == Scenario::Random {
+            continue;
+        }
+        for seed in 0..3 {
+            let outcome = run(&RunSpec::new(scenario, seed));
+            if let Err(v) = &outcome.verdict {
+                panic!("{scenario} seed {seed}: {v}\n  replay: {}", outcome.replay);
+            }
+            assert!(outcome.figures.readings_acked > 0, "{scenario} seed {seed}");
+            assert!(outcome.figures.faults > 0 || scenario == Scenario::ClockSkew);
+            assert!(outcome.figures.drain_ms.is_some(), "{scenario} seed {seed}");
+        }
+    }
+}
+
+#[test]
+fn one_seed_replays_the_same_trace() {
+    // A seed with crashes, partitions and loss exercises the most timing.
+    let spec = RunSpec::new(Scenario::Random, 11);
+    let a = run(&spec);
+    let b = run(&spec);
+    assert!(a.verdict.is_ok() && b.verdict.is_ok());
+    assert!(a.figures.faults > 0);
+    assert_eq!(a.trace_hash, b.trace_hash, "seed 11 ran two different ways");
+    assert_eq!(a.figures.readings_acked, b.figures.readings_acked);
+    let other = run(&RunSpec::new(Scenario::Random, 12));
+    assert_ne!(
+        a.trace_hash, other.trace_hash,
+        "the trace does not depend on the seed"
+    );
+}
+
+/// The first seed below `MUTATION_SEEDS_MAX` whose run fails, with its violation.
+fn first_failure(scenario: Scenario, mutation: Mutation) -> Option<(u64, Violation)> {
+    (0..MUTATION_SEEDS_MAX).find_map(|seed| {
+        let mut spec = RunSpec::new(scenario, seed);
+        spec.mutation = Some(mutation);
+        run(&spec).verdict.err().map(|v| (seed, v))
+    })
+}
+
+#[test]
+fn acking_before_the_fsync_shows_up_as_lost_readings() {
+    let found = first_failure(Scenario::EdgeCrash, Mutation::AckBeforeFsync);
+    let (seed, violation) = found.unwrap_or_else(|| {
+        panic!("ack-before-fsync survived {MUTATION_SEEDS_MAX} seeds of edge-crash")
+    });
+    assert!(
+        matches!(violation, Violation::Lost { .. }),
+        "seed {seed}: expected a lost reading, got {violation}"
+    );
+    println!("ack-before-fsync caught at seed {seed}: {violation}");
+}
+
+#[test]
+fn forgetting_the_high_water_mark_shows_up_as_duplicates() {
+    let found = first_failure(Scenario::CloudCrash, Mutation::ForgetHwm);
+    let (seed, violation) = found
+        .unwrap_or_else(|| panic!("forget-hwm survived {MUTATION_SEEDS_MAX} seeds of cloud-crash"));
+    // A segment written twice shows as a repeated or an older reading.
+    assert!(
+        matches!(
+            violation,
+            Violation::Duplicated { .. } | Violation::OutOfOrder { .. }
+        ),
+        "seed {seed}: expected a duplicate, got {violation}"
+    );
+    println!("forget-hwm caught at seed {seed}: {violation}");
+}
+
+#[test]
+fn a_users_topology_runs_under_faults() {
+    // An edge that keeps 1 s windows of its presses and sends both the raw
+    // readings and the windows up.
+    let topology = Topology::builder("plant")
+        .edge(EdgeSelector::label("plant-a"), |edge| {
+            edge.source(
+                "presses",
+                Simulated::devices(4).rate_hz(20.0).id_prefix("press-"),
+            )
+            .stage(
+                "presses-1s",
+                "presses",
+                Window::tumbling(secs(1)).mean("temperature"),
+            )
+        })
+        .cloud(|cloud| {
+            cloud.sink("raw", "presses", Kafka::topic("presses")).sink(
+                "windows",
+                "presses-1s",
+                Kafka::topic("presses.1s"),
+            )
+        })
+        .build()
+        .expect("a valid topology");
+    let mut spec = RunSpec::new(Scenario::Partition, 3);
+    spec.topology = Some(Arc::new(topology));
+    spec.edges = vec![
+        EdgeSpec::new("edge-1", &["plant-a"]),
+        EdgeSpec::new("edge-2", &["plant-a"]),
+    ];
+    let outcome = run(&spec);
+    if let Err(v) = &outcome.verdict {
+        panic!("{v}\n  replay: {}", outcome.replay);
+    }
+    let f = &outcome.figures;
+    assert!(f.readings_acked > 1000, "{f:?}");
+    // The windows are in the log too: more records than raw readings.
+    assert!(f.records_in_log > f.readings_in_log, "{f:?}");
+}
+
+#[test]
+fn a_backlog_that_cannot_drain_in_its_budget_is_reported() {
+    // A partition that lasts to the end of the faults, and no time to drain.
+    let mut spec = RunSpec::new(Scenario::Partition, 5);
+    spec.params.outages = 1;
+    spec.params.outage_s = 20;
+    spec.params.faults_s = 20;
+    spec.params.drain_budget_s = 0;
+    let outcome = run(&spec);
+    match outcome.verdict {
+        Err(Violation::NoDrain { .. }) => {}
+        other => panic!("expected the liveness check to fail, got {other:?}"),
+    }
+}
