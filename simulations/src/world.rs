@@ -871,7 +871,9 @@ pub fn run(spec: &RunSpec) -> Outcome {
     figures.simulated_ms = sim.elapsed().as_millis() as u64;
     drop(sim);
     let checked = check(&world, &raw_streams, &mut figures, &mut trace);
-    if verdict.is_ok() {
+    // A safety violation explains more than the liveness one it causes (a
+    // lost reading never drains).
+    if verdict.is_ok() || (matches!(verdict, Err(Violation::NoDrain { .. })) && checked.is_err()) {
         verdict = checked;
     }
     figures.drain_ms = drained_at.map(|t| t.saturating_sub(faults_end_ms));
