@@ -135,9 +135,20 @@ pub enum SupervisorMsg {
         generation: u64,
     },
     Status(RpcReplyPort<Vec<ChildStatus>>),
+    /// Restarts the child named `name` at once (an operator's action): it is
+    /// stopped, counted as restarted with that reason, and started again,
+    /// with its group under `one_for_all` / `rest_for_one`. It does not
+    /// count toward the restart intensity: it is not a failure.
+    RestartChild {
+        name: String,
+        reply: RpcReplyPort<Result<(), String>>,
+    },
 }
 
 impl ractor::Message for SupervisorMsg {}
+
+/// The reason recorded for a restart an operator asked for.
+pub const OPERATOR_RESTART: &str = "restarted by an operator";
 
 #[derive(Clone, Default)]
 pub struct Supervisor;
@@ -392,6 +403,35 @@ impl Actor for Supervisor {
             }
             SupervisorMsg::Status(reply) => {
                 let _ = reply.send(state.status.clone());
+            }
+            SupervisorMsg::RestartChild { name, reply } => {
+                let Some(index) = state.args.children.iter().position(|c| c.name == name) else {
+                    let _ = reply.send(Err(format!("this supervisor has no child {name:?}")));
+                    return Ok(());
+                };
+                let n = state.cells.len();
+                let mut group: Vec<usize> = match state.args.strategy {
+                    Strategy::OneForOne => vec![],
+                    Strategy::OneForAll => (0..n).filter(|&i| i != index).collect(),
+                    Strategy::RestForOne => (index + 1..n).collect(),
+                };
+                group.push(index);
+                group.sort_unstable();
+                Self::stop_children(state, &group, OPERATOR_RESTART).await;
+                state.retired[index] = false;
+                let status = &mut state.status[index];
+                status.last_failure = Some(OPERATOR_RESTART.to_string());
+                status.last_failure_at = Some(SystemTime::now());
+                tracing::info!(child = %name, "supervised actor restarted by an operator");
+                let failed = Self::start_missing(&myself, state, false).await;
+                let answer = match failed.iter().find(|(i, _)| *i == index) {
+                    Some((_, why)) => Err(why.clone()),
+                    None => Ok(()),
+                };
+                let _ = reply.send(answer);
+                for (i, reason) in failed {
+                    Self::child_down(&myself, state, i, Exit::Failed(reason)).await?;
+                }
             }
         }
         Ok(())

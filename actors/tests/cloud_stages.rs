@@ -68,6 +68,7 @@ async fn a_failed_commit_restarts_the_stages_from_the_committed_offset() {
         poll_ms: 5,
         watermark_lag_ms: 1_000,
         report_interval_ms: 0,
+        alerts: None,
     };
     let mut sup = SupervisorArgs::new(
         Strategy::OneForOne,

@@ -12,7 +12,7 @@
 //! for it to be gone, so ractor never has two sessions to elect between
 //! (its election may keep the stale one).
 
-mod control;
+pub(crate) mod control;
 mod membership;
 
 use std::future::Future;

@@ -123,6 +123,14 @@ settings! {
     hello_timeout_ms: u64 = 5_000, "TRIBUTARY_HELLO_TIMEOUT_MS";
     /// Cloud: how often to log what flows, 0 for never [default: 2000].
     report_interval_ms: u64 = 2_000, "TRIBUTARY_REPORT_INTERVAL_MS";
+    /// Cloud: serve the supervision dashboard (and /metrics) here, e.g. 127.0.0.1:8080; empty for none [default: empty].
+    dashboard_addr: String = String::new(), "TRIBUTARY_DASHBOARD_ADDR";
+    /// Cloud: the bearer token the dashboard's actions require; empty turns actions off [default: empty].
+    dashboard_token: String = String::new(), "TRIBUTARY_DASHBOARD_TOKEN";
+    /// Cloud: the topic every dashboard action is written to, for audit [default: tributary.audit].
+    audit_topic: String = "tributary.audit".into(), "TRIBUTARY_AUDIT_TOPIC";
+    /// Serve Prometheus /metrics here (any node), e.g. 127.0.0.1:9100; empty for none [default: empty].
+    metrics_addr: String = String::new(), "TRIBUTARY_METRICS_ADDR";
     /// The largest uplink frame accepted [default: 8388608].
     frame_bytes_max: usize = 8 * 1024 * 1024, "TRIBUTARY_FRAME_BYTES_MAX";
     /// QUIC keep-alive period [default: 200].
@@ -218,6 +226,11 @@ pub fn load_file(path: &std::path::Path) -> anyhow::Result<Settings> {
 }
 
 impl Resolved {
+    /// An address setting validated as `ip:port` or empty.
+    pub fn addr(value: &str) -> Option<SocketAddr> {
+        value.parse().ok()
+    }
+
     /// Checks what the components' own validation cannot know about.
     pub fn validate(&mut self) -> Result<(), SettingError> {
         tributary_cluster::tls::NodeId::new(self.node_id.clone()).map_err(|e| {
@@ -235,6 +248,20 @@ impl Resolved {
         }
         if self.device_id_prefix.is_empty() {
             self.device_id_prefix = format!("{}-dev-", self.node_id);
+        }
+        for (name, addr) in [
+            ("dashboard_addr", &self.dashboard_addr),
+            ("metrics_addr", &self.metrics_addr),
+        ] {
+            if !addr.is_empty() && addr.parse::<SocketAddr>().is_err() {
+                return Err(bad(name, format!("must be an ip:port, not {addr:?}")));
+            }
+        }
+        if !self.dashboard_token.is_empty() && self.dashboard_token.len() < 16 {
+            return Err(bad(
+                "dashboard_token",
+                "must be at least 16 characters (or empty, which turns actions off)",
+            ));
         }
         if !(self.device_rate_hz > 0.0 && self.device_rate_hz <= 1000.0) {
             return Err(bad(

@@ -5,6 +5,7 @@
 
 mod cluster;
 mod config;
+mod dashboard;
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -311,6 +312,7 @@ async fn run_edge(
     let (devices, mqtt, stages) = edge_plan(&id, &s, topology)?;
     let connector = EdgeConnector::new(&identity, s.cloud_addr, s.quic(), s.frame_bytes_max)?;
     let cluster = cluster::start(Role::Edge, &id, s.cluster_cookie.clone()).await?;
+    let members = cluster.members.clone();
     let outbox_dir = s.outbox_dir.clone();
     let cache = s.sled_cache_bytes_max;
     let accept_damage = s.outbox_accept_damage;
@@ -369,6 +371,18 @@ async fn run_edge(
         .await
         .context("starting the edge's actors")?;
     tracing::info!(edge = %id, cloud = %s.cloud_addr, mqtt = %s.mqtt_addr, outbox = %s.outbox_dir.display(), "edge running");
+    // Reports go to the cloud's dashboard whether or not this edge serves
+    // its own /metrics.
+    let latest = dashboard::metrics::LatestReport::default();
+    let _reporter = dashboard::server::spawn_edge_reporter(id.to_string(), latest.clone(), members);
+    let _metrics = match config::Resolved::addr(&s.metrics_addr) {
+        Some(addr) => {
+            let served = dashboard::server::serve_metrics(addr, latest).await?;
+            tracing::info!(addr = %served.local_addr, "metrics serving");
+            Some(served.task)
+        }
+        None => None,
+    };
     let reporter = (s.report_interval_ms > 0).then(|| {
         tokio::spawn(report_edge(std::time::Duration::from_millis(
             s.report_interval_ms,
@@ -490,6 +504,9 @@ async fn run_cloud(
     let cluster = cluster::start(Role::Cloud, identity.id(), s.cluster_cookie.clone())
         .await
         .context("starting the cluster's actors")?;
+    let counters = Arc::new(tributary_actors::cloud::CloudCounters::default());
+    let alerts = tributary_actors::cloud::stages::AlertFeed::default();
+    let members = cluster.members.clone();
     let args = CloudArgs {
         listen_addr: s.listen_addr,
         identity,
@@ -505,16 +522,85 @@ async fn run_cloud(
         on_session: cluster.on_session,
         names_prefix: String::new(),
         network: tributary_cluster::net::os(),
+        counters: counters.clone(),
     };
     let (listener, handle): (ActorRef<_>, _) =
         ractor::Actor::spawn(Some(LISTENER_NAME.to_string()), Listener, args)
             .await
             .context("starting the cloud listener")?;
     let stages = match topology {
-        Some(t) => start_cloud_stages(t, &s, stages_sink_cfg).await?,
+        Some(t) => start_cloud_stages(t, &s, stages_sink_cfg, alerts.clone()).await?,
         None => None,
     };
+    let _dashboard = start_dashboard(&s, counters, alerts, members).await?;
     wait_for_stop(listener.get_cell(), handle, stages).await
+}
+
+/// The cloud's dashboard (and `/metrics`), when an address is set for
+/// either; the ticker runs whenever one of them does.
+async fn start_dashboard(
+    s: &config::Resolved,
+    counters: Arc<tributary_actors::cloud::CloudCounters>,
+    alerts: tributary_actors::cloud::stages::AlertFeed,
+    members: tokio::sync::watch::Receiver<Vec<cluster::Member>>,
+) -> anyhow::Result<Vec<tokio::task::JoinHandle<()>>> {
+    use dashboard::server::{serve_dashboard, serve_metrics, spawn_cloud_ticker, CloudTicker, DashboardArgs};
+    let dashboard_addr = config::Resolved::addr(&s.dashboard_addr);
+    let metrics_addr = config::Resolved::addr(&s.metrics_addr);
+    if dashboard_addr.is_none() && metrics_addr.is_none() {
+        return Ok(Vec::new());
+    }
+    let hub = Arc::new(std::sync::Mutex::new(dashboard::Hub::new(&s.node_id)));
+    let latest = dashboard::metrics::LatestReport::default();
+    let mut tasks = Vec::new();
+    let mut updates = None;
+    if let Some(addr) = dashboard_addr {
+        let audit = if s.dashboard_token.is_empty() {
+            None
+        } else {
+            let (bootstrap, topic) = (s.kafka_bootstrap.clone(), s.audit_topic.clone());
+            let audit = tokio::task::spawn_blocking(move || {
+                tributary_actors::sink::kafka::audit::KafkaAudit::open(&bootstrap, &topic)
+            })
+            .await?
+            .context("opening the audit topic for the dashboard's actions")?;
+            Some(Arc::new(audit))
+        };
+        ractor::Actor::spawn(
+            None,
+            dashboard::inbox::DashboardInbox,
+            hub.clone(),
+        )
+        .await
+        .context("starting the dashboard's inbox")?;
+        let (served, tx) = serve_dashboard(DashboardArgs {
+            addr,
+            hub: hub.clone(),
+            latest: latest.clone(),
+            token: Some(s.dashboard_token.clone()),
+            audit,
+        })
+        .await?;
+        tracing::info!(addr = %served.local_addr, actions = !s.dashboard_token.is_empty(), "dashboard serving");
+        tasks.push(served.task);
+        updates = Some(tx);
+    }
+    if let Some(addr) = metrics_addr {
+        let served = serve_metrics(addr, latest.clone()).await?;
+        tracing::info!(addr = %served.local_addr, "metrics serving");
+        tasks.push(served.task);
+    }
+    tasks.push(spawn_cloud_ticker(CloudTicker {
+        node_id: s.node_id.clone(),
+        listener: LISTENER_NAME.to_string(),
+        counters,
+        alerts,
+        members,
+        hub,
+        latest,
+        updates,
+    }));
+    Ok(tasks)
 }
 
 /// Starts the cloud's stages and sinks, when the topology places any here:
@@ -523,6 +609,7 @@ async fn start_cloud_stages(
     t: &Topology,
     s: &config::Resolved,
     sink: KafkaSinkConfig,
+    alerts: tributary_actors::cloud::stages::AlertFeed,
 ) -> anyhow::Result<Option<(ractor::ActorCell, tokio::task::JoinHandle<()>)>> {
     use tributary_actors::cloud::stages::{CloudStages, CloudStagesArgs, CLOUD_STAGES_NAME};
     use tributary_actors::sink::kafka::{KafkaStageLog, KafkaStageLogConfig};
@@ -575,6 +662,7 @@ async fn start_cloud_stages(
         poll_ms: s.stages_poll_ms,
         watermark_lag_ms: s.stages_watermark_lag_ms,
         report_interval_ms: s.report_interval_ms,
+        alerts: Some(alerts),
     };
     let mut sup = SupervisorArgs::new(
         Strategy::OneForOne,

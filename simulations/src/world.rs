@@ -633,6 +633,7 @@ async fn run_cloud(world: Arc<World>) -> turmoil::Result {
         on_session: None,
         names_prefix: format!("sim{}/cloud#{inc}/", world.run_id),
         network: Arc::new(TurmoilNetwork::seeded(world.seed ^ inc)),
+        counters: Arc::default(),
     };
     let (_listener, handle) = ractor::Actor::spawn(None, Listener, args).await?;
     let _ = handle.await;

@@ -18,6 +18,7 @@ use tributary_cluster::uplink::{CommitBatch, Frame, Ingest, IngestConfig, Refuse
 
 use super::{CloudCounters, WriterPool};
 use crate::outbox::segment;
+use crate::clock::Clock;
 use crate::sink::{EdgeLogWriter, Hwm, LogSink, SegmentBatch, SinkCalls, SinkError};
 
 /// Close code when the cloud gives up on a link (protocol error or log down).
@@ -116,6 +117,7 @@ impl IngestState {
         self.committing = true;
         let edge = self.edge_id.clone();
         let me = myself.clone();
+        let counters = self.counters.clone();
         run_sink(self.sink_calls, me, move || {
             let hwm = Hwm {
                 epoch: batch.epoch,
@@ -123,6 +125,15 @@ impl IngestState {
             };
             let readings: u64 = batches.iter().map(|b| b.readings.len() as u64).sum();
             let result = writer.commit(&edge, hwm, &batches).map(|_| readings);
+            if result.is_ok() {
+                // From the device's clock to the commit: what a reader of
+                // the log waits, clock skew included.
+                let now_us = crate::clock::SystemClock.now_us();
+                for r in batches.iter().flat_map(|b| &b.readings) {
+                    let ms = (now_us - r.device_ts_us).max(0) as u64 / 1000;
+                    counters.latency.record_ms(ms);
+                }
+            }
             IngestMsg::Committed(writer, batch, result)
         });
     }

@@ -50,6 +50,59 @@ pub struct CloudCounters {
     pub transactions: AtomicU64,
     pub protocol_errors: AtomicU64,
     pub log_errors: AtomicU64,
+    /// From each reading's device timestamp to its commit.
+    pub latency: LatencyHistogram,
+}
+
+/// Buckets of a latency histogram: bucket `i` counts values up to
+/// `2^i` ms; the last one counts everything above.
+pub const LATENCY_BUCKETS: usize = 24;
+
+/// A lock-free histogram of latencies in powers of two of milliseconds
+/// (1 ms to about 2.3 h), cheap enough to record every committed reading.
+#[derive(Debug, Default)]
+pub struct LatencyHistogram {
+    buckets: [AtomicU64; LATENCY_BUCKETS],
+    sum_ms: AtomicU64,
+}
+
+impl LatencyHistogram {
+    pub fn record_ms(&self, ms: u64) {
+        let i = (u64::BITS - ms.saturating_sub(1).leading_zeros()) as usize;
+        self.buckets[i.min(LATENCY_BUCKETS - 1)].fetch_add(1, Relaxed);
+        self.sum_ms.fetch_add(ms, Relaxed);
+    }
+
+    /// The counts so far, per bucket (not cumulative), and the sum in ms.
+    pub fn counts(&self) -> ([u64; LATENCY_BUCKETS], u64) {
+        let mut out = [0; LATENCY_BUCKETS];
+        for (o, b) in out.iter_mut().zip(&self.buckets) {
+            *o = b.load(Relaxed);
+        }
+        (out, self.sum_ms.load(Relaxed))
+    }
+
+    /// The upper bound in ms of bucket `i`.
+    pub fn bucket_le_ms(i: usize) -> u64 {
+        1u64 << i
+    }
+
+    /// The bucket bound under which `q` (0..1) of `counts` fall, in ms.
+    pub fn quantile_ms(counts: &[u64; LATENCY_BUCKETS], q: f64) -> Option<u64> {
+        let total: u64 = counts.iter().sum();
+        if total == 0 {
+            return None;
+        }
+        let rank = (q * total as f64).ceil().max(1.0) as u64;
+        let mut seen = 0;
+        for (i, c) in counts.iter().enumerate() {
+            seen += c;
+            if seen >= rank {
+                return Some(Self::bucket_le_ms(i));
+            }
+        }
+        Some(Self::bucket_le_ms(LATENCY_BUCKETS - 1))
+    }
 }
 
 /// Writers kept between connections of the same edge, so that a reconnect
@@ -95,6 +148,8 @@ pub struct CloudArgs {
     pub names_prefix: String,
     /// Where the listener's UDP socket comes from.
     pub network: SharedNetwork,
+    /// The data path's counters, shared with whoever reports them.
+    pub counters: Arc<CloudCounters>,
 }
 
 /// Takes over a session stream, with a handle on its connection.
@@ -200,7 +255,7 @@ impl Actor for Listener {
             args.hello_timeout_ms,
         )?);
         let local_addr = endpoint.local_addr()?;
-        let counters = Arc::new(CloudCounters::default());
+        let counters = args.counters.clone();
         let ep = endpoint.clone();
         let me = myself.clone();
         let c = counters.clone();

@@ -40,6 +40,37 @@ pub struct CloudStagesArgs {
     pub watermark_lag_ms: u64,
     /// How often the actor logs what it did; 0 turns it off.
     pub report_interval_ms: u64,
+    /// Where committed alerts are shown (the dashboard's feed); `None` for nowhere.
+    pub alerts: Option<AlertFeed>,
+}
+
+/// The newest committed alerts, newest last, at most [`ALERTS_FED_MAX`].
+#[derive(Debug, Clone, Default)]
+pub struct AlertFeed(Arc<std::sync::Mutex<std::collections::VecDeque<crate::stages::Alert>>>);
+
+/// Alerts an [`AlertFeed`] keeps; older ones leave it (they are in the log).
+pub const ALERTS_FED_MAX: usize = 100;
+
+impl AlertFeed {
+    fn push(&self, alerts: impl IntoIterator<Item = crate::stages::Alert>) {
+        let mut feed = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        for a in alerts {
+            if feed.len() == ALERTS_FED_MAX {
+                feed.pop_front();
+            }
+            feed.push_back(a);
+        }
+    }
+
+    /// The alerts kept, oldest first.
+    pub fn recent(&self) -> Vec<crate::stages::Alert> {
+        self.0
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .cloned()
+            .collect()
+    }
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -173,12 +204,25 @@ impl CloudStagesState {
                 .advance_watermark(watermark_us, &mut self.out)?;
         }
         let out = std::mem::take(&mut self.out);
+        let alerts: Vec<crate::stages::Alert> = match &self.args.alerts {
+            Some(_) => out
+                .iter()
+                .filter_map(|e| match &e.output {
+                    Output::Alert(a) => Some(a.clone()),
+                    _ => None,
+                })
+                .collect(),
+            None => Vec::new(),
+        };
         for e in out {
             self.route(e);
         }
         if polled || !self.records.is_empty() {
             let records = std::mem::take(&mut self.records);
             blocking(|| self.log.commit(&records))?;
+            if let Some(feed) = &self.args.alerts {
+                feed.push(alerts);
+            }
             self.records_written += records.len() as u64;
             self.transactions += 1;
             self.records = records;

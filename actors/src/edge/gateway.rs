@@ -41,6 +41,10 @@ use crate::topology::Component;
 /// How many devices the gateway remembers the last accepted reading of, to
 /// recognise a source's retry of a reading it already accepted.
 const DEVICES_TRACKED_MAX: usize = 100_000;
+/// Committed segments whose time and size the gateway remembers for the
+/// backlog figures; past it the oldest are forgotten (the age then reads
+/// younger than it is), not the segments.
+const UNCONFIRMED_TRACKED_MAX: usize = 65_536;
 /// How often the edge's stages are told that time moved on, so that a quiet
 /// device's last window closes.
 const STAGES_TICK_MS: u64 = 1_000;
@@ -106,6 +110,14 @@ pub struct GatewayStatus {
     pub stages: Vec<StageReport>,
     /// Stage outputs refused by a full outbox.
     pub stage_outputs_dropped: u64,
+    /// Readings in the outbox the cloud has not confirmed (open and sealed).
+    /// Segments found on disk at start count as one reading each until
+    /// confirmed: their count is not kept in memory.
+    pub backlog_readings: u64,
+    /// When the oldest reading the cloud has not confirmed was committed,
+    /// by the edge's clock (µs since the epoch); at start, for segments
+    /// found on disk, the start time.
+    pub oldest_unconfirmed_us: Option<i64>,
 }
 
 pub enum GatewayMsg {
@@ -170,11 +182,22 @@ pub struct GatewayState {
     full: bool,
     names: EdgeNames,
     clock: SharedClock,
+    /// Committed segments not yet confirmed: (seq, committed at µs,
+    /// readings), oldest first, at most `UNCONFIRMED_TRACKED_MAX`.
+    unconfirmed: std::collections::VecDeque<(u64, i64, u64)>,
 }
 
 impl GatewayState {
-    fn status(&self) -> GatewayStatus {
+    fn status(&mut self) -> GatewayStatus {
+        let confirmed = self.outbox.acked_through();
+        while self.unconfirmed.front().is_some_and(|(seq, ..)| *seq <= confirmed) {
+            self.unconfirmed.pop_front();
+        }
+        let open = self.outbox.readings_open() as u64;
+        let oldest = self.unconfirmed.front().map(|(_, at, _)| *at);
         GatewayStatus {
+            backlog_readings: self.unconfirmed.iter().map(|(_, _, n)| n).sum::<u64>() + open,
+            oldest_unconfirmed_us: oldest.or((open > 0).then(|| self.clock.now_us())),
             epoch: self.outbox.epoch(),
             sealed_through: self.outbox.sealed_through(),
             acked_through: self.outbox.acked_through(),
@@ -226,6 +249,11 @@ impl GatewayState {
         };
         match result {
             Ok(Some(Committed { seq, tickets, keys })) => {
+                if self.unconfirmed.len() == UNCONFIRMED_TRACKED_MAX {
+                    self.unconfirmed.pop_front();
+                }
+                self.unconfirmed
+                    .push_back((seq, self.clock.now_us(), keys.len() as u64));
                 // Only source readings carry a ticket; stage outputs are not
                 // audited nor taken for a source's retry.
                 let keys: Vec<(String, i64)> = keys
@@ -438,6 +466,10 @@ impl Actor for Gateway {
             timer_generation: 0,
             timer_armed: false,
             full: false,
+            unconfirmed: (rec.segments > 0)
+                .then(|| (rec.sealed_through, args.clock.now_us(), rec.segments as u64))
+                .into_iter()
+                .collect(),
             names: args.names,
             clock: args.clock,
         })

@@ -53,6 +53,8 @@ pub struct UplinkStatus {
     pub connects: u64,
     pub segments_sent: u64,
     pub rtt_ms: Option<u64>,
+    /// Whether sending is paused (an operator's action).
+    pub paused: bool,
 }
 
 pub enum UplinkMsg {
@@ -371,6 +373,7 @@ impl Actor for Uplink {
                         .live
                         .as_ref()
                         .map(|l| l.handle.rtt().as_millis() as u64),
+                    paused: state.core.is_paused(),
                 });
             }
         }

@@ -45,6 +45,8 @@ pub enum SinkError {
     Aborted { edge: String, reason: String },
     #[error("the cloud stages' log failed while {step}: {reason}")]
     Stages { step: &'static str, reason: String },
+    #[error("writing an audit record failed: {0}")]
+    Audit(String),
     /// The writer was fenced by a newer one; it must not be used again.
     #[error("the writer for edge {edge} was fenced by a newer writer")]
     Fenced { edge: String },

@@ -134,6 +134,10 @@ impl EdgeUplink {
     }
 
     /// Stops sending new segments (acks still count); for drain control.
+    pub fn is_paused(&self) -> bool {
+        self.paused
+    }
+
     pub fn set_paused(&mut self, paused: bool) {
         self.paused = paused;
     }

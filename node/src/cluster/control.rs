@@ -13,7 +13,8 @@ use std::time::{Duration, Instant};
 use ractor::{Actor, ActorProcessingErr, ActorRef, BytesConvertable, RpcReplyPort};
 use serde::{de::DeserializeOwned, Deserialize, Serialize};
 use tributary_actors::edge::gateway::GatewayMsg;
-use tributary_actors::edge::GATEWAY_NAME;
+use tributary_actors::edge::uplink::UplinkMsg;
+use tributary_actors::edge::{GATEWAY_NAME, UPLINK_NAME};
 use tributary_cluster::session::RactorClusterMessage;
 
 /// The process group of the cloud's control actors, through which edges find them.
@@ -43,6 +44,9 @@ pub enum ControlRequest {
     /// Kills a local actor registered under `name`, so its supervisor
     /// restarts it. Refused for actors without a supervisor.
     RestartActor { name: String },
+    /// Pauses or resumes the edge's uplink: while paused, the outbox keeps
+    /// filling and nothing is sent.
+    SetUplinkPaused { paused: bool },
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -265,17 +269,49 @@ async fn serve(request: ControlRequest, state: &EdgeControlState) -> ControlAnsw
             }
         }
         ControlRequest::RestartActor { name } => {
-            let actor = ractor::registry::where_is(name.clone())
-                .ok_or_else(|| format!("no local actor is registered as {name:?}"))?;
-            // Killing an unsupervised actor (this one, the node server, a
-            // root) would end it for good, not restart it.
-            if actor.try_get_supervisor().is_none() {
-                return Err(format!(
-                    "{name:?} has no supervisor to restart it; refusing to kill it"
-                ));
-            }
-            actor.kill();
+            restart_supervised(&name).await?;
             Ok(ControlReply::Done)
+        }
+        ControlRequest::SetUplinkPaused { paused } => {
+            let uplink: ActorRef<UplinkMsg> = ractor::registry::where_is(UPLINK_NAME)
+                .ok_or("the uplink is not running")?
+                .into();
+            uplink
+                .send_message(UplinkMsg::SetPaused(paused))
+                .map_err(|e| format!("message the uplink: {e}"))?;
+            Ok(ControlReply::Done)
+        }
+    }
+}
+
+/// Asks the supervisor of the local actor registered as `name` to restart
+/// it. Refused for actors without one of our supervisors: killing a root, a
+/// listener or the node server would end it for good.
+pub(crate) async fn restart_supervised(name: &str) -> Result<(), String> {
+    use tributary_actors::supervision::SupervisorMsg;
+    let actor = ractor::registry::where_is(name.to_string())
+        .ok_or_else(|| format!("no local actor is registered as {name:?}"))?;
+    let supervisor: ActorRef<SupervisorMsg> = actor
+        .try_get_supervisor()
+        .ok_or_else(|| format!("{name:?} has no supervisor to restart it; refusing to stop it"))?
+        .into();
+    let answer = supervisor
+        .call(
+            |reply| SupervisorMsg::RestartChild {
+                name: name.to_string(),
+                reply,
+            },
+            Some(Duration::from_millis(GATEWAY_CALL_TIMEOUT_MS)),
+        )
+        .await
+        .map_err(|e| format!("{name:?} is not under a Tributary supervisor: {e}"))?;
+    match answer {
+        ractor::rpc::CallResult::Success(r) => r,
+        ractor::rpc::CallResult::Timeout => Err(format!(
+            "the supervisor of {name:?} did not answer within {GATEWAY_CALL_TIMEOUT_MS} ms"
+        )),
+        ractor::rpc::CallResult::SenderError => {
+            Err(format!("the supervisor of {name:?} dropped the request"))
         }
     }
 }

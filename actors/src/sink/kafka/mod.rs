@@ -39,6 +39,7 @@ use serde::{Deserialize, Serialize};
 
 use super::{EdgeLogWriter, Hwm, LogSink, SegmentBatch, SinkError};
 
+pub mod audit;
 mod stages;
 pub use stages::{KafkaStageLog, KafkaStageLogConfig};
 

@@ -1,0 +1,407 @@
+//! The supervision dashboard: one live page of every node and actor, edge
+//! and cloud together, served by the cloud node.
+//!
+//! - Every node collects a [`NodeReport`] once a second (its supervision
+//!   tree, its outbox, its counters); edges send theirs to the cloud over the
+//!   cluster session ([`inbox`]); every node serves its own on `/metrics`.
+//! - The cloud's [`Hub`] keeps the latest report of each node, with when it
+//!   came, so a partitioned edge shows its last known state, marked stale.
+//!   Each second it builds an update (nodes, changed actors, throughput,
+//!   latency, new alerts) and broadcasts it to the page's SSE stream; a page
+//!   that connects (or falls behind) gets a full snapshot first.
+//! - Actions (restart an actor, pause or resume an edge's uplink) need the
+//!   configured bearer token, are written to the audit topic first, and go to
+//!   edges as control calls.
+
+pub mod inbox;
+pub mod metrics;
+pub mod report;
+pub mod server;
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+
+use serde::{Deserialize, Serialize};
+use tributary_actors::cloud::{LatencyHistogram, LATENCY_BUCKETS};
+use tributary_actors::stages::Alert;
+
+pub use report::{ActorView, NodeReport};
+
+use crate::cluster::Member;
+
+/// Points of each chart kept: ten minutes at one a second.
+pub const SERIES_POINTS_MAX: usize = 600;
+/// Alerts the feed keeps.
+pub const ALERTS_SHOWN_MAX: usize = 100;
+/// Nodes the hub keeps reports of; reports of further nodes are dropped and
+/// counted.
+pub const NODES_MAX: usize = 10_000;
+/// A node whose last report is older than this is stale.
+pub const STALE_AFTER_MS: u64 = 3_000;
+/// A link slower than this is degraded.
+pub const DEGRADED_RTT_MS: f64 = 500.0;
+
+/// An edge's backlog, as the page shows it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Backlog {
+    pub readings: u64,
+    pub bytes: u64,
+    pub oldest_unacked_age_ms: Option<u64>,
+    pub drain_rate_per_s: f64,
+    pub dropped_by_policy: u64,
+    pub refused_full: u64,
+}
+
+/// One node, as the page shows it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct NodeView {
+    pub id: String,
+    pub role: String,
+    /// up, down or degraded.
+    pub link: String,
+    pub rtt_ms: Option<f64>,
+    pub last_seen_ms: u64,
+    pub stale: bool,
+    pub stale_since_ms: Option<u64>,
+    pub uplink_paused: Option<bool>,
+    pub backlog: Option<Backlog>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub actors: Option<Vec<ActorView>>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ThroughputPoint {
+    pub t_ms: u64,
+    pub readings_per_s: f64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct LatencyPoint {
+    pub t_ms: u64,
+    pub p50_ms: Option<f64>,
+    pub p99_ms: Option<f64>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AlertView {
+    pub at_ms: u64,
+    pub stage: String,
+    pub device: String,
+    pub text: String,
+}
+
+/// The whole picture: what a page gets first.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Snapshot {
+    pub now_ms: u64,
+    pub cloud_id: String,
+    pub nodes: Vec<NodeView>,
+    pub throughput: Vec<ThroughputPoint>,
+    pub latency: Vec<LatencyPoint>,
+    /// Newest first.
+    pub alerts: Vec<AlertView>,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct ActorChanges {
+    pub upsert: Vec<ActorView>,
+    pub remove: Vec<String>,
+}
+
+/// What changed in the last second.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Update {
+    pub now_ms: u64,
+    /// Every node, without actors.
+    pub nodes: Vec<NodeView>,
+    pub actors: ActorChanges,
+    pub throughput: Vec<ThroughputPoint>,
+    pub latency: Vec<LatencyPoint>,
+    /// Newest first.
+    pub alerts: Vec<AlertView>,
+}
+
+struct Reported {
+    report: NodeReport,
+    received_ms: u64,
+    /// (at_ms, readings confirmed) of the previous report, for the drain rate.
+    previous_confirmed: Option<(u64, u64)>,
+}
+
+/// The cloud's view of the cluster, fed by reports and ticks.
+pub struct Hub {
+    cloud_id: String,
+    reports: BTreeMap<String, Reported>,
+    /// Reports refused because `NODES_MAX` nodes were already known.
+    pub reports_refused: u64,
+    members: Vec<Member>,
+    throughput: VecDeque<ThroughputPoint>,
+    latency: VecDeque<LatencyPoint>,
+    alerts: VecDeque<AlertView>,
+    /// What the last update told pages about actors, to send only changes.
+    actors_sent: HashMap<String, ActorView>,
+    last_tick: Option<(u64, u64, [u64; LATENCY_BUCKETS])>,
+}
+
+fn node_link(member: Option<&Member>, fresh: bool, is_self: bool) -> (&'static str, Option<f64>) {
+    if is_self {
+        return ("up", None);
+    }
+    match member {
+        Some(m) if m.up => {
+            let rtt = m.rtt.map(|d| d.as_secs_f64() * 1000.0);
+            let slow = rtt.is_some_and(|r| r > DEGRADED_RTT_MS);
+            (if slow || !fresh { "degraded" } else { "up" }, rtt)
+        }
+        _ => ("down", None),
+    }
+}
+
+fn alert_view(a: &Alert) -> AlertView {
+    AlertView {
+        at_ms: (a.device_ts_us / 1000).max(0) as u64,
+        stage: a.stage.clone(),
+        device: a.device_id.clone(),
+        text: a.message.clone(),
+    }
+}
+
+impl Hub {
+    pub fn new(cloud_id: &str) -> Self {
+        Self {
+            cloud_id: cloud_id.to_string(),
+            reports: BTreeMap::new(),
+            reports_refused: 0,
+            members: Vec::new(),
+            throughput: VecDeque::new(),
+            latency: VecDeque::new(),
+            alerts: VecDeque::new(),
+            actors_sent: HashMap::new(),
+            last_tick: None,
+        }
+    }
+
+    /// Keeps `report` as its node's latest.
+    pub fn put_report(&mut self, report: NodeReport, now_ms: u64) {
+        let previous_confirmed = self.reports.get(&report.node_id).and_then(|r| {
+            r.report
+                .outbox
+                .as_ref()
+                .map(|o| (r.report.at_ms, o.readings_confirmed))
+        });
+        if !self.reports.contains_key(&report.node_id) && self.reports.len() >= NODES_MAX {
+            self.reports_refused += 1;
+            return;
+        }
+        self.reports.insert(
+            report.node_id.clone(),
+            Reported {
+                report,
+                received_ms: now_ms,
+                previous_confirmed,
+            },
+        );
+    }
+
+    pub fn set_members(&mut self, members: Vec<Member>) {
+        self.members = members;
+    }
+
+    /// Adds the alerts committed since the last tick (`recent` is the feed,
+    /// oldest first; those already shown are recognised and skipped).
+    fn take_alerts(&mut self, recent: &[Alert]) -> Vec<AlertView> {
+        let newest_shown = self.alerts.front().cloned();
+        let views: Vec<AlertView> = recent.iter().map(alert_view).collect();
+        let start = match newest_shown {
+            Some(n) => views.iter().rposition(|v| *v == n).map_or(0, |i| i + 1),
+            None => 0,
+        };
+        let mut new: Vec<AlertView> = views[start..].to_vec();
+        new.reverse();
+        for a in new.iter().rev() {
+            self.alerts.push_front(a.clone());
+        }
+        self.alerts.truncate(ALERTS_SHOWN_MAX);
+        new
+    }
+
+    fn view(&self, id: &str, r: &Reported, now_ms: u64, with_actors: bool) -> NodeView {
+        let is_self = id == self.cloud_id;
+        let member = self.members.iter().find(|m| m.peer == id);
+        let fresh = now_ms.saturating_sub(r.received_ms) <= STALE_AFTER_MS;
+        let (link, rtt_ms) = node_link(member, fresh, is_self);
+        let stale = !is_self && (!fresh || link == "down");
+        let stale_since_ms = stale.then(|| match member {
+            // Down: since the link went down, which is when it stopped reporting.
+            Some(m) if !m.up => epoch_ms_of(m.since),
+            _ => r.received_ms + STALE_AFTER_MS,
+        });
+        let backlog = r.report.outbox.as_ref().map(|o| {
+            let drain = match r.previous_confirmed {
+                Some((at, confirmed)) if r.report.at_ms > at => {
+                    o.readings_confirmed.saturating_sub(confirmed) as f64 * 1000.0
+                        / (r.report.at_ms - at) as f64
+                }
+                _ => 0.0,
+            };
+            Backlog {
+                readings: o.readings,
+                bytes: o.bytes,
+                oldest_unacked_age_ms: o
+                    .oldest_unconfirmed_ms
+                    .map(|t| r.report.at_ms.saturating_sub(t)),
+                drain_rate_per_s: drain,
+                dropped_by_policy: o.dropped_by_policy,
+                refused_full: o.refused_full,
+            }
+        });
+        NodeView {
+            id: id.to_string(),
+            role: r.report.role.clone(),
+            link: link.to_string(),
+            rtt_ms,
+            last_seen_ms: r.received_ms,
+            stale,
+            stale_since_ms,
+            uplink_paused: r.report.uplink_paused,
+            backlog,
+            actors: with_actors.then(|| r.report.actors.clone()),
+        }
+    }
+
+    /// Edges that are members but never reported still appear, as down or
+    /// waiting.
+    fn unreported(&self, now_ms: u64) -> Vec<NodeView> {
+        self.members
+            .iter()
+            .filter(|m| !self.reports.contains_key(&m.peer))
+            .map(|m| NodeView {
+                id: m.peer.clone(),
+                role: m.role.as_str().to_string(),
+                link: if m.up { "up" } else { "down" }.to_string(),
+                rtt_ms: m.rtt.map(|d| d.as_secs_f64() * 1000.0),
+                last_seen_ms: epoch_ms_of(m.since),
+                stale: true,
+                stale_since_ms: Some(epoch_ms_of(m.since).min(now_ms)),
+                uplink_paused: None,
+                backlog: None,
+                actors: None,
+            })
+            .collect()
+    }
+
+    pub fn snapshot(&self, now_ms: u64) -> Snapshot {
+        let mut nodes: Vec<NodeView> = self
+            .reports
+            .iter()
+            .map(|(id, r)| self.view(id, r, now_ms, true))
+            .collect();
+        nodes.extend(self.unreported(now_ms));
+        Snapshot {
+            now_ms,
+            cloud_id: self.cloud_id.clone(),
+            nodes,
+            throughput: self.throughput.iter().cloned().collect(),
+            latency: self.latency.iter().cloned().collect(),
+            alerts: self.alerts.iter().cloned().collect(),
+        }
+    }
+
+    /// Moves the charts and the feed on by one tick and says what changed.
+    pub fn tick(&mut self, now_ms: u64, alerts: &[Alert]) -> Update {
+        let mut throughput = Vec::new();
+        let mut latency = Vec::new();
+        if let Some(cloud) = self.reports.get(&self.cloud_id) {
+            let committed = cloud
+                .report
+                .components
+                .iter()
+                .find(|c| c.component == "ingest")
+                .map_or(0, |c| c.sent);
+            let mut buckets = [0u64; LATENCY_BUCKETS];
+            if let Some(b) = &cloud.report.latency_buckets {
+                for (o, v) in buckets.iter_mut().zip(b) {
+                    *o = *v;
+                }
+            }
+            if let Some((at, before, before_buckets)) = self.last_tick {
+                let dt = now_ms.saturating_sub(at).max(1) as f64 / 1000.0;
+                throughput.push(ThroughputPoint {
+                    t_ms: now_ms,
+                    readings_per_s: committed.saturating_sub(before) as f64 / dt,
+                });
+                let mut delta = [0u64; LATENCY_BUCKETS];
+                for i in 0..LATENCY_BUCKETS {
+                    delta[i] = buckets[i].saturating_sub(before_buckets[i]);
+                }
+                latency.push(LatencyPoint {
+                    t_ms: now_ms,
+                    p50_ms: LatencyHistogram::quantile_ms(&delta, 0.5).map(|v| v as f64),
+                    p99_ms: LatencyHistogram::quantile_ms(&delta, 0.99).map(|v| v as f64),
+                });
+            }
+            self.last_tick = Some((now_ms, committed, buckets));
+        }
+        for p in &throughput {
+            if self.throughput.len() == SERIES_POINTS_MAX {
+                self.throughput.pop_front();
+            }
+            self.throughput.push_back(p.clone());
+        }
+        for p in &latency {
+            if self.latency.len() == SERIES_POINTS_MAX {
+                self.latency.pop_front();
+            }
+            self.latency.push_back(p.clone());
+        }
+        let new_alerts = self.take_alerts(alerts);
+        let mut nodes: Vec<NodeView> = self
+            .reports
+            .iter()
+            .map(|(id, r)| self.view(id, r, now_ms, false))
+            .collect();
+        nodes.extend(self.unreported(now_ms));
+        let mut changes = ActorChanges::default();
+        let mut current: HashMap<String, ActorView> = HashMap::new();
+        for r in self.reports.values() {
+            for a in &r.report.actors {
+                current.insert(a.id.clone(), a.clone());
+            }
+        }
+        for (id, a) in &current {
+            if self.actors_sent.get(id) != Some(a) {
+                changes.upsert.push(a.clone());
+            }
+        }
+        for id in self.actors_sent.keys() {
+            if !current.contains_key(id) {
+                changes.remove.push(id.clone());
+            }
+        }
+        // Parents before children, so a page can attach each row at once.
+        changes.upsert.sort_by(|a, b| a.id.cmp(&b.id));
+        changes.remove.sort();
+        self.actors_sent = current;
+        Update {
+            now_ms,
+            nodes,
+            actors: changes,
+            throughput,
+            latency,
+            alerts: new_alerts,
+        }
+    }
+
+    /// The latest report of `node`, if any.
+    pub fn report(&self, node: &str) -> Option<&NodeReport> {
+        self.reports.get(node).map(|r| &r.report)
+    }
+
+    pub fn cloud_id(&self) -> &str {
+        &self.cloud_id
+    }
+}
+
+fn epoch_ms_of(t: std::time::SystemTime) -> u64 {
+    t.duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
