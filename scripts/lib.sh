@@ -76,3 +76,47 @@ start_mosquitto() {
         sleep 0.1
     done
 }
+
+# ensure_chromium: installs Chromium and its WebDriver (as root, with
+# apt-get) when either is missing, checks that their versions match, and
+# exports TRIBUTARY_CHROMIUM and TRIBUTARY_CHROMEDRIVER for the dashboard's
+# browser test. Debian's chromium-driver is built from the same source as
+# its chromium, so one install keeps them in step.
+ensure_chromium() {
+    local missing=() browser driver browser_version driver_version
+    command -v chromium >/dev/null || missing+=(chromium)
+    command -v chromedriver >/dev/null || missing+=(chromium-driver)
+    if ((${#missing[@]})); then
+        if [[ "$(id -u)" -ne 0 ]]; then
+            echo "missing ${missing[*]}: install them (apt-get install ${missing[*]})" >&2
+            return 1
+        fi
+        echo "installing ${missing[*]}"
+        export DEBIAN_FRONTEND=noninteractive
+        # chromium too, even when present: chromium-driver depends on the
+        # same version, and apt upgrades an older chromium with it. The
+        # package lists are refreshed only when the install fails on them
+        # (ensure_mosquitto may have just done it; a fresh machine has none).
+        if ! apt-get install -y -q --no-install-recommends chromium chromium-driver \
+            >/dev/null 2>&1; then
+            apt-get update -q >/dev/null || { echo "apt-get update failed" >&2; return 1; }
+            apt-get install -y -q --no-install-recommends chromium chromium-driver >/dev/null ||
+                { echo "apt-get install chromium chromium-driver failed" >&2; return 1; }
+        fi
+    fi
+    browser="$(command -v chromium)" || { echo "chromium is not on PATH" >&2; return 1; }
+    driver="$(command -v chromedriver)" || { echo "chromedriver is not on PATH" >&2; return 1; }
+    # "Chromium 156.0.8078.79 built on Debian ..." and "ChromeDriver 156.0.8078.79 (...)".
+    browser_version="$("$browser" --version 2>/dev/null | grep -oE '[0-9]+(\.[0-9]+){3}' | head -n 1)"
+    driver_version="$("$driver" --version 2>/dev/null | grep -oE '[0-9]+(\.[0-9]+){3}' | head -n 1)"
+    if [[ -z "$browser_version" || -z "$driver_version" ]]; then
+        echo "could not read the versions of $browser ($browser_version) and $driver ($driver_version)" >&2
+        return 1
+    fi
+    if [[ "${browser_version%%.*}" != "${driver_version%%.*}" ]]; then
+        echo "chromium $browser_version and chromedriver $driver_version differ: upgrade both (apt-get install chromium chromium-driver)" >&2
+        return 1
+    fi
+    echo "chromium $browser_version, chromedriver $driver_version"
+    export TRIBUTARY_CHROMIUM="$browser" TRIBUTARY_CHROMEDRIVER="$driver"
+}

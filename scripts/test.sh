@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Tributary's test command, locally and in CI (.ci/run calls it).
 #
-# It installs what a fresh Debian machine lacks (mosquitto), fetches the Kafka
+# It installs what a fresh Debian machine lacks (mosquitto, chromium and
+# chromium-driver, once: skipped when present), fetches the Kafka
 # jars, starts a shared single-node Kafka broker and a mosquitto broker on free
 # loopback ports, then runs rustfmt, the build, clippy and the test suite.
 # The brokers are stopped on every exit path.
@@ -10,6 +11,8 @@
 #   TRIBUTARY_KAFKA_BOOTSTRAP  the shared broker, 127.0.0.1:PORT
 #   TRIBUTARY_KAFKA_LIBS       the Kafka jars, so tests can start private brokers
 #   TRIBUTARY_MQTT_ADDR        the mosquitto broker, 127.0.0.1:PORT
+#   TRIBUTARY_CHROMIUM         the browser the dashboard's test drives
+#   TRIBUTARY_CHROMEDRIVER     its WebDriver server
 #
 # Knobs:
 #   TRIBUTARY_TEST_THREADS     cargo test's --test-threads (default 2)
@@ -70,6 +73,7 @@ trap 'STATUS=130; exit 130' INT TERM
 
 section "Tools"
 ensure_mosquitto || die "Mosquitto is needed"
+ensure_chromium || die "Chromium and chromedriver are needed (the dashboard's browser test)"
 for tool in java mvn cargo cmake cc; do
     command -v "$tool" >/dev/null || die "$tool is missing: this machine should come with it"
 done

@@ -544,7 +544,9 @@ async fn start_dashboard(
     alerts: tributary_actors::cloud::stages::AlertFeed,
     members: tokio::sync::watch::Receiver<Vec<cluster::Member>>,
 ) -> anyhow::Result<Vec<tokio::task::JoinHandle<()>>> {
-    use dashboard::server::{serve_dashboard, serve_metrics, spawn_cloud_ticker, CloudTicker, DashboardArgs};
+    use dashboard::server::{
+        serve_dashboard, serve_metrics, spawn_cloud_ticker, CloudTicker, DashboardArgs,
+    };
     let dashboard_addr = config::Resolved::addr(&s.dashboard_addr);
     let metrics_addr = config::Resolved::addr(&s.metrics_addr);
     if dashboard_addr.is_none() && metrics_addr.is_none() {
@@ -566,13 +568,9 @@ async fn start_dashboard(
             .context("opening the audit topic for the dashboard's actions")?;
             Some(Arc::new(audit))
         };
-        ractor::Actor::spawn(
-            None,
-            dashboard::inbox::DashboardInbox,
-            hub.clone(),
-        )
-        .await
-        .context("starting the dashboard's inbox")?;
+        ractor::Actor::spawn(None, dashboard::inbox::DashboardInbox, hub.clone())
+            .await
+            .context("starting the dashboard's inbox")?;
         let (served, tx) = serve_dashboard(DashboardArgs {
             addr,
             hub: hub.clone(),

@@ -289,7 +289,7 @@ async fn serve(request: ControlRequest, state: &EdgeControlState) -> ControlAnsw
 /// listener or the node server would end it for good.
 pub(crate) async fn restart_supervised(name: &str) -> Result<(), String> {
     use tributary_actors::supervision::SupervisorMsg;
-    let actor = ractor::registry::where_is(name.to_string())
+    let actor = ractor::registry::where_is(name)
         .ok_or_else(|| format!("no local actor is registered as {name:?}"))?;
     let supervisor: ActorRef<SupervisorMsg> = actor
         .try_get_supervisor()

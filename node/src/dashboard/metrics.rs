@@ -79,43 +79,116 @@ impl Collector for ReportCollector {
                 .map(|c| (vec![node(), ("component", c.component.clone())], f(c)))
                 .collect()
         };
-        counters(&mut encoder, "tributary_component_received", "Items a component took in.", &per_component(|c| c.received))?;
-        counters(&mut encoder, "tributary_component_sent", "Items a component passed on.", &per_component(|c| c.sent))?;
-        counters(&mut encoder, "tributary_component_errors", "Errors a component met.", &per_component(|c| c.errors))?;
-        counters(&mut encoder, "tributary_component_dropped", "Items a component dropped by policy.", &per_component(|c| c.dropped))?;
+        counters(
+            &mut encoder,
+            "tributary_component_received",
+            "Items a component took in.",
+            &per_component(|c| c.received),
+        )?;
+        counters(
+            &mut encoder,
+            "tributary_component_sent",
+            "Items a component passed on.",
+            &per_component(|c| c.sent),
+        )?;
+        counters(
+            &mut encoder,
+            "tributary_component_errors",
+            "Errors a component met.",
+            &per_component(|c| c.errors),
+        )?;
+        counters(
+            &mut encoder,
+            "tributary_component_dropped",
+            "Items a component dropped by policy.",
+            &per_component(|c| c.dropped),
+        )?;
         let restarts: Vec<(Labels, u64)> = r
             .actors
             .iter()
             .filter(|a| a.restartable)
-            .map(|a| (vec![node(), ("actor", a.name.clone())], u64::from(a.restarts)))
+            .map(|a| {
+                (
+                    vec![node(), ("actor", a.name.clone())],
+                    u64::from(a.restarts),
+                )
+            })
             .collect();
-        counters(&mut encoder, "tributary_actor_restarts", "Restarts of a supervised actor by its supervisor.", &restarts)?;
+        counters(
+            &mut encoder,
+            "tributary_actor_restarts",
+            "Restarts of a supervised actor by its supervisor.",
+            &restarts,
+        )?;
         if let Some(o) = &r.outbox {
-            gauges(&mut encoder, "tributary_outbox_bytes", "Bytes the outbox holds, sealed and open.", &[(vec![node()], o.bytes as f64)])?;
-            gauges(&mut encoder, "tributary_outbox_readings", "Readings in the outbox the cloud has not confirmed.", &[(vec![node()], o.readings as f64)])?;
+            gauges(
+                &mut encoder,
+                "tributary_outbox_bytes",
+                "Bytes the outbox holds, sealed and open.",
+                &[(vec![node()], o.bytes as f64)],
+            )?;
+            gauges(
+                &mut encoder,
+                "tributary_outbox_readings",
+                "Readings in the outbox the cloud has not confirmed.",
+                &[(vec![node()], o.readings as f64)],
+            )?;
             let age = o
                 .oldest_unconfirmed_ms
                 .map_or(0.0, |t| r.at_ms.saturating_sub(t) as f64 / 1000.0);
-            gauges(&mut encoder, "tributary_outbox_oldest_unconfirmed_age_seconds", "Age of the oldest reading the cloud has not confirmed.", &[(vec![node()], age)])?;
+            gauges(
+                &mut encoder,
+                "tributary_outbox_oldest_unconfirmed_age_seconds",
+                "Age of the oldest reading the cloud has not confirmed.",
+                &[(vec![node()], age)],
+            )?;
         }
         if let Some(paused) = r.uplink_paused {
-            gauges(&mut encoder, "tributary_uplink_paused", "1 while an operator paused the uplink.", &[(vec![node()], f64::from(u8::from(paused)))])?;
+            gauges(
+                &mut encoder,
+                "tributary_uplink_paused",
+                "1 while an operator paused the uplink.",
+                &[(vec![node()], f64::from(u8::from(paused)))],
+            )?;
         }
         if let Some(up) = r.uplink_up {
-            gauges(&mut encoder, "tributary_uplink_up", "1 while the uplink to the cloud is connected.", &[(vec![node()], f64::from(u8::from(up)))])?;
+            gauges(
+                &mut encoder,
+                "tributary_uplink_up",
+                "1 while the uplink to the cloud is connected.",
+                &[(vec![node()], f64::from(u8::from(up)))],
+            )?;
         }
         let rtts: Vec<(Labels, f64)> = r
             .links
             .iter()
-            .filter_map(|l| l.rtt_ms.map(|ms| (vec![node(), ("peer", l.peer.clone())], ms / 1000.0)))
+            .filter_map(|l| {
+                l.rtt_ms
+                    .map(|ms| (vec![node(), ("peer", l.peer.clone())], ms / 1000.0))
+            })
             .collect();
-        gauges(&mut encoder, "tributary_link_rtt_seconds", "Smoothed round-trip time of the link to a peer.", &rtts)?;
+        gauges(
+            &mut encoder,
+            "tributary_link_rtt_seconds",
+            "Smoothed round-trip time of the link to a peer.",
+            &rtts,
+        )?;
         let ups: Vec<(Labels, f64)> = r
             .links
             .iter()
-            .map(|l| (vec![node(), ("peer", l.peer.clone())], f64::from(u8::from(l.up))))
+            .map(|l| {
+                (
+                    vec![node(), ("peer", l.peer.clone())],
+                    f64::from(u8::from(l.up)),
+                )
+            })
             .collect();
-        gauges(&mut encoder, "tributary_link_up", "1 while the cluster session with a peer is up.", &ups)?;
+        gauges(
+            &mut encoder,
+            "tributary_link_up",
+            "1 while the cluster session with a peer is up.",
+            &ups,
+        )?;
         if let (Some(buckets), Some(sum_ms)) = (&r.latency_buckets, r.latency_sum_ms) {
             let mut cumulative = 0;
             let bounds: Vec<(f64, u64)> = buckets

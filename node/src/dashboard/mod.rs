@@ -405,3 +405,185 @@ fn epoch_ms_of(t: std::time::SystemTime) -> u64 {
     t.duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_millis() as u64)
 }
+
+#[cfg(test)]
+mod tests {
+    use std::time::{Duration, UNIX_EPOCH};
+
+    use tributary_actors::stages::AlertKind;
+    use tributary_cluster::tls::Role;
+
+    use super::report::{ComponentFigures, OutboxFigures};
+    use super::*;
+
+    const T0: u64 = 1_800_000_000_000;
+
+    fn actor(node: &str, name: &str, restarts: u32) -> ActorView {
+        ActorView {
+            id: format!("{node}/{name}"),
+            parent: None,
+            name: name.into(),
+            kind: "device".into(),
+            status: "running".into(),
+            restarts,
+            last_failure: None,
+            messages: None,
+            mailbox: None,
+            restartable: true,
+        }
+    }
+
+    fn report(
+        node: &str,
+        role: &str,
+        at_ms: u64,
+        confirmed: u64,
+        actors: Vec<ActorView>,
+    ) -> NodeReport {
+        NodeReport {
+            node_id: node.into(),
+            role: role.into(),
+            at_ms,
+            actors,
+            outbox: (role == "edge").then(|| OutboxFigures {
+                readings: 10,
+                bytes: 1000,
+                oldest_unconfirmed_ms: Some(at_ms - 500),
+                readings_committed: confirmed + 10,
+                readings_confirmed: confirmed,
+                dropped_by_policy: 0,
+                refused_full: 0,
+            }),
+            uplink_paused: (role == "edge").then_some(false),
+            uplink_up: None,
+            components: vec![ComponentFigures {
+                component: "ingest".into(),
+                received: confirmed,
+                sent: confirmed,
+                errors: 0,
+                dropped: 0,
+            }],
+            links: Vec::new(),
+            latency_buckets: None,
+            latency_sum_ms: None,
+        }
+    }
+
+    fn member(peer: &str, up: bool, since_ms: u64) -> Member {
+        Member {
+            peer: peer.into(),
+            role: Role::Edge,
+            up,
+            since: UNIX_EPOCH + Duration::from_millis(since_ms),
+            rtt: Some(Duration::from_millis(3)),
+            session: 1,
+            ups: 1,
+        }
+    }
+
+    fn node<'a>(s: &'a Snapshot, id: &str) -> &'a NodeView {
+        s.nodes
+            .iter()
+            .find(|n| n.id == id)
+            .expect("node in snapshot")
+    }
+
+    #[test]
+    fn a_silent_or_partitioned_edge_is_stale_with_its_last_state() {
+        let mut hub = Hub::new("cloud-1");
+        hub.set_members(vec![member("edge-1", true, T0)]);
+        hub.put_report(
+            report(
+                "edge-1",
+                "edge",
+                T0,
+                100,
+                vec![actor("edge-1", "device/d0", 0)],
+            ),
+            T0,
+        );
+        hub.put_report(
+            report(
+                "edge-1",
+                "edge",
+                T0 + 1000,
+                300,
+                vec![actor("edge-1", "device/d0", 0)],
+            ),
+            T0 + 1000,
+        );
+        let fresh = hub.snapshot(T0 + 1500);
+        let e = node(&fresh, "edge-1");
+        assert!(!e.stale);
+        assert_eq!(e.link, "up");
+        let b = e.backlog.as_ref().unwrap();
+        assert_eq!(b.drain_rate_per_s, 200.0);
+        assert_eq!(b.oldest_unacked_age_ms, Some(500));
+        // Reports stop: stale after STALE_AFTER_MS, the figures kept.
+        let silent = hub.snapshot(T0 + 1000 + STALE_AFTER_MS + 1);
+        let e = node(&silent, "edge-1");
+        assert!(e.stale);
+        assert_eq!(e.link, "degraded");
+        assert_eq!(e.stale_since_ms, Some(T0 + 1000 + STALE_AFTER_MS));
+        assert_eq!(e.backlog.as_ref().unwrap().readings, 10);
+        // The session went down: down and stale since then.
+        hub.set_members(vec![member("edge-1", false, T0 + 1200)]);
+        let down = hub.snapshot(T0 + 1300);
+        let e = node(&down, "edge-1");
+        assert_eq!((e.link.as_str(), e.stale), ("down", true));
+        assert_eq!(e.stale_since_ms, Some(T0 + 1200));
+    }
+
+    #[test]
+    fn updates_carry_only_changed_actors_and_new_alerts() {
+        let mut hub = Hub::new("cloud-1");
+        let actors = vec![
+            actor("edge-1", "device/d0", 0),
+            actor("edge-1", "device/d1", 0),
+        ];
+        hub.put_report(report("edge-1", "edge", T0, 0, actors.clone()), T0);
+        let first = hub.tick(T0, &[]);
+        assert_eq!(first.actors.upsert.len(), 2);
+        let quiet = hub.tick(T0 + 1000, &[]);
+        assert!(quiet.actors.upsert.is_empty() && quiet.actors.remove.is_empty());
+        let changed = vec![actor("edge-1", "device/d0", 1)];
+        hub.put_report(report("edge-1", "edge", T0 + 2000, 0, changed), T0 + 2000);
+        let u = hub.tick(T0 + 2000, &[]);
+        assert_eq!(u.actors.upsert, vec![actor("edge-1", "device/d0", 1)]);
+        assert_eq!(u.actors.remove, vec!["edge-1/device/d1".to_string()]);
+
+        let alert = |n: i64| Alert {
+            device_id: "d0".into(),
+            stage: "overheat".into(),
+            kind: AlertKind::ThresholdAbove,
+            metric: "t".into(),
+            value: 1.0,
+            device_ts_us: n * 1000,
+            message: format!("alert {n}"),
+        };
+        let a = hub.tick(T0 + 3000, &[alert(1), alert(2)]);
+        assert_eq!(
+            a.alerts.iter().map(|a| a.text.as_str()).collect::<Vec<_>>(),
+            ["alert 2", "alert 1"]
+        );
+        let b = hub.tick(T0 + 4000, &[alert(1), alert(2), alert(3)]);
+        assert_eq!(
+            b.alerts.iter().map(|a| a.text.as_str()).collect::<Vec<_>>(),
+            ["alert 3"]
+        );
+        assert_eq!(hub.snapshot(T0 + 4000).alerts.len(), 3);
+    }
+
+    #[test]
+    fn reports_of_too_many_nodes_are_refused_and_counted() {
+        let mut hub = Hub::new("cloud-1");
+        for i in 0..NODES_MAX {
+            hub.put_report(report(&format!("e{i}"), "edge", T0, 0, Vec::new()), T0);
+        }
+        hub.put_report(report("one-more", "edge", T0, 0, Vec::new()), T0);
+        assert_eq!(hub.reports_refused, 1);
+        // A known node still updates.
+        hub.put_report(report("e0", "edge", T0 + 1, 0, Vec::new()), T0 + 1);
+        assert_eq!(hub.reports_refused, 1);
+    }
+}

@@ -184,7 +184,7 @@ impl ActorView {
 }
 
 async fn supervisor_children(name: &str) -> Option<Vec<ChildStatus>> {
-    let sup: ActorRef<SupervisorMsg> = ractor::registry::where_is(name.to_string())?.into();
+    let sup: ActorRef<SupervisorMsg> = ractor::registry::where_is(name)?.into();
     ractor::call_t!(sup, SupervisorMsg::Status, STATUS_CALL_MS).ok()
 }
 
@@ -284,7 +284,7 @@ pub async fn collect_edge(node_id: &str) -> NodeReport {
 pub async fn collect_cloud(node_id: &str, listener: &str, counters: &CloudCounters) -> NodeReport {
     use std::sync::atomic::Ordering::Relaxed;
     let mut r = NodeReport::new(node_id, "cloud");
-    let listener_cell = ractor::registry::where_is(listener.to_string());
+    let listener_cell = ractor::registry::where_is(listener);
     let listener_ref: Option<ActorRef<ListenerMsg>> = listener_cell.clone().map(Into::into);
     let status = match &listener_ref {
         Some(l) => ractor::call_t!(l, ListenerMsg::Status, STATUS_CALL_MS).ok(),
@@ -295,12 +295,20 @@ pub async fn collect_cloud(node_id: &str, listener: &str, counters: &CloudCounte
         node_id,
         listener,
         "listener",
-        if status.is_some() { "running" } else { "failed" },
+        if status.is_some() {
+            "running"
+        } else {
+            "failed"
+        },
     );
     root.messages = status.as_ref().map(|s| s.readings_committed);
     r.actors.push(root);
     if let Some(cell) = listener_cell {
-        let mut ingests: Vec<String> = cell.get_children().iter().filter_map(|c| c.get_name()).collect();
+        let mut ingests: Vec<String> = cell
+            .get_children()
+            .iter()
+            .filter_map(|c| c.get_name())
+            .collect();
         ingests.sort();
         for name in ingests {
             r.actors.push(ActorView {
@@ -320,15 +328,24 @@ pub async fn collect_cloud(node_id: &str, listener: &str, counters: &CloudCounte
     }
     if let Some(children) = supervisor_children(CLOUD_STAGES_SUPERVISOR).await {
         let sup_id = format!("{node_id}/{CLOUD_STAGES_SUPERVISOR}");
-        r.actors.push(ActorView::root(node_id, CLOUD_STAGES_SUPERVISOR, "supervisor", "running"));
+        r.actors.push(ActorView::root(
+            node_id,
+            CLOUD_STAGES_SUPERVISOR,
+            "supervisor",
+            "running",
+        ));
         let stages: Option<ActorRef<CloudStagesMsg>> =
-            ractor::registry::where_is(CLOUD_STAGES_NAME.to_string()).map(Into::into);
+            ractor::registry::where_is(CLOUD_STAGES_NAME).map(Into::into);
         let st = match stages {
             Some(s) => ractor::call_t!(s, CloudStagesMsg::Status, STATUS_CALL_MS).ok(),
             None => None,
         };
         for c in children {
-            r.actors.push(child_view(&sup_id, &c, st.as_ref().map(|s| s.readings_polled)));
+            r.actors.push(child_view(
+                &sup_id,
+                &c,
+                st.as_ref().map(|s| s.readings_polled),
+            ));
         }
         if let Some(s) = st {
             r.components.push(ComponentFigures {

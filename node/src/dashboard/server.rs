@@ -24,8 +24,8 @@ use super::inbox::send_report;
 use super::metrics::{render, LatestReport};
 use super::report::{collect_cloud, collect_edge, now_ms, LinkFigures, REPORT_INTERVAL};
 use super::Hub;
-use crate::cluster::{call_edge, ControlRequest};
 use crate::cluster::Member;
+use crate::cluster::{call_edge, ControlRequest};
 
 /// Updates queued per page; a page further behind gets a fresh snapshot.
 const UPDATES_QUEUED_MAX: usize = 16;
@@ -120,7 +120,10 @@ pub async fn serve_metrics(addr: SocketAddr, latest: LatestReport) -> anyhow::Re
 
 fn metrics_response(latest: &LatestReport) -> Response {
     (
-        [(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")],
+        [(
+            header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
         render(latest),
     )
         .into_response()
@@ -143,24 +146,21 @@ async fn events(
 ) -> Sse<impl futures::Stream<Item = Result<Event, Infallible>>> {
     let rx = st.updates.subscribe();
     let first = st.snapshot_json();
-    let stream = futures::stream::unfold(
-        (Some(first), rx, st),
-        |(first, mut rx, st)| async move {
-            if let Some(f) = first {
-                let event = Event::default().event("snapshot").data(f);
-                return Some((Ok(event), (None, rx, st)));
+    let stream = futures::stream::unfold((Some(first), rx, st), |(first, mut rx, st)| async move {
+        if let Some(f) = first {
+            let event = Event::default().event("snapshot").data(f);
+            return Some((Ok(event), (None, rx, st)));
+        }
+        let event = match rx.recv().await {
+            Ok(update) => Event::default().event("update").data(update.as_ref()),
+            // Too far behind to patch: start the page over.
+            Err(broadcast::error::RecvError::Lagged(_)) => {
+                Event::default().event("snapshot").data(st.snapshot_json())
             }
-            let event = match rx.recv().await {
-                Ok(update) => Event::default().event("update").data(update.as_ref()),
-                // Too far behind to patch: start the page over.
-                Err(broadcast::error::RecvError::Lagged(_)) => {
-                    Event::default().event("snapshot").data(st.snapshot_json())
-                }
-                Err(broadcast::error::RecvError::Closed) => return None,
-            };
-            Some((Ok(event), (None, rx, st)))
-        },
-    );
+            Err(broadcast::error::RecvError::Closed) => return None,
+        };
+        Some((Ok(event), (None, rx, st)))
+    });
     Sse::new(stream).keep_alive(KeepAlive::default())
 }
 
@@ -169,12 +169,12 @@ fn refuse(status: StatusCode, error: impl Into<String>) -> Response {
 }
 
 /// Checks the bearer token; `Err` is the answer to send.
-fn authorise(st: &DashboardState, headers: &HeaderMap) -> Result<(), Response> {
+fn authorise(st: &DashboardState, headers: &HeaderMap) -> Result<(), Box<Response>> {
     let Some(token) = &st.token else {
-        return Err(refuse(
+        return Err(Box::new(refuse(
             StatusCode::FORBIDDEN,
             "actions are off: set dashboard_token on the cloud node",
-        ));
+        )));
     };
     let given = headers
         .get(header::AUTHORIZATION)
@@ -192,23 +192,27 @@ fn authorise(st: &DashboardState, headers: &HeaderMap) -> Result<(), Response> {
     if matches {
         Ok(())
     } else {
-        Err(refuse(
+        Err(Box::new(refuse(
             StatusCode::UNAUTHORIZED,
             "not authorised: a valid bearer token is required",
-        ))
+        )))
     }
 }
 
 /// Writes the action to the audit topic before it runs.
-async fn audit(st: &DashboardState, node: &str, action: serde_json::Value) -> Result<(), Response> {
+async fn audit(
+    st: &DashboardState,
+    node: &str,
+    action: serde_json::Value,
+) -> Result<(), Box<Response>> {
     let record = serde_json::json!({ "at_ms": now_ms(), "node": node, "action": action });
     tracing::info!(%record, "dashboard action");
     match &st.audit {
         Some(a) => a.record(node, &record.to_string()).await.map_err(|e| {
-            refuse(
+            Box::new(refuse(
                 StatusCode::SERVICE_UNAVAILABLE,
                 format!("the action was not run: {e}"),
-            )
+            ))
         }),
         None => Ok(()),
     }
@@ -232,7 +236,7 @@ async fn restart(
     body: Result<Json<RestartBody>, JsonRejection>,
 ) -> Response {
     if let Err(r) = authorise(&st, &headers) {
-        return r;
+        return *r;
     }
     let Json(body) = match body {
         Ok(b) => b,
@@ -260,7 +264,7 @@ async fn restart(
     }
     let action = serde_json::json!({ "restart": body.actor });
     if let Err(r) = audit(&st, &body.node, action).await {
-        return r;
+        return *r;
     }
     if cloud {
         return match crate::cluster::control::restart_supervised(&body.actor).await {
@@ -281,7 +285,7 @@ async fn uplink(
     body: Result<Json<UplinkBody>, JsonRejection>,
 ) -> Response {
     if let Err(r) = authorise(&st, &headers) {
-        return r;
+        return *r;
     }
     let Json(body) = match body {
         Ok(b) => b,
@@ -299,7 +303,7 @@ async fn uplink(
     }
     let action = serde_json::json!({ "uplink_paused": body.paused });
     if let Err(r) = audit(&st, &body.node, action).await {
-        return r;
+        return *r;
     }
     let request = ControlRequest::SetUplinkPaused {
         paused: body.paused,
