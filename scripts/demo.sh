@@ -45,7 +45,8 @@ ensure_mosquitto || die "Mosquitto is needed"
 say "Starting Kafka (KRaft, from Maven Central jars) and Mosquitto"
 scripts/kafka.sh fetch || die "could not fetch the Kafka jars"
 rm -rf "$DIR" && mkdir -p "$DIR"
-free_port KAFKA_PORT && free_port CONTROLLER_PORT && free_port CLOUD_PORT && free_port MQTT_PORT ||
+free_port KAFKA_PORT && free_port CONTROLLER_PORT && free_port CLOUD_PORT && free_port MQTT_PORT &&
+    free_port DASHBOARD_PORT ||
     die "no free ports"
 scripts/kafka.sh start "$DIR/kafka" "$KAFKA_PORT" "$CONTROLLER_PORT" || die "Kafka did not start"
 export TRIBUTARY_KAFKA_BOOTSTRAP="127.0.0.1:$KAFKA_PORT"
@@ -69,10 +70,13 @@ edge() {
 }
 
 say "Starting the cloud node and two edges (the factory topology)"
+DASHBOARD_TOKEN="demo-token-$(date +%s)"
 "$FACTORY" --role cloud --node-id cloud-1 --listen-addr "127.0.0.1:$CLOUD_PORT" \
+    --dashboard-addr "127.0.0.1:$DASHBOARD_PORT" --dashboard-token "$DASHBOARD_TOKEN" \
     --report-interval-ms 5000 >"$DIR/cloud.log" 2>&1 &
 PIDS+=($!)
 echo "cloud-1 started (pid $!), log $DIR/cloud.log"
+echo "dashboard: http://127.0.0.1:$DASHBOARD_PORT/  (token for actions: $DASHBOARD_TOKEN)"
 edge edge-1
 edge edge-2
 EDGE2_PID="${PIDS[-1]}"

@@ -18,7 +18,7 @@ pub mod metrics;
 pub mod report;
 pub mod server;
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
 use serde::{Deserialize, Serialize};
 use tributary_actors::cloud::{LatencyHistogram, LATENCY_BUCKETS};
@@ -121,7 +121,10 @@ pub struct Update {
 }
 
 struct Reported {
+    /// The latest report, its actors moved into `tree`.
     report: NodeReport,
+    /// The node's actors by id, in id order (parents before children).
+    tree: BTreeMap<String, ActorView>,
     received_ms: u64,
     /// (at_ms, readings confirmed) of the previous report, for the drain rate.
     previous_confirmed: Option<(u64, u64)>,
@@ -137,8 +140,9 @@ pub struct Hub {
     throughput: VecDeque<ThroughputPoint>,
     latency: VecDeque<LatencyPoint>,
     alerts: VecDeque<AlertView>,
-    /// What the last update told pages about actors, to send only changes.
-    actors_sent: HashMap<String, ActorView>,
+    /// Actors changed or removed since the last update, to send only those.
+    actors_dirty: BTreeSet<String>,
+    actors_removed: BTreeSet<String>,
     last_tick: Option<(u64, u64, [u64; LATENCY_BUCKETS])>,
 }
 
@@ -175,31 +179,60 @@ impl Hub {
             throughput: VecDeque::new(),
             latency: VecDeque::new(),
             alerts: VecDeque::new(),
-            actors_sent: HashMap::new(),
+            actors_dirty: BTreeSet::new(),
+            actors_removed: BTreeSet::new(),
             last_tick: None,
         }
     }
 
-    /// Keeps `report` as its node's latest.
-    pub fn put_report(&mut self, report: NodeReport, now_ms: u64) {
-        let previous_confirmed = self.reports.get(&report.node_id).and_then(|r| {
-            r.report
-                .outbox
-                .as_ref()
-                .map(|o| (r.report.at_ms, o.readings_confirmed))
-        });
+    /// Keeps `report` as its node's latest. A complete report replaces the
+    /// node's tree; otherwise its actors are the changed ones and
+    /// `actors_removed` the gone ones.
+    pub fn put_report(&mut self, mut report: NodeReport, now_ms: u64) {
         if !self.reports.contains_key(&report.node_id) && self.reports.len() >= NODES_MAX {
             self.reports_refused += 1;
             return;
         }
-        self.reports.insert(
-            report.node_id.clone(),
-            Reported {
-                report,
+        let actors = std::mem::take(&mut report.actors);
+        let removed = std::mem::take(&mut report.actors_removed);
+        let entry = self
+            .reports
+            .entry(report.node_id.clone())
+            .or_insert_with(|| Reported {
+                report: report.clone(),
+                tree: BTreeMap::new(),
                 received_ms: now_ms,
-                previous_confirmed,
-            },
-        );
+                previous_confirmed: None,
+            });
+        entry.previous_confirmed = entry
+            .report
+            .outbox
+            .as_ref()
+            .map(|o| (entry.report.at_ms, o.readings_confirmed))
+            .filter(|(at, _)| *at < report.at_ms);
+        if report.actors_complete {
+            let keep: BTreeSet<&String> = actors.iter().map(|a| &a.id).collect();
+            for gone in entry.tree.keys().filter(|id| !keep.contains(id)) {
+                self.actors_removed.insert(gone.clone());
+                self.actors_dirty.remove(gone);
+            }
+            entry.tree.retain(|id, _| keep.contains(id));
+        }
+        for id in removed {
+            if entry.tree.remove(&id).is_some() {
+                self.actors_dirty.remove(&id);
+                self.actors_removed.insert(id);
+            }
+        }
+        for a in actors {
+            if entry.tree.get(&a.id) != Some(&a) {
+                self.actors_removed.remove(&a.id);
+                self.actors_dirty.insert(a.id.clone());
+                entry.tree.insert(a.id.clone(), a);
+            }
+        }
+        entry.report = report;
+        entry.received_ms = now_ms;
     }
 
     pub fn set_members(&mut self, members: Vec<Member>) {
@@ -264,7 +297,7 @@ impl Hub {
             stale_since_ms,
             uplink_paused: r.report.uplink_paused,
             backlog,
-            actors: with_actors.then(|| r.report.actors.clone()),
+            actors: with_actors.then(|| r.tree.values().cloned().collect()),
         }
     }
 
@@ -361,26 +394,15 @@ impl Hub {
             .collect();
         nodes.extend(self.unreported(now_ms));
         let mut changes = ActorChanges::default();
-        let mut current: HashMap<String, ActorView> = HashMap::new();
-        for r in self.reports.values() {
-            for a in &r.report.actors {
-                current.insert(a.id.clone(), a.clone());
-            }
-        }
-        for (id, a) in &current {
-            if self.actors_sent.get(id) != Some(a) {
+        let dirty = std::mem::take(&mut self.actors_dirty);
+        for id in dirty {
+            if let Some(a) = self.reports.values().find_map(|r| r.tree.get(&id)) {
                 changes.upsert.push(a.clone());
             }
         }
-        for id in self.actors_sent.keys() {
-            if !current.contains_key(id) {
-                changes.remove.push(id.clone());
-            }
-        }
-        // Parents before children, so a page can attach each row at once.
-        changes.upsert.sort_by(|a, b| a.id.cmp(&b.id));
-        changes.remove.sort();
-        self.actors_sent = current;
+        changes.remove = std::mem::take(&mut self.actors_removed)
+            .into_iter()
+            .collect();
         Update {
             now_ms,
             nodes,
@@ -391,9 +413,16 @@ impl Hub {
         }
     }
 
-    /// The latest report of `node`, if any.
+    /// The latest report of `node` (without its actors), if any.
     pub fn report(&self, node: &str) -> Option<&NodeReport> {
         self.reports.get(node).map(|r| &r.report)
+    }
+
+    /// Whether `node` reported a restartable actor registered as `name`.
+    pub fn restartable(&self, node: &str, name: &str) -> bool {
+        self.reports
+            .get(node)
+            .is_some_and(|r| r.tree.values().any(|a| a.name == name && a.restartable))
     }
 
     pub fn cloud_id(&self) -> &str {
@@ -466,6 +495,8 @@ mod tests {
             links: Vec::new(),
             latency_buckets: None,
             latency_sum_ms: None,
+            actors_complete: true,
+            actors_removed: Vec::new(),
         }
     }
 
@@ -572,6 +603,52 @@ mod tests {
             ["alert 3"]
         );
         assert_eq!(hub.snapshot(T0 + 4000).alerts.len(), 3);
+    }
+
+    #[test]
+    fn an_edge_sends_only_what_changed_between_complete_reports() {
+        let mut hub = Hub::new("cloud-1");
+        let full = report(
+            "edge-1",
+            "edge",
+            T0,
+            0,
+            vec![
+                actor("edge-1", "a", 0),
+                actor("edge-1", "b", 0),
+                actor("edge-1", "c", 0),
+            ],
+        );
+        let mut sent = std::collections::HashMap::new();
+        let first = full.delta(&mut sent);
+        assert_eq!(first.actors.len(), 3, "everything is new the first time");
+        hub.put_report(full, T0);
+        hub.tick(T0, &[]);
+        let next = report(
+            "edge-1",
+            "edge",
+            T0 + 1000,
+            0,
+            vec![actor("edge-1", "a", 1), actor("edge-1", "c", 0)],
+        );
+        let delta = next.delta(&mut sent);
+        assert!(!delta.actors_complete);
+        assert_eq!(delta.actors, vec![actor("edge-1", "a", 1)]);
+        assert_eq!(delta.actors_removed, vec!["edge-1/b".to_string()]);
+        hub.put_report(delta, T0 + 1000);
+        let u = hub.tick(T0 + 1000, &[]);
+        assert_eq!(u.actors.upsert, vec![actor("edge-1", "a", 1)]);
+        assert_eq!(u.actors.remove, vec!["edge-1/b".to_string()]);
+        let s = hub.snapshot(T0 + 1000);
+        let names: Vec<String> = node(&s, "edge-1")
+            .actors
+            .as_ref()
+            .unwrap()
+            .iter()
+            .map(|a| a.name.clone())
+            .collect();
+        assert_eq!(names, ["a", "c"]);
+        assert!(hub.restartable("edge-1", "a") && !hub.restartable("edge-1", "b"));
     }
 
     #[test]

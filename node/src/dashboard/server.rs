@@ -31,6 +31,9 @@ use crate::cluster::{call_edge, ControlRequest};
 const UPDATES_QUEUED_MAX: usize = 16;
 /// How long an action's control call to an edge may take.
 const ACTION_CALL_TIMEOUT: Duration = Duration::from_secs(5);
+/// Every how many reports an edge sends its whole tree; the others carry
+/// only what changed.
+const COMPLETE_REPORT_EVERY: u64 = 10;
 /// The largest action request body.
 const ACTION_BODY_BYTES_MAX: usize = 4 * 1024;
 
@@ -246,12 +249,10 @@ async fn restart(
     // root or a listener by naming it.
     let (restartable, cloud) = {
         let hub = st.hub.lock().unwrap_or_else(|p| p.into_inner());
-        let ok = hub.report(&body.node).is_some_and(|r| {
-            r.actors
-                .iter()
-                .any(|a| a.name == body.actor && a.restartable)
-        });
-        (ok, hub.cloud_id() == body.node)
+        (
+            hub.restartable(&body.node, &body.actor),
+            hub.cloud_id() == body.node,
+        )
     };
     if !restartable {
         return refuse(
@@ -377,11 +378,27 @@ pub fn spawn_edge_reporter(
     tokio::spawn(async move {
         let mut every = tokio::time::interval(REPORT_INTERVAL);
         every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        loop {
+        let mut sent = std::collections::HashMap::new();
+        let mut last_sessions = Vec::new();
+        for n in 0u64.. {
             every.tick().await;
             let mut report = collect_edge(&node_id).await;
             report.links = links(&members);
-            send_report(&report);
+            // A complete report now and then, and on every new session,
+            // repairs what a lost cast (a partition, a cloud restart) left
+            // out of the cloud's picture.
+            let sessions: Vec<u64> = members.borrow().iter().map(|m| m.session).collect();
+            if n % COMPLETE_REPORT_EVERY == 0 || sessions != last_sessions {
+                last_sessions = sessions;
+                sent = report
+                    .actors
+                    .iter()
+                    .map(|a| (a.id.clone(), a.clone()))
+                    .collect();
+                send_report(&report);
+            } else {
+                send_report(&report.delta(&mut sent));
+            }
             latest.set(report);
         }
     })

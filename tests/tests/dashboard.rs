@@ -1,0 +1,958 @@
+//! The supervision dashboard (issue #5) on real processes and a real Kafka:
+//! the page in headless Chromium follows the cluster live (restarts, backlog,
+//! partitions), `/metrics` parses as Prometheus text with counters that only
+//! grow, and actions need the bearer token and are audited before they run.
+//!
+//! The browser is driven over WebDriver (chromedriver, plain http on
+//! loopback); `scripts/test.sh` installs Chromium and chromedriver and names
+//! them in `TRIBUTARY_CHROMIUM` and `TRIBUTARY_CHROMEDRIVER`. Every wait
+//! polls the page, the API or a log with a deadline: none is a fixed sleep.
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant, SystemTime};
+
+use fantoccini::{Client, ClientBuilder, Locator};
+use http_body_util::{BodyExt, Full};
+use hyper::body::Bytes;
+use hyper::header::{HeaderMap, AUTHORIZATION, CONTENT_TYPE};
+use hyper::{Method, Request, StatusCode};
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::TokioExecutor;
+use serde_json::{json, Value};
+use tributary_tests::broker::{shared_bootstrap, unique_topic};
+use tributary_tests::checker::consume_values;
+use tributary_tests::fixture::{Fixture, Workload, NODE_READY};
+use tributary_tests::process::{node_binary, NodeProcess};
+
+/// The cloud's bearer token for actions (the node wants at least 16 chars).
+const TOKEN: &str = "dashboard-test-token-0123456789";
+/// Devices keep sending for longer than any test runs.
+const ENDLESS: u64 = 1_000_000;
+/// Each edge of the browser test: ~20 devices, as the issue asks.
+const BUSY: Workload = Workload {
+    devices: 20,
+    rate_hz: 20.0,
+    readings: ENDLESS,
+};
+/// The metrics and actions tests need traffic, not a crowd.
+const LIGHT: Workload = Workload {
+    devices: 3,
+    rate_hz: 20.0,
+    readings: ENDLESS,
+};
+
+/// Bound on one HTTP exchange with a node or chromedriver.
+const HTTP_TIMEOUT: Duration = Duration::from_secs(10);
+/// Bound on one WebDriver command (a script, a click, a screenshot).
+const WEBDRIVER_TIMEOUT: Duration = Duration::from_secs(20);
+/// Bound on chromedriver saying which port it took.
+const DRIVER_READY: Duration = Duration::from_secs(20);
+/// Bound on the page showing a change the cluster made (reports come once a
+/// second; the page gets an update once a second).
+const PAGE_SHOWS: Duration = Duration::from_secs(20);
+/// Bound on a partitioned edge turning stale (3 s without reports) and
+/// fresh again after the heal (reconnect, then the next report).
+const STALE_SHOWS: Duration = Duration::from_secs(20);
+/// Bound on the API reflecting a report (edges joining, a restart landing).
+const API_SHOWS: Duration = Duration::from_secs(30);
+/// Bound on counters moving between two scrapes.
+const METRICS_MOVE: Duration = Duration::from_secs(20);
+/// Bound on reading the audit topic back.
+const AUDIT_READ: Duration = Duration::from_secs(30);
+/// How often waits look again.
+const POLL: Duration = Duration::from_millis(100);
+/// A paused uplink lets the outbox grow to at least this many readings
+/// (2 s of the edge's 400 readings/s) before the page must show it.
+const BACKLOG_RISEN_READINGS: u64 = 800;
+/// After the resume, the page must show the backlog back below this: a
+/// streaming edge holds a few segments of 50 readings in flight.
+const BACKLOG_DRAINED_READINGS: u64 = 200;
+/// The node's edges report this often; a report later than the action by
+/// twice this was collected after it.
+const REPORT_INTERVAL_MS: u64 = 1_000;
+/// Chromium's flags: headless, and runnable as root in CI.
+const CHROMIUM_ARGS: [&str; 4] = [
+    "--headless=new",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--window-size=1400,900",
+];
+const CHROMIUM_ENV: &str = "TRIBUTARY_CHROMIUM";
+const CHROMEDRIVER_ENV: &str = "TRIBUTARY_CHROMEDRIVER";
+/// What chromedriver prints once it listens (`--port=0` lets it choose).
+const DRIVER_STARTED: &str = "ChromeDriver was started successfully on port ";
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .expect("the clock is after 1970")
+        .as_millis() as u64
+}
+
+// ---- HTTP --------------------------------------------------------------
+
+/// A plain-http client for the nodes' API and `/metrics`.
+struct Http(hyper_util::client::legacy::Client<HttpConnector, Full<Bytes>>);
+
+struct Answer {
+    status: StatusCode,
+    headers: HeaderMap,
+    body: String,
+}
+
+impl Answer {
+    fn json(&self) -> Value {
+        serde_json::from_str(&self.body).unwrap_or_else(|e| panic!("not JSON ({e}): {}", self.body))
+    }
+}
+
+impl Http {
+    fn new() -> Self {
+        Self(hyper_util::client::legacy::Client::builder(TokioExecutor::new()).build_http())
+    }
+
+    async fn send(&self, method: Method, url: &str, auth: Option<&str>, body: &str) -> Answer {
+        let mut req = Request::builder().method(method.clone()).uri(url);
+        if !body.is_empty() {
+            req = req.header(CONTENT_TYPE, "application/json");
+        }
+        if let Some(a) = auth {
+            req = req.header(AUTHORIZATION, a);
+        }
+        let req = req
+            .body(Full::new(Bytes::from(body.to_string())))
+            .expect("a valid request");
+        let exchange = async {
+            let res = self.0.request(req).await?;
+            let (parts, body) = res.into_parts();
+            let bytes = body.collect().await?.to_bytes();
+            Ok::<_, Box<dyn std::error::Error + Send + Sync>>(Answer {
+                status: parts.status,
+                headers: parts.headers,
+                body: String::from_utf8_lossy(&bytes).into_owned(),
+            })
+        };
+        match tokio::time::timeout(HTTP_TIMEOUT, exchange).await {
+            Ok(Ok(a)) => a,
+            Ok(Err(e)) => panic!("{method} {url}: {e}"),
+            Err(_) => panic!("{method} {url}: no answer within {HTTP_TIMEOUT:?}"),
+        }
+    }
+
+    async fn get(&self, url: &str) -> Answer {
+        self.send(Method::GET, url, None, "").await
+    }
+
+    async fn post(&self, url: &str, auth: Option<&str>, body: &Value) -> Answer {
+        self.send(Method::POST, url, auth, &body.to_string()).await
+    }
+}
+
+/// The address a node logged it serves on (`<what> serving addr=ip:port`):
+/// the nodes bind port 0, so no free port is guessed and raced for.
+async fn served_addr(p: &mut NodeProcess, what: &str) -> String {
+    let line = p
+        .wait_for_log_line(&format!("{what} serving addr="), NODE_READY)
+        .await
+        .unwrap_or_else(|e| panic!("{what}: {e}"));
+    let start = line.find(" addr=").expect("addr= in the line") + " addr=".len();
+    let addr = line[start..].split_whitespace().next().unwrap_or_default();
+    format!("http://{addr}")
+}
+
+/// The node `id` of a snapshot, if it is there.
+fn node<'a>(snapshot: &'a Value, id: &str) -> Option<&'a Value> {
+    snapshot["nodes"].as_array()?.iter().find(|n| n["id"] == id)
+}
+
+/// The actor registered as `name` on node `id`, if reported.
+fn actor<'a>(snapshot: &'a Value, id: &str, name: &str) -> Option<&'a Value> {
+    node(snapshot, id)?["actors"]
+        .as_array()?
+        .iter()
+        .find(|a| a["name"] == name)
+}
+
+/// Polls `/api/snapshot` until `done` returns something.
+async fn wait_snapshot<T>(
+    http: &Http,
+    base: &str,
+    what: &str,
+    mut done: impl FnMut(&Value) -> Option<T>,
+) -> T {
+    let deadline = Instant::now() + API_SHOWS;
+    loop {
+        let snap = http.get(&format!("{base}/api/snapshot")).await;
+        assert_eq!(snap.status, StatusCode::OK, "{}", snap.body);
+        let snap = snap.json();
+        if let Some(t) = done(&snap) {
+            return t;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the API did not show {what} within {API_SHOWS:?}; last snapshot:\n{snap:#}"
+        );
+        tokio::time::sleep(POLL).await;
+    }
+}
+
+/// Waits until `nodes` have all reported their supervision trees, devices included.
+async fn wait_reported(http: &Http, base: &str, nodes: &[&str], devices: usize) {
+    wait_snapshot(http, base, "every edge's devices", |s| {
+        nodes
+            .iter()
+            .all(|n| {
+                node(s, n).is_some_and(|v| {
+                    v["actors"].as_array().is_some_and(|a| {
+                        a.iter().filter(|a| a["kind"] == "device").count() == devices
+                    })
+                })
+            })
+            .then_some(())
+    })
+    .await;
+}
+
+// ---- the browser -------------------------------------------------------
+
+/// chromedriver in a process group of its own, with the Chromium it starts:
+/// dropping it kills the whole group, so a failed test leaves no browser.
+struct ChromeDriver {
+    child: Child,
+    url: String,
+}
+
+fn tool(env: &str, default: &str) -> PathBuf {
+    std::env::var_os(env)
+        .filter(|v| !v.is_empty())
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(default))
+}
+
+impl ChromeDriver {
+    async fn start(dir: &Path) -> Self {
+        use std::os::unix::process::CommandExt;
+        let program = tool(CHROMEDRIVER_ENV, "chromedriver");
+        let log_path = dir.join("chromedriver.log");
+        let log = File::create(&log_path).expect("creating chromedriver's log");
+        let child = Command::new(&program)
+            .arg("--port=0")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().expect("cloning the log's handle"))
+            .stderr(log)
+            .process_group(0)
+            .spawn()
+            .unwrap_or_else(|e| {
+                panic!(
+                    "starting {}: {e}: run scripts/test.sh, which installs it \
+                     (apt-get install chromium chromium-driver), or set {CHROMEDRIVER_ENV}",
+                    program.display()
+                )
+            });
+        let mut driver = ChromeDriver {
+            child,
+            url: String::new(),
+        };
+        let deadline = Instant::now() + DRIVER_READY;
+        loop {
+            let port = std::fs::read_to_string(&log_path)
+                .unwrap_or_default()
+                .lines()
+                .find_map(|l| l.split_once(DRIVER_STARTED).map(|(_, p)| p.to_string()));
+            if let Some(p) = port {
+                driver.url = format!("http://127.0.0.1:{}", p.trim_end_matches('.'));
+                return driver;
+            }
+            if let Ok(Some(status)) = driver.child.try_wait() {
+                panic!(
+                    "chromedriver exited ({status}): {}",
+                    std::fs::read_to_string(&log_path).unwrap_or_default()
+                );
+            }
+            assert!(
+                Instant::now() < deadline,
+                "chromedriver did not listen within {DRIVER_READY:?}: {}",
+                std::fs::read_to_string(&log_path).unwrap_or_default()
+            );
+            // chromedriver only says it is ready on its output: poll the log.
+            tokio::time::sleep(POLL).await;
+        }
+    }
+
+    /// A new headless Chromium session, its profile under `dir`.
+    async fn browser(&self, dir: &Path) -> Client {
+        let mut args: Vec<String> = CHROMIUM_ARGS.iter().map(|a| a.to_string()).collect();
+        args.push(format!(
+            "--user-data-dir={}",
+            dir.join("chromium-profile").display()
+        ));
+        let mut caps = serde_json::Map::new();
+        caps.insert(
+            "goog:chromeOptions".into(),
+            json!({ "binary": tool(CHROMIUM_ENV, "/usr/bin/chromium"), "args": args }),
+        );
+        let mut builder = ClientBuilder::new(HttpConnector::new());
+        builder.capabilities(caps);
+        let connect = builder.connect(&self.url);
+        match tokio::time::timeout(WEBDRIVER_TIMEOUT, connect).await {
+            Ok(Ok(c)) => c,
+            Ok(Err(e)) => panic!("starting Chromium through chromedriver: {e}"),
+            Err(_) => panic!("Chromium did not start within {WEBDRIVER_TIMEOUT:?}"),
+        }
+    }
+}
+
+impl Drop for ChromeDriver {
+    fn drop(&mut self) {
+        // The negative pid is the group: chromedriver and every Chromium
+        // process it started (crash handlers leave once their browser dies).
+        let _ = Command::new("kill")
+            .args(["-KILL", "--", &format!("-{}", self.child.id())])
+            .status();
+        let _ = self.child.wait();
+    }
+}
+
+/// Runs `script` in the page (a function body; `arguments` are `args`).
+async fn js(page: &Client, script: &str, args: Vec<Value>) -> Value {
+    match tokio::time::timeout(WEBDRIVER_TIMEOUT, page.execute(script, args)).await {
+        Ok(Ok(v)) => v,
+        Ok(Err(e)) => panic!("running a script in the page: {e}\n{script}"),
+        Err(_) => panic!("a script in the page took over {WEBDRIVER_TIMEOUT:?}\n{script}"),
+    }
+}
+
+/// Polls `script` until `done` accepts what it returns.
+async fn wait_page<T>(
+    page: &Client,
+    what: &str,
+    timeout: Duration,
+    script: &str,
+    args: Vec<Value>,
+    mut done: impl FnMut(&Value) -> Option<T>,
+) -> T {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let v = js(page, script, args.clone()).await;
+        if let Some(t) = done(&v) {
+            return t;
+        }
+        if Instant::now() >= deadline {
+            let state = js(
+                page,
+                "return {conn: document.querySelector('#conn')?.textContent, \
+                 updates: window.__tributary_updates, \
+                 cards: [...document.querySelectorAll('[data-node][data-stale]')]\
+                   .map((c) => [c.dataset.node, c.dataset.link, c.dataset.stale])};",
+                vec![],
+            )
+            .await;
+            panic!("the page did not show {what} within {timeout:?}; last value {v}; page {state}");
+        }
+        tokio::time::sleep(POLL).await;
+    }
+}
+
+async fn click(page: &Client, css: &str) {
+    let found = tokio::time::timeout(WEBDRIVER_TIMEOUT, page.find(Locator::Css(css)))
+        .await
+        .unwrap_or_else(|_| panic!("finding {css} took over {WEBDRIVER_TIMEOUT:?}"))
+        .unwrap_or_else(|e| panic!("finding {css}: {e}"));
+    tokio::time::timeout(WEBDRIVER_TIMEOUT, found.click())
+        .await
+        .unwrap_or_else(|_| panic!("clicking {css} took over {WEBDRIVER_TIMEOUT:?}"))
+        .unwrap_or_else(|e| panic!("clicking {css}: {e}"));
+}
+
+/// The card of node `id`: `[data-node]` with its `data-stale` (the backlog's
+/// uplink buttons carry `data-node` too, but no `data-stale`).
+const CARD: &str =
+    "const c = document.querySelector(`[data-node=\"${CSS.escape(arguments[0])}\"][data-stale]`); \
+     return c ? {stale: c.dataset.stale, link: c.dataset.link} : null;";
+/// The row of actor `id`, if rendered.
+const ACTOR_ROW: &str =
+    "const r = document.querySelector(`[data-actor=\"${CSS.escape(arguments[0])}\"]`); \
+     return r ? {restarts: r.dataset.restarts, status: r.dataset.status} : null;";
+/// The backlog of edge `id`, as the page shows it.
+const BACKLOG: &str = "const r = document.querySelector(`[data-backlog=\"${CSS.escape(arguments[0])}\"][data-backlog-readings]`); \
+     return r ? {readings: r.dataset.backlogReadings, bytes: r.dataset.backlogBytes} : null;";
+
+fn backlog_readings(v: &Value) -> Option<u64> {
+    v["readings"].as_str()?.parse().ok()
+}
+
+async fn wait_stale(page: &Client, id: &str, stale: bool) {
+    let want = stale.to_string();
+    wait_page(
+        page,
+        &format!("{id} with data-stale={want}"),
+        STALE_SHOWS,
+        CARD,
+        vec![json!(id)],
+        |v| (v["stale"] == want.as_str()).then_some(()),
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_dashboard_shows_the_cluster_live_in_a_real_browser() {
+    let t0 = Instant::now();
+    let mut f = Fixture::new("dashboard", &shared_bootstrap(), &["edge-1", "edge-2"]);
+    f.set_cloud("dashboard-addr", "127.0.0.1:0");
+    f.set_cloud("dashboard-token", TOKEN);
+    f.set_cloud("audit-topic", &unique_topic("dashboard-audit"));
+    f.start_cloud().await;
+    let base = served_addr(f.cloud(), "dashboard").await;
+    f.proxy_edge(0).await;
+    for i in 0..2 {
+        f.workload(i, &BUSY);
+        f.edges[i].start();
+    }
+    let http = Http::new();
+    let bearer = format!("Bearer {TOKEN}");
+    // Chromium starts while the edges connect.
+    let driver = ChromeDriver::start(f.dir.path()).await;
+    let page = driver.browser(f.dir.path()).await;
+    // The page opens on the whole tree, so its first render is measured on it.
+    wait_reported(&http, &base, &["edge-1", "edge-2"], BUSY.devices).await;
+    tokio::time::timeout(WEBDRIVER_TIMEOUT, page.goto(&base))
+        .await
+        .expect("the page loads in time")
+        .expect("loading the page");
+
+    for id in ["cloud-1", "edge-1", "edge-2"] {
+        wait_page(
+            &page,
+            &format!("{id}'s card"),
+            PAGE_SHOWS,
+            CARD,
+            vec![json!(id)],
+            |v| (v["stale"] == "false").then_some(()),
+        )
+        .await;
+    }
+    let render_ms = js(&page, "return window.__tributary_render_ms;", vec![])
+        .await
+        .as_f64()
+        .expect("window.__tributary_render_ms is a number once the tree is drawn");
+
+    // A restart through the API shows on the device's row.
+    let snap = http.get(&format!("{base}/api/snapshot")).await.json();
+    let device = "device/edge-2-dev-3";
+    let dev = actor(&snap, "edge-2", device).expect("edge-2 reported its device 3");
+    let (dev_id, dev_parent) = (
+        dev["id"].as_str().expect("an id").to_string(),
+        dev["parent"].as_str().expect("a parent").to_string(),
+    );
+    assert_eq!(dev["restarts"], 0, "{dev}");
+    if js(&page, ACTOR_ROW, vec![json!(dev_id)]).await.is_null() {
+        // Devices sit under a collapsed supervisor: open it as a user would.
+        let expander = format!("[data-expand=\"{dev_parent}\"]");
+        let shown = js(
+            &page,
+            "return !!document.querySelector(`[data-expand=\"${CSS.escape(arguments[0])}\"]`);",
+            vec![json!(dev_parent)],
+        )
+        .await;
+        click(
+            &page,
+            if shown == true {
+                &expander
+            } else {
+                "#expand-all"
+            },
+        )
+        .await;
+    }
+    wait_page(
+        &page,
+        "the device's row",
+        PAGE_SHOWS,
+        ACTOR_ROW,
+        vec![json!(dev_id)],
+        |v| (v["restarts"] == "0").then_some(()),
+    )
+    .await;
+    let restarted = http
+        .post(
+            &format!("{base}/api/actions/restart"),
+            Some(&bearer),
+            &json!({"node": "edge-2", "actor": device}),
+        )
+        .await;
+    assert_eq!(restarted.status, StatusCode::OK, "{}", restarted.body);
+    let restart_shown = Instant::now();
+    wait_page(
+        &page,
+        "data-restarts=1",
+        PAGE_SHOWS,
+        ACTOR_ROW,
+        vec![json!(dev_id)],
+        |v| (v["restarts"] == "1" && v["status"] == "running").then_some(()),
+    )
+    .await;
+    let restart_shown = restart_shown.elapsed();
+
+    // A paused uplink grows edge-2's backlog on the page.
+    let paused = http
+        .post(
+            &format!("{base}/api/actions/uplink"),
+            Some(&bearer),
+            &json!({"node": "edge-2", "paused": true}),
+        )
+        .await;
+    assert_eq!(paused.status, StatusCode::OK, "{}", paused.body);
+    let peak = wait_page(
+        &page,
+        &format!("edge-2's backlog at {BACKLOG_RISEN_READINGS}+ readings"),
+        PAGE_SHOWS,
+        BACKLOG,
+        vec![json!("edge-2")],
+        |v| backlog_readings(v).filter(|r| *r >= BACKLOG_RISEN_READINGS),
+    )
+    .await;
+    let shot = tokio::time::timeout(WEBDRIVER_TIMEOUT, page.screenshot())
+        .await
+        .expect("the screenshot in time")
+        .expect("taking a screenshot");
+    assert!(shot.starts_with(b"\x89PNG"), "the screenshot is not a PNG");
+    let shot_path = node_binary()
+        .parent()
+        .and_then(Path::parent)
+        .expect("the node binary lives in target/<profile>")
+        .join("dashboard.png");
+    std::fs::write(&shot_path, &shot).expect("writing the screenshot");
+
+    // Resumed from the page itself: its token box and its uplink button.
+    let token_box = page
+        .find(Locator::Css("#token"))
+        .await
+        .expect("the token input");
+    token_box.send_keys(TOKEN).await.expect("typing the token");
+    wait_page(
+        &page,
+        "edge-2's resume button",
+        PAGE_SHOWS,
+        "const b = document.querySelector('button[data-action=uplink][data-node=\"edge-2\"]'); \
+         return b && !b.disabled ? b.dataset.paused : null;",
+        vec![],
+        |v| (v == "true").then_some(()),
+    )
+    .await;
+    click(&page, "button[data-action=uplink][data-node=\"edge-2\"]").await;
+    let drained = wait_page(
+        &page,
+        &format!("edge-2's backlog back under {BACKLOG_DRAINED_READINGS} readings"),
+        PAGE_SHOWS,
+        BACKLOG,
+        vec![json!("edge-2")],
+        |v| backlog_readings(v).filter(|r| *r < BACKLOG_DRAINED_READINGS),
+    )
+    .await;
+    let snap = http.get(&format!("{base}/api/snapshot")).await.json();
+    assert_eq!(
+        node(&snap, "edge-2").expect("edge-2")["uplink_paused"],
+        false,
+        "the page's resume button did not resume the uplink"
+    );
+
+    // A partition marks edge-1 stale, and the heal fresh again; edge-2 never.
+    f.edges[0].proxy.as_ref().expect("edge-1's proxy").cut();
+    let cut = Instant::now();
+    wait_stale(&page, "edge-1", true).await;
+    let stale_after = cut.elapsed();
+    let other = js(&page, CARD, vec![json!("edge-2")]).await;
+    assert_eq!(other["stale"], "false", "edge-2 turned stale too: {other}");
+    f.edges[0].proxy.as_ref().expect("edge-1's proxy").heal();
+    let healed = Instant::now();
+    wait_stale(&page, "edge-1", false).await;
+    let fresh_after = healed.elapsed();
+    let updates = js(&page, "return window.__tributary_updates;", vec![]).await;
+    assert!(
+        updates.as_u64().is_some_and(|u| u > 0),
+        "the page applied no update: {updates}"
+    );
+    let _ = tokio::time::timeout(WEBDRIVER_TIMEOUT, page.close()).await;
+
+    eprintln!(
+        "dashboard: first tree render {render_ms:.1} ms; restart shown after {restart_shown:?}; \
+         backlog {peak} paused -> {drained} resumed; stale after {stale_after:?}, fresh \
+         {fresh_after:?} after the heal; {updates} updates; screenshot {}; {:?} in all",
+        shot_path.display(),
+        t0.elapsed()
+    );
+}
+
+// ---- /metrics ----------------------------------------------------------
+
+/// One scrape: the parsed samples, and the raw text and content type.
+struct Scrape {
+    text: String,
+    content_type: String,
+    samples: Vec<prometheus_parse::Sample>,
+}
+
+impl Scrape {
+    async fn take(http: &Http, url: &str) -> Scrape {
+        let a = http.get(url).await;
+        assert_eq!(a.status, StatusCode::OK, "{url}: {}", a.body);
+        let content_type = a
+            .headers
+            .get(CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or_default()
+            .to_string();
+        let parsed = prometheus_parse::Scrape::parse(a.body.lines().map(|l| Ok(l.to_string())))
+            .unwrap_or_else(|e| panic!("{url} does not parse: {e}\n{}", a.body));
+        Scrape {
+            text: a.body,
+            content_type,
+            samples: parsed.samples,
+        }
+    }
+
+    /// Which of `families` no sample belongs to.
+    fn missing<'a>(&self, families: &[&'a str]) -> Vec<&'a str> {
+        families
+            .iter()
+            .filter(|f| !self.samples.iter().any(|s| s.metric == **f))
+            .copied()
+            .collect()
+    }
+
+    /// Every `_total` series, keyed by name and labels.
+    fn totals(&self) -> HashMap<String, f64> {
+        self.samples
+            .iter()
+            .filter(|s| s.metric.ends_with("_total"))
+            .map(|s| {
+                let v = match s.value {
+                    prometheus_parse::Value::Counter(v) | prometheus_parse::Value::Untyped(v) => v,
+                    ref other => panic!("{} is not a number: {other:?}", s.metric),
+                };
+                (format!("{}{{{}}}", s.metric, s.labels), v)
+            })
+            .collect()
+    }
+
+    fn value(&self, metric: &str, label: (&str, &str)) -> Option<f64> {
+        self.samples.iter().find_map(|s| {
+            let matches = s.metric == metric && s.labels.get(label.0) == Some(label.1);
+            match s.value {
+                prometheus_parse::Value::Counter(v)
+                | prometheus_parse::Value::Gauge(v)
+                | prometheus_parse::Value::Untyped(v)
+                    if matches =>
+                {
+                    Some(v)
+                }
+                _ => None,
+            }
+        })
+    }
+}
+
+fn assert_content_type(scrape: &Scrape, who: &str) {
+    // The body is OpenMetrics (`_total` only on samples, `# EOF`), so the
+    // type must say so: a 0.0.4 parser types its counters as unknown.
+    if scrape.text.trim_end().ends_with("# EOF") {
+        assert!(
+            scrape
+                .content_type
+                .starts_with("application/openmetrics-text"),
+            "{who}'s /metrics is OpenMetrics text served as {:?}",
+            scrape.content_type
+        );
+    }
+}
+
+/// The latency histogram of the cloud: cumulative buckets ending at +Inf,
+/// which holds every observation.
+fn assert_histogram(scrape: &Scrape) {
+    let h = scrape
+        .samples
+        .iter()
+        .find(|s| s.metric == "tributary_end_to_end_latency_seconds")
+        .expect("the latency histogram");
+    let prometheus_parse::Value::Histogram(buckets) = &h.value else {
+        panic!("tributary_end_to_end_latency_seconds is not a histogram: {h:?}");
+    };
+    let count = scrape
+        .value(
+            "tributary_end_to_end_latency_seconds_count",
+            ("node", "cloud-1"),
+        )
+        .expect("the histogram's _count");
+    assert!(
+        buckets.windows(2).all(|w| w[0].count <= w[1].count),
+        "buckets are not cumulative: {buckets:?}"
+    );
+    let last = buckets.last().expect("buckets");
+    assert!(last.less_than.is_infinite(), "no +Inf bucket: {buckets:?}");
+    assert!(
+        scrape.text.contains("le=\"+Inf\""),
+        "the last bucket is not spelled le=\"+Inf\":\n{}",
+        scrape.text
+    );
+    assert_eq!(
+        last.count, count,
+        "the +Inf bucket ({}) differs from _count ({count})",
+        last.count
+    );
+}
+
+/// Polls until some `_total` series of `url` is above its value in `first`.
+async fn scrape_after_growth(http: &Http, url: &str, first: &Scrape, series: &str) -> Scrape {
+    let before = first.totals();
+    let deadline = Instant::now() + METRICS_MOVE;
+    loop {
+        let next = Scrape::take(http, url).await;
+        let grew = next
+            .totals()
+            .get(series)
+            .zip(before.get(series))
+            .is_some_and(|(now, then)| now > then);
+        if grew {
+            return next;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{series} did not grow within {METRICS_MOVE:?} at {url}"
+        );
+        tokio::time::sleep(POLL).await;
+    }
+}
+
+fn assert_only_grew(who: &str, first: &Scrape, second: &Scrape) {
+    let (before, after) = (first.totals(), second.totals());
+    assert!(!before.is_empty(), "{who} has no _total series");
+    let mut grew = 0;
+    for (series, then) in &before {
+        let now = after
+            .get(series)
+            .unwrap_or_else(|| panic!("{who}: {series} vanished between scrapes"));
+        assert!(
+            now >= then,
+            "{who}: {series} went down from {then} to {now}"
+        );
+        grew += usize::from(now > then);
+    }
+    assert!(grew > 0, "{who}: no _total series grew");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_parse_and_counters_only_grow() {
+    let mut f = Fixture::new("metrics", &shared_bootstrap(), &["edge-1"]);
+    f.set_cloud("metrics-addr", "127.0.0.1:0");
+    f.start_cloud().await;
+    let cloud = format!("{}/metrics", served_addr(f.cloud(), "metrics").await);
+    f.workload(0, &LIGHT);
+    f.edges[0].set("metrics-addr", "127.0.0.1:0");
+    f.edges[0].start();
+    let edge = format!(
+        "{}/metrics",
+        served_addr(f.edges[0].process(), "metrics").await
+    );
+    let http = Http::new();
+
+    let cloud_series = "tributary_component_received_total{component=\"ingest\",node=\"cloud-1\"}";
+    let edge_series = "tributary_component_received_total{component=\"gateway\",node=\"edge-1\"}";
+    let common = [
+        "tributary_component_received_total",
+        "tributary_component_sent_total",
+        "tributary_component_errors_total",
+        "tributary_component_dropped_total",
+        "tributary_link_up",
+    ];
+    let mut edge_families = common.to_vec();
+    edge_families.extend([
+        "tributary_outbox_bytes",
+        "tributary_outbox_readings",
+        "tributary_uplink_up",
+        "tributary_actor_restarts_total",
+    ]);
+    let mut cloud_families = common.to_vec();
+    cloud_families.extend([
+        "tributary_end_to_end_latency_seconds",
+        "tributary_end_to_end_latency_seconds_count",
+        "tributary_end_to_end_latency_seconds_sum",
+    ]);
+    // First scrapes once readings flow and every family is there (links
+    // and the uplink appear once the session is up), so growth can show.
+    let deadline = Instant::now() + API_SHOWS;
+    let (cloud_1, edge_1) = loop {
+        let (c, e) = (
+            Scrape::take(&http, &cloud).await,
+            Scrape::take(&http, &edge).await,
+        );
+        let flowing = |s: &Scrape, series| s.totals().get(series).is_some_and(|v| *v > 0.0);
+        let missing = [c.missing(&cloud_families), e.missing(&edge_families)].concat();
+        if flowing(&c, cloud_series) && flowing(&e, edge_series) && missing.is_empty() {
+            break (c, e);
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no readings counted or families {missing:?} missing within {API_SHOWS:?}:\n\
+             cloud:\n{}\nedge:\n{}",
+            c.text,
+            e.text
+        );
+        tokio::time::sleep(POLL).await;
+    };
+    assert_content_type(&edge_1, "the edge");
+    assert_content_type(&cloud_1, "the cloud");
+    assert_histogram(&cloud_1);
+
+    let cloud_2 = scrape_after_growth(&http, &cloud, &cloud_1, cloud_series).await;
+    let edge_2 = scrape_after_growth(&http, &edge, &edge_1, edge_series).await;
+    assert_only_grew("the cloud", &cloud_1, &cloud_2);
+    assert_only_grew("the edge", &edge_1, &edge_2);
+    assert_histogram(&cloud_2);
+    let count = |s: &Scrape| {
+        s.value(
+            "tributary_end_to_end_latency_seconds_count",
+            ("node", "cloud-1"),
+        )
+        .expect("_count")
+    };
+    assert!(
+        count(&cloud_2) > count(&cloud_1),
+        "the latency histogram did not count the new readings"
+    );
+}
+
+// ---- actions -----------------------------------------------------------
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn actions_need_the_token_and_are_audited() {
+    let audit_topic = unique_topic("dashboard-actions-audit");
+    let mut f = Fixture::new("actions", &shared_bootstrap(), &["edge-1"]);
+    f.set_cloud("dashboard-addr", "127.0.0.1:0");
+    f.set_cloud("dashboard-token", TOKEN);
+    f.set_cloud("audit-topic", &audit_topic);
+    f.start_cloud().await;
+    let base = served_addr(f.cloud(), "dashboard").await;
+    f.workload(0, &LIGHT);
+    f.edges[0].start();
+    let http = Http::new();
+    wait_reported(&http, &base, &["edge-1"], LIGHT.devices).await;
+
+    let device = "device/edge-1-dev-1";
+    let restart_url = format!("{base}/api/actions/restart");
+    let uplink_url = format!("{base}/api/actions/uplink");
+    let restart = json!({"node": "edge-1", "actor": device});
+    let pause = json!({"node": "edge-1", "paused": true});
+    let resume = json!({"node": "edge-1", "paused": false});
+    let same_length_guess = format!("Bearer {}", "x".repeat(TOKEN.len()));
+    let prefix = format!("Bearer {}", &TOKEN[..TOKEN.len() - 1]);
+    let longer = format!("Bearer {TOKEN}x");
+    let refused: [(&str, Option<&str>, &Value); 7] = [
+        (&restart_url, None, &restart),
+        (&uplink_url, None, &pause),
+        (&restart_url, Some(&same_length_guess), &restart),
+        (&restart_url, Some(&prefix), &restart),
+        (&restart_url, Some(&longer), &restart),
+        // The token without the scheme, and under another scheme.
+        (&restart_url, Some(TOKEN), &restart),
+        (&uplink_url, Some(&format!("Basic {TOKEN}")), &pause),
+    ];
+    for (url, auth, body) in refused {
+        let a = http.post(url, auth, body).await;
+        assert_eq!(
+            a.status,
+            StatusCode::UNAUTHORIZED,
+            "{url} with {auth:?}: {}",
+            a.body
+        );
+    }
+    let bearer = format!("Bearer {TOKEN}");
+    // Authorised but not runnable: refused before the audit.
+    let unknown = http
+        .post(
+            &restart_url,
+            Some(&bearer),
+            &json!({"node": "edge-1", "actor": "device/nobody"}),
+        )
+        .await;
+    assert_eq!(unknown.status, StatusCode::NOT_FOUND, "{}", unknown.body);
+    let root = http
+        .post(
+            &restart_url,
+            Some(&bearer),
+            &json!({"node": "edge-1", "actor": "tributary.edge"}),
+        )
+        .await;
+    assert_eq!(root.status, StatusCode::NOT_FOUND, "{}", root.body);
+    let malformed = http
+        .post(&uplink_url, Some(&bearer), &json!({"node": "edge-1"}))
+        .await;
+    assert!(
+        malformed.status.is_client_error(),
+        "a body without `paused` was accepted: {} {}",
+        malformed.status,
+        malformed.body
+    );
+
+    for (url, body) in [
+        (&restart_url, &restart),
+        (&uplink_url, &pause),
+        (&uplink_url, &resume),
+    ] {
+        let a = http.post(url, Some(&bearer), body).await;
+        assert_eq!(a.status, StatusCode::OK, "{url} {body}: {}", a.body);
+        assert_eq!(a.json()["ok"], true, "{}", a.body);
+    }
+    let accepted_ms = now_ms();
+
+    // Exactly one restart happened: the refused ones came first, so a report
+    // collected after the accepted one would count them too.
+    let (restarts, paused) = wait_snapshot(&http, &base, "a report after the actions", |s| {
+        let edge = node(s, "edge-1")?;
+        let seen = edge["last_seen_ms"].as_u64()?;
+        (seen > accepted_ms + 2 * REPORT_INTERVAL_MS).then(|| {
+            (
+                actor(s, "edge-1", device).map(|a| a["restarts"].clone()),
+                edge["uplink_paused"].clone(),
+            )
+        })
+    })
+    .await;
+    assert_eq!(restarts, Some(json!(1)), "restarts of {device}");
+    assert_eq!(paused, false, "the uplink stayed paused");
+
+    let records = consume_values(&shared_bootstrap(), &audit_topic, 3, AUDIT_READ)
+        .await
+        .expect("reading the audit topic");
+    let actions: Vec<(&str, &Value, &Value)> = records
+        .iter()
+        .map(|r| (r.key.as_str(), &r.value["node"], &r.value["action"]))
+        .collect();
+    assert_eq!(
+        actions,
+        vec![
+            ("edge-1", &json!("edge-1"), &json!({"restart": device})),
+            ("edge-1", &json!("edge-1"), &json!({"uplink_paused": true})),
+            ("edge-1", &json!("edge-1"), &json!({"uplink_paused": false})),
+        ],
+        "the audit topic holds exactly the accepted actions, in order"
+    );
+    for r in &records {
+        let at = r.value["at_ms"].as_u64().expect("at_ms");
+        assert!(at <= accepted_ms, "audited after the answer: {}", r.value);
+    }
+
+    // Without a configured token, actions are off altogether.
+    let mut off = Fixture::new("actions-off", &shared_bootstrap(), &[]);
+    off.set_cloud("dashboard-addr", "127.0.0.1:0");
+    off.start_cloud().await;
+    let off_base = served_addr(off.cloud(), "dashboard").await;
+    for auth in [None, Some(bearer.as_str())] {
+        let a = http
+            .post(&format!("{off_base}/api/actions/restart"), auth, &restart)
+            .await;
+        assert_eq!(a.status, StatusCode::FORBIDDEN, "{auth:?}: {}", a.body);
+    }
+}
