@@ -14,6 +14,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant, SystemTime};
 
+use fantoccini::key::Key;
 use fantoccini::{Client, ClientBuilder, Locator};
 use http_body_util::{BodyExt, Full};
 use hyper::body::Bytes;
@@ -376,9 +377,18 @@ const CARD: &str =
 const ACTOR_ROW: &str =
     "const r = document.querySelector(`[data-actor=\"${CSS.escape(arguments[0])}\"]`); \
      return r ? {restarts: r.dataset.restarts, status: r.dataset.status} : null;";
+/// How many device rows the tree renders, and whether actor `id`'s is one.
+const DEVICE_ROWS: &str =
+    "return {rows: document.querySelectorAll('[data-actor*=\"/device/\"]').length, \
+     shown: !!document.querySelector(`[data-actor=\"${CSS.escape(arguments[0])}\"]`)};";
 /// The backlog of edge `id`, as the page shows it.
 const BACKLOG: &str = "const r = document.querySelector(`[data-backlog=\"${CSS.escape(arguments[0])}\"][data-backlog-readings]`); \
      return r ? {readings: r.dataset.backlogReadings, bytes: r.dataset.backlogBytes} : null;";
+
+/// Edge-2's pause/resume button in the backlog table.
+const UPLINK_BUTTON: &str =
+    "const b = document.querySelector('button[data-action=uplink][data-node=\"edge-2\"]'); \
+     return b ? {paused: b.dataset.paused, disabled: b.disabled, text: b.textContent} : null;";
 
 fn backlog_readings(v: &Value) -> Option<u64> {
     v["readings"].as_str()?.parse().ok()
@@ -496,7 +506,50 @@ async fn the_dashboard_shows_the_cluster_live_in_a_real_browser() {
     .await;
     let restart_shown = restart_shown.elapsed();
 
-    // A paused uplink grows edge-2's backlog on the page.
+    // The search box narrows the tree to the matching device, and Escape
+    // brings the whole tree back.
+    let search = page
+        .find(Locator::Css("#search"))
+        .await
+        .expect("the search box");
+    search
+        .send_keys("edge-2-dev-3")
+        .await
+        .expect("typing a search");
+    wait_page(
+        &page,
+        "only the searched device",
+        PAGE_SHOWS,
+        DEVICE_ROWS,
+        vec![json!(dev_id)],
+        |v| (v["shown"] == true && v["rows"] == 1).then_some(()),
+    )
+    .await;
+    search
+        .send_keys(&Key::Escape.to_string())
+        .await
+        .expect("pressing Escape in the search box");
+    wait_page(
+        &page,
+        "every device again",
+        PAGE_SHOWS,
+        DEVICE_ROWS,
+        vec![json!(dev_id)],
+        |v| (v["rows"].as_u64() >= Some(BUSY.devices as u64)).then_some(()),
+    )
+    .await;
+
+    // A paused uplink grows edge-2's backlog on the page: from a drained
+    // outbox, so that the catch-up after the start does not count.
+    let base_backlog = wait_page(
+        &page,
+        &format!("edge-2's backlog under {BACKLOG_DRAINED_READINGS} readings before the pause"),
+        PAGE_SHOWS,
+        BACKLOG,
+        vec![json!("edge-2")],
+        |v| backlog_readings(v).filter(|r| *r < BACKLOG_DRAINED_READINGS),
+    )
+    .await;
     let paused = http
         .post(
             &format!("{base}/api/actions/uplink"),
@@ -505,6 +558,15 @@ async fn the_dashboard_shows_the_cluster_live_in_a_real_browser() {
         )
         .await;
     assert_eq!(paused.status, StatusCode::OK, "{}", paused.body);
+    wait_page(
+        &page,
+        "edge-2's uplink button offering to resume",
+        PAGE_SHOWS,
+        UPLINK_BUTTON,
+        vec![],
+        |v| (v["paused"] == "true").then_some(()),
+    )
+    .await;
     let peak = wait_page(
         &page,
         &format!("edge-2's backlog at {BACKLOG_RISEN_READINGS}+ readings"),
@@ -534,15 +596,23 @@ async fn the_dashboard_shows_the_cluster_live_in_a_real_browser() {
     token_box.send_keys(TOKEN).await.expect("typing the token");
     wait_page(
         &page,
-        "edge-2's resume button",
+        "edge-2's resume button enabled",
         PAGE_SHOWS,
-        "const b = document.querySelector('button[data-action=uplink][data-node=\"edge-2\"]'); \
-         return b && !b.disabled ? b.dataset.paused : null;",
+        UPLINK_BUTTON,
         vec![],
-        |v| (v == "true").then_some(()),
+        |v| (v["paused"] == "true" && v["disabled"] == false).then_some(()),
     )
     .await;
     click(&page, "button[data-action=uplink][data-node=\"edge-2\"]").await;
+    wait_page(
+        &page,
+        "edge-2's uplink button offering to pause again",
+        PAGE_SHOWS,
+        UPLINK_BUTTON,
+        vec![],
+        |v| (v["paused"] == "false").then_some(()),
+    )
+    .await;
     let drained = wait_page(
         &page,
         &format!("edge-2's backlog back under {BACKLOG_DRAINED_READINGS} readings"),
@@ -579,7 +649,7 @@ async fn the_dashboard_shows_the_cluster_live_in_a_real_browser() {
 
     eprintln!(
         "dashboard: first tree render {render_ms:.1} ms; restart shown after {restart_shown:?}; \
-         backlog {peak} paused -> {drained} resumed; stale after {stale_after:?}, fresh \
+         backlog {base_backlog} -> {peak} paused -> {drained} resumed; stale after {stale_after:?}, fresh \
          {fresh_after:?} after the heal; {updates} updates; screenshot {}; {:?} in all",
         shot_path.display(),
         t0.elapsed()
