@@ -103,10 +103,26 @@ impl Collector for ReportCollector {
             "Items a component dropped by policy.",
             &per_component(|c| c.dropped),
         )?;
+        // One series per actor, but devices summed: thousands of series per
+        // edge would swamp a Prometheus.
+        let devices: u64 = r
+            .actors
+            .iter()
+            .filter(|a| a.kind == "device")
+            .map(|a| u64::from(a.restarts))
+            .sum();
+        if r.actors.iter().any(|a| a.kind == "device") {
+            counters(
+                &mut encoder,
+                "tributary_device_actor_restarts",
+                "Restarts of the simulated device actors, summed.",
+                &[(vec![node()], devices)],
+            )?;
+        }
         let restarts: Vec<(Labels, u64)> = r
             .actors
             .iter()
-            .filter(|a| a.restartable)
+            .filter(|a| a.restartable && a.kind != "device")
             .map(|a| {
                 (
                     vec![node(), ("actor", a.name.clone())],
