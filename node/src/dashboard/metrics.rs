@@ -206,18 +206,19 @@ impl Collector for ReportCollector {
             &ups,
         )?;
         if let (Some(buckets), Some(sum_ms)) = (&r.latency_buckets, r.latency_sum_ms) {
-            let mut cumulative = 0;
+            // The encoder accumulates the buckets itself, and writes `+Inf`
+            // for `f64::MAX` only.
+            let count: u64 = buckets.iter().sum();
             let bounds: Vec<(f64, u64)> = buckets
                 .iter()
                 .enumerate()
                 .map(|(i, c)| {
-                    cumulative += c;
                     let le = if i + 1 == buckets.len() {
-                        f64::INFINITY
+                        f64::MAX
                     } else {
                         LatencyHistogram::bucket_le_ms(i) as f64 / 1000.0
                     };
-                    (le, cumulative)
+                    (le, *c)
                 })
                 .collect();
             let mut family = encoder.encode_descriptor(
@@ -230,7 +231,7 @@ impl Collector for ReportCollector {
                 .encode_family(&vec![node()])?
                 .encode_histogram::<prometheus_client::encoding::NoLabelSet>(
                     sum_ms as f64 / 1000.0,
-                    cumulative,
+                    count,
                     &bounds,
                     None,
                 )?;

@@ -123,9 +123,10 @@ pub async fn serve_metrics(addr: SocketAddr, latest: LatestReport) -> anyhow::Re
 
 fn metrics_response(latest: &LatestReport) -> Response {
     (
+        // What prometheus-client writes: OpenMetrics text.
         [(
             header::CONTENT_TYPE,
-            "text/plain; version=0.0.4; charset=utf-8",
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
         )],
         render(latest),
     )
@@ -182,7 +183,10 @@ fn authorise(st: &DashboardState, headers: &HeaderMap) -> Result<(), Box<Respons
     let given = headers
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "));
+        // The scheme's name is case-insensitive (RFC 9110).
+        .and_then(|v| v.split_once(' '))
+        .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
+        .map(|(_, token)| token.trim());
     // Compared in full whatever the first difference, so the time taken
     // does not tell how much of a guess was right.
     let matches = given.is_some_and(|g| {
