@@ -17,8 +17,8 @@ use tributary_cluster::uplink::link::{AcceptedUplink, LinkError, LinkHandle};
 use tributary_cluster::uplink::{CommitBatch, Frame, Ingest, IngestConfig, RefuseCode};
 
 use super::{CloudCounters, WriterPool};
-use crate::outbox::segment;
 use crate::clock::Clock;
+use crate::outbox::segment;
 use crate::sink::{EdgeLogWriter, Hwm, LogSink, SegmentBatch, SinkCalls, SinkError};
 
 /// Close code when the cloud gives up on a link (protocol error or log down).

@@ -190,7 +190,11 @@ pub struct GatewayState {
 impl GatewayState {
     fn status(&mut self) -> GatewayStatus {
         let confirmed = self.outbox.acked_through();
-        while self.unconfirmed.front().is_some_and(|(seq, ..)| *seq <= confirmed) {
+        while self
+            .unconfirmed
+            .front()
+            .is_some_and(|(seq, ..)| *seq <= confirmed)
+        {
             self.unconfirmed.pop_front();
         }
         let open = self.outbox.readings_open() as u64;

@@ -38,8 +38,8 @@ impl KafkaAudit {
         let admin: AdminClient<DefaultClientContext> = config
             .create()
             .map_err(|e| SinkError::Config(format!("creating the audit admin client: {e}")))?;
-        let options =
-            AdminOptions::new().operation_timeout(Some(Duration::from_millis(AUDIT_WRITE_TIMEOUT_MS)));
+        let options = AdminOptions::new()
+            .operation_timeout(Some(Duration::from_millis(AUDIT_WRITE_TIMEOUT_MS)));
         let new = NewTopic::new(topic, 1, TopicReplication::Fixed(-1));
         let results = futures::executor::block_on(admin.create_topics([&new], &options))
             .map_err(|e| SinkError::Config(format!("creating the audit topic {topic}: {e}")))?;
