@@ -237,17 +237,33 @@ struct UplinkBody {
     paused: bool,
 }
 
+/// Checks the token, then the body: what every action does first.
+fn admit<T>(
+    st: &DashboardState,
+    headers: &HeaderMap,
+    body: Result<Json<T>, JsonRejection>,
+) -> Result<T, Box<Response>> {
+    authorise(st, headers)?;
+    body.map(|Json(b)| b)
+        .map_err(|e| Box::new(refuse(StatusCode::BAD_REQUEST, e.body_text())))
+}
+
+/// Runs an action on an edge through its control actor.
+async fn on_edge(node: &str, request: ControlRequest) -> Response {
+    match call_edge(node, request, ACTION_CALL_TIMEOUT).await {
+        Ok(_) => Json(serde_json::json!({ "ok": true })).into_response(),
+        Err(e) => refuse(StatusCode::BAD_GATEWAY, e.to_string()),
+    }
+}
+
 async fn restart(
     State(st): State<DashboardState>,
     headers: HeaderMap,
     body: Result<Json<RestartBody>, JsonRejection>,
 ) -> Response {
-    if let Err(r) = authorise(&st, &headers) {
-        return *r;
-    }
-    let Json(body) = match body {
+    let body = match admit(&st, &headers, body) {
         Ok(b) => b,
-        Err(e) => return refuse(StatusCode::BAD_REQUEST, e.body_text()),
+        Err(r) => return *r,
     };
     // Only what the node reported as restartable: an operator cannot kill a
     // root or a listener by naming it.
@@ -277,11 +293,11 @@ async fn restart(
             Err(e) => refuse(StatusCode::CONFLICT, e),
         };
     }
-    let request = ControlRequest::RestartActor { name: body.actor };
-    match call_edge(&body.node, request, ACTION_CALL_TIMEOUT).await {
-        Ok(_) => Json(serde_json::json!({ "ok": true })).into_response(),
-        Err(e) => refuse(StatusCode::BAD_GATEWAY, e.to_string()),
-    }
+    on_edge(
+        &body.node,
+        ControlRequest::RestartActor { name: body.actor },
+    )
+    .await
 }
 
 async fn uplink(
@@ -289,12 +305,9 @@ async fn uplink(
     headers: HeaderMap,
     body: Result<Json<UplinkBody>, JsonRejection>,
 ) -> Response {
-    if let Err(r) = authorise(&st, &headers) {
-        return *r;
-    }
-    let Json(body) = match body {
+    let body = match admit(&st, &headers, body) {
         Ok(b) => b,
-        Err(e) => return refuse(StatusCode::BAD_REQUEST, e.body_text()),
+        Err(r) => return *r,
     };
     let is_edge = {
         let hub = st.hub.lock().unwrap_or_else(|p| p.into_inner());
@@ -313,10 +326,7 @@ async fn uplink(
     let request = ControlRequest::SetUplinkPaused {
         paused: body.paused,
     };
-    match call_edge(&body.node, request, ACTION_CALL_TIMEOUT).await {
-        Ok(_) => Json(serde_json::json!({ "ok": true })).into_response(),
-        Err(e) => refuse(StatusCode::BAD_GATEWAY, e.to_string()),
-    }
+    on_edge(&body.node, request).await
 }
 
 fn links(members: &watch::Receiver<Vec<Member>>) -> Vec<LinkFigures> {
