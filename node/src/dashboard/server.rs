@@ -27,6 +27,8 @@ use super::Hub;
 use crate::cluster::Member;
 use crate::cluster::{call_edge, ControlRequest};
 
+/// Pages connected at once; more get 503 until one leaves.
+const PAGES_MAX: usize = 64;
 /// Updates queued per page; a page further behind gets a fresh snapshot.
 const UPDATES_QUEUED_MAX: usize = 16;
 /// How long an action's control call to an edge may take.
@@ -47,6 +49,7 @@ struct DashboardState {
     /// `None`: actions are off (no token configured).
     token: Option<Arc<str>>,
     audit: Option<Arc<KafkaAudit>>,
+    pages: Arc<tokio::sync::Semaphore>,
 }
 
 impl DashboardState {
@@ -96,6 +99,7 @@ pub async fn serve_dashboard(
         latest: args.latest,
         token: args.token.filter(|t| !t.is_empty()).map(Into::into),
         audit: args.audit,
+        pages: Arc::new(tokio::sync::Semaphore::new(PAGES_MAX)),
     };
     let app = Router::new()
         .route("/", get(|| async { Html(INDEX_HTML) }))
@@ -145,27 +149,37 @@ async fn snapshot(State(st): State<DashboardState>) -> Response {
         .into_response()
 }
 
-async fn events(
-    State(st): State<DashboardState>,
-) -> Sse<impl futures::Stream<Item = Result<Event, Infallible>>> {
+async fn events(State(st): State<DashboardState>) -> Response {
+    let Ok(permit) = st.pages.clone().try_acquire_owned() else {
+        return refuse(
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("{PAGES_MAX} pages are open already"),
+        );
+    };
     let rx = st.updates.subscribe();
     let first = st.snapshot_json();
-    let stream = futures::stream::unfold((Some(first), rx, st), |(first, mut rx, st)| async move {
-        if let Some(f) = first {
-            let event = Event::default().event("snapshot").data(f);
-            return Some((Ok(event), (None, rx, st)));
-        }
-        let event = match rx.recv().await {
-            Ok(update) => Event::default().event("update").data(update.as_ref()),
-            // Too far behind to patch: start the page over.
-            Err(broadcast::error::RecvError::Lagged(_)) => {
-                Event::default().event("snapshot").data(st.snapshot_json())
+    // The permit lives as long as the stream: a page that leaves frees it.
+    let stream = futures::stream::unfold(
+        (Some(first), rx, st, permit),
+        |(first, mut rx, st, permit)| async move {
+            if let Some(f) = first {
+                let event = Event::default().event("snapshot").data(f);
+                return Some((Ok::<_, Infallible>(event), (None, rx, st, permit)));
             }
-            Err(broadcast::error::RecvError::Closed) => return None,
-        };
-        Some((Ok(event), (None, rx, st)))
-    });
-    Sse::new(stream).keep_alive(KeepAlive::default())
+            let event = match rx.recv().await {
+                Ok(update) => Event::default().event("update").data(update.as_ref()),
+                // Too far behind to patch: start the page over.
+                Err(broadcast::error::RecvError::Lagged(_)) => {
+                    Event::default().event("snapshot").data(st.snapshot_json())
+                }
+                Err(broadcast::error::RecvError::Closed) => return None,
+            };
+            Some((Ok(event), (None, rx, st, permit)))
+        },
+    );
+    Sse::new(stream)
+        .keep_alive(KeepAlive::default())
+        .into_response()
 }
 
 fn refuse(status: StatusCode, error: impl Into<String>) -> Response {
