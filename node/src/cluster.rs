@@ -26,18 +26,7 @@ use tributary_cluster::session::{self, NodeServerRef, SessionError, SessionHandl
 use tributary_cluster::tls::{NodeId, Role};
 use tributary_cluster::uplink::link::LinkHandle;
 
-#[allow(
-    unused_imports,
-    reason = "the dashboard's API (issue #3); used by tests today"
-)]
-pub use control::{
-    call_edge, edge_control_group, ControlError, ControlReply, ControlRequest, EdgeStatus,
-    CLOUD_CONTROL_GROUP, EDGE_CONTROL_GROUP,
-};
-#[allow(
-    unused_imports,
-    reason = "the dashboard's API (issue #3); used by tests today"
-)]
+pub use control::{call_edge, ControlReply, ControlRequest, CLOUD_CONTROL_GROUP};
 pub use membership::{Member, MembershipMsg};
 
 /// Called on each new uplink connection of an edge.
@@ -82,7 +71,6 @@ pub struct ClusterParts {
     /// For the cloud's listener: serves the session streams edges open.
     pub on_session: Option<SessionHook>,
     /// This node's members, updated at each change (and RTT sample).
-    #[allow(dead_code, reason = "the dashboard's (issue #3); read by tests today")]
     pub members: watch::Receiver<Vec<Member>>,
 }
 

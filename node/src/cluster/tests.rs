@@ -18,6 +18,7 @@ use tributary_cluster::tls::{self, NodeId, NodeIdentity, Role};
 use tributary_cluster::uplink::link::{CloudEndpoint, EdgeConnector, IncomingStream, LinkHandle};
 use tributary_cluster::uplink::Frame;
 
+use super::control::ControlError;
 use super::*;
 
 /// The bound on every wait. Generous: the machine is shared.
