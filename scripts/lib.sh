@@ -30,6 +30,23 @@ free_port() {
     return 1
 }
 
+# apt_install PACKAGE...: installs Debian packages (as root). The package
+# lists are refreshed only when the install fails on them (a fresh machine
+# has none; a second call right after the first needs no refresh).
+apt_install() {
+    if [[ "$(id -u)" -ne 0 ]]; then
+        echo "missing $*: install them (apt-get install $*)" >&2
+        return 1
+    fi
+    echo "installing $*"
+    export DEBIAN_FRONTEND=noninteractive
+    if ! apt-get install -y -q --no-install-recommends "$@" >/dev/null 2>&1; then
+        apt-get update -q >/dev/null || { echo "apt-get update failed" >&2; return 1; }
+        apt-get install -y -q --no-install-recommends "$@" >/dev/null ||
+            { echo "apt-get install $* failed" >&2; return 1; }
+    fi
+}
+
 # ensure_mosquitto: installs mosquitto and its clients when missing (as root,
 # with apt-get) and sets MOSQUITTO to the broker's path.
 ensure_mosquitto() {
@@ -37,15 +54,7 @@ ensure_mosquitto() {
     command -v mosquitto >/dev/null || [[ -x /usr/sbin/mosquitto ]] || missing+=(mosquitto)
     command -v mosquitto_sub >/dev/null || missing+=(mosquitto-clients)
     if ((${#missing[@]})); then
-        if [[ "$(id -u)" -ne 0 ]]; then
-            echo "missing ${missing[*]}: install them (apt-get install ${missing[*]})" >&2
-            return 1
-        fi
-        echo "installing ${missing[*]}"
-        export DEBIAN_FRONTEND=noninteractive
-        apt-get update -q >/dev/null || { echo "apt-get update failed" >&2; return 1; }
-        apt-get install -y -q --no-install-recommends "${missing[@]}" >/dev/null ||
-            { echo "apt-get install ${missing[*]} failed" >&2; return 1; }
+        apt_install "${missing[@]}" || return 1
     fi
     MOSQUITTO="$(command -v mosquitto || echo /usr/sbin/mosquitto)"
 }
@@ -87,22 +96,9 @@ ensure_chromium() {
     command -v chromium >/dev/null || missing+=(chromium)
     command -v chromedriver >/dev/null || missing+=(chromium-driver)
     if ((${#missing[@]})); then
-        if [[ "$(id -u)" -ne 0 ]]; then
-            echo "missing ${missing[*]}: install them (apt-get install ${missing[*]})" >&2
-            return 1
-        fi
-        echo "installing ${missing[*]}"
-        export DEBIAN_FRONTEND=noninteractive
         # chromium too, even when present: chromium-driver depends on the
-        # same version, and apt upgrades an older chromium with it. The
-        # package lists are refreshed only when the install fails on them
-        # (ensure_mosquitto may have just done it; a fresh machine has none).
-        if ! apt-get install -y -q --no-install-recommends chromium chromium-driver \
-            >/dev/null 2>&1; then
-            apt-get update -q >/dev/null || { echo "apt-get update failed" >&2; return 1; }
-            apt-get install -y -q --no-install-recommends chromium chromium-driver >/dev/null ||
-                { echo "apt-get install chromium chromium-driver failed" >&2; return 1; }
-        fi
+        # same version, and apt upgrades an older chromium with it.
+        apt_install chromium chromium-driver || return 1
     fi
     browser="$(command -v chromium)" || { echo "chromium is not on PATH" >&2; return 1; }
     driver="$(command -v chromedriver)" || { echo "chromedriver is not on PATH" >&2; return 1; }
