@@ -128,10 +128,23 @@ pub struct Pipeline {
     queue: VecDeque<(String, Output)>,
 }
 
-fn unix_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as i64)
+/// One stage's part of a [`Pipeline::snapshot`].
+#[derive(bincode::Encode, bincode::Decode)]
+struct StageSnapshot {
+    name: String,
+    /// The spec as `Debug` shows it: a checkpoint of another spec (the
+    /// topology changed between runs) is not taken back.
+    spec: String,
+    state: Option<Vec<u8>>,
+}
+
+/// What [`Pipeline::restore`] took back.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Restored {
+    /// Stages whose state came back.
+    pub stages: Vec<String>,
+    /// Stages that start fresh, with why.
+    pub fresh: Vec<(String, String)>,
 }
 
 fn panic_reason(payload: &(dyn std::any::Any + Send)) -> String {
@@ -203,8 +216,12 @@ impl Pipeline {
     /// Feeds `reading` of `stream` to the stages that read it, and appends to
     /// `out` what leaves the node because of it, in order. The input itself
     /// is not in `out`: the driver decides what to do with its own input.
+    ///
+    /// `now_ms` (Unix ms, the driver's clock) dates a failure, should a
+    /// stage fail.
     pub fn handle(
         &mut self,
+        now_ms: i64,
         stream: &str,
         reading: Reading,
         out: &mut Vec<Emitted>,
@@ -216,29 +233,87 @@ impl Pipeline {
         };
         let mut budget = OUTPUTS_PER_READING_MAX;
         for i in first {
-            let outputs = self.run(i, |op| op.handle(reading.clone()))?;
+            let outputs = self.run(now_ms, i, |op| op.handle(reading.clone()))?;
             self.enqueue(i, outputs, &mut budget);
         }
-        self.drain(out, &mut budget)
+        self.drain(now_ms, out, &mut budget)
     }
 
     /// Moves every stage's watermark to `watermark_us`, closing what it
     /// passes, and appends what leaves the node to `out`.
     pub fn advance_watermark(
         &mut self,
+        now_ms: i64,
         watermark_us: i64,
         out: &mut Vec<Emitted>,
     ) -> Result<(), PipelineError> {
         self.queue.clear();
         let mut budget = OUTPUTS_PER_READING_MAX;
         for i in 0..self.slots.len() {
-            let outputs = self.run(i, |op| op.advance_watermark(watermark_us))?;
+            let outputs = self.run(now_ms, i, |op| op.advance_watermark(watermark_us))?;
             self.enqueue(i, outputs, &mut budget);
             // Outputs of earlier stages reach later ones before those move
             // their own watermark, so nothing they emit is late there.
-            self.drain(out, &mut budget)?;
+            self.drain(now_ms, out, &mut budget)?;
         }
         Ok(())
+    }
+
+    /// Every stage's state, for a checkpoint; stages that cannot save theirs
+    /// are listed without it.
+    pub fn snapshot(&self) -> Vec<u8> {
+        let stages: Vec<StageSnapshot> = self
+            .slots
+            .iter()
+            .map(|s| StageSnapshot {
+                name: s.name.clone(),
+                spec: format!("{:?}", s.spec),
+                state: s.op.snapshot(),
+            })
+            .collect();
+        // Plain owned data always encodes.
+        bincode::encode_to_vec(&stages, crate::reading::bincode_config())
+            .expect("a pipeline snapshot encodes")
+    }
+
+    /// Takes back what [`Pipeline::snapshot`] saved, stage by stage, by name:
+    /// a stage of another spec, one that saved nothing, or one whose state
+    /// does not decode starts fresh (and says why).
+    pub fn restore(&mut self, bytes: &[u8]) -> Result<Restored, String> {
+        let (saved, _): (Vec<StageSnapshot>, _) =
+            bincode::decode_from_slice(bytes, crate::reading::bincode_config())
+                .map_err(|e| format!("the stages' checkpoint does not decode: {e}"))?;
+        let mut by_name: HashMap<String, StageSnapshot> =
+            saved.into_iter().map(|s| (s.name.clone(), s)).collect();
+        let mut restored = Restored::default();
+        for slot in &mut self.slots {
+            let why = match by_name.remove(&slot.name) {
+                None => "not in the checkpoint".to_owned(),
+                Some(s) if s.spec != format!("{:?}", slot.spec) => {
+                    "its spec changed since the checkpoint".to_owned()
+                }
+                Some(StageSnapshot { state: None, .. }) => {
+                    "it saves no state (see CustomStage::snapshot)".to_owned()
+                }
+                Some(StageSnapshot {
+                    state: Some(state), ..
+                }) => match slot.op.restore(&state) {
+                    Ok(()) => {
+                        restored.stages.push(slot.name.clone());
+                        continue;
+                    }
+                    Err(e) => {
+                        // A half-restored operator is not trusted: start over.
+                        if let Ok(fresh) = slot.spec.build(&slot.name) {
+                            slot.op = fresh;
+                        }
+                        e
+                    }
+                },
+            };
+            restored.fresh.push((slot.name.clone(), why));
+        }
+        Ok(restored)
     }
 
     fn enqueue(&mut self, slot: usize, outputs: Vec<Output>, budget: &mut usize) {
@@ -256,12 +331,17 @@ impl Pipeline {
         }
     }
 
-    fn drain(&mut self, out: &mut Vec<Emitted>, budget: &mut usize) -> Result<(), PipelineError> {
+    fn drain(
+        &mut self,
+        now_ms: i64,
+        out: &mut Vec<Emitted>,
+        budget: &mut usize,
+    ) -> Result<(), PipelineError> {
         while let Some((stream, output)) = self.queue.pop_front() {
             if let Output::Reading(r) = &output {
                 if let Some(readers) = self.readers.get(&stream).cloned() {
                     for i in readers {
-                        let outputs = self.run(i, |op| op.handle(r.clone()))?;
+                        let outputs = self.run(now_ms, i, |op| op.handle(r.clone()))?;
                         self.enqueue(i, outputs, budget);
                     }
                 }
@@ -277,6 +357,7 @@ impl Pipeline {
     /// Runs `f` on a stage's operator; a panic restarts the stage.
     fn run(
         &mut self,
+        now_ms: i64,
         i: usize,
         f: impl FnOnce(&mut dyn Operator) -> Vec<Output>,
     ) -> Result<Vec<Output>, PipelineError> {
@@ -285,14 +366,13 @@ impl Pipeline {
             Ok(outputs) => Ok(outputs),
             Err(payload) => {
                 let reason = panic_reason(payload.as_ref());
-                self.restart(i, reason)?;
+                self.restart(now_ms, i, reason)?;
                 Ok(Vec::new())
             }
         }
     }
 
-    fn restart(&mut self, i: usize, reason: String) -> Result<(), PipelineError> {
-        let now_ms = unix_ms();
+    fn restart(&mut self, now_ms: i64, i: usize, reason: String) -> Result<(), PipelineError> {
         let policy = self.restarts;
         let slot = &mut self.slots[i];
         tracing::warn!(stage = %slot.name, %reason, "stage failed; restarting it with fresh state");
@@ -330,9 +410,9 @@ impl Pipeline {
     }
 
     /// Restarts a stage on request (a control call): fresh state, counted.
-    pub fn restart_stage(&mut self, stage: &str) -> Result<(), PipelineError> {
+    pub fn restart_stage(&mut self, now_ms: i64, stage: &str) -> Result<(), PipelineError> {
         let i = self.index(stage)?;
-        self.restart(i, "restart requested".into())
+        self.restart(now_ms, i, "restart requested".into())
     }
 
     /// Changes a stage's parameter, keeping its state; a later restart keeps
@@ -445,7 +525,8 @@ mod tests {
         assert!(ep.reads("sim") && !ep.exits("sim") && ep.exits("mean"));
         let mut out = Vec::new();
         for s in 0..25 {
-            ep.handle("sim", reading("d1", s, 60.0), &mut out).unwrap();
+            ep.handle(0, "sim", reading("d1", s, 60.0), &mut out)
+                .unwrap();
         }
         // Two closed 10 s windows; the third is open.
         assert_eq!(out.len(), 2);
@@ -465,7 +546,7 @@ mod tests {
         )
         .unwrap();
         let mut alerts = Vec::new();
-        cp.handle("mean", mean, &mut alerts).unwrap();
+        cp.handle(0, "mean", mean, &mut alerts).unwrap();
         assert_eq!(alerts.len(), 1);
         assert_eq!(alerts[0].stream, "hot");
         assert!(alerts[0].output.as_alert().is_some());
@@ -517,7 +598,7 @@ mod tests {
         .unwrap();
         let mut out = Vec::new();
         for s in [1, 2, 3, 4] {
-            p.handle("sim", reading("d1", s, 1.0), &mut out).unwrap();
+            p.handle(0, "sim", reading("d1", s, 1.0), &mut out).unwrap();
         }
         // The panicking reading produced nothing; the others passed.
         assert_eq!(out.len(), 3);
@@ -529,9 +610,9 @@ mod tests {
             .unwrap()
             .1
             .contains("bad reading"));
-        p.handle("sim", reading("d1", 3, 1.0), &mut out).unwrap();
+        p.handle(0, "sim", reading("d1", 3, 1.0), &mut out).unwrap();
         let err = p
-            .handle("sim", reading("d1", 3, 1.0), &mut out)
+            .handle(0, "sim", reading("d1", 3, 1.0), &mut out)
             .unwrap_err();
         assert!(
             matches!(err, PipelineError::StageFailed { ref stage, restarts: 2, .. } if stage == "flaky"),
@@ -552,16 +633,16 @@ mod tests {
         let mut mean = reading("d1", 1, 40.0);
         mean.metrics[0].name = "temperature.mean".into();
         let mut out = Vec::new();
-        p.handle("mean", mean.clone(), &mut out).unwrap();
+        p.handle(0, "mean", mean.clone(), &mut out).unwrap();
         assert!(out.is_empty());
         p.set_param("hot", "value", 30.0).unwrap();
         mean.device_ts_us += 1_000_000;
-        p.handle("mean", mean.clone(), &mut out).unwrap();
+        p.handle(0, "mean", mean.clone(), &mut out).unwrap();
         assert_eq!(out.len(), 1);
         // A restart keeps the changed value.
-        p.restart_stage("hot").unwrap();
+        p.restart_stage(0, "hot").unwrap();
         mean.device_ts_us += 1_000_000;
-        p.handle("mean", mean, &mut out).unwrap();
+        p.handle(0, "mean", mean, &mut out).unwrap();
         assert_eq!(out.len(), 2);
         assert!(matches!(
             p.set_param("hot", "bogus", 1.0),
@@ -572,5 +653,64 @@ mod tests {
             Err(PipelineError::UnknownStage { .. })
         ));
         assert!(p.set_param("hot", "value", f64::NAN).is_err());
+    }
+
+    #[test]
+    fn a_snapshot_brings_open_windows_back_and_a_changed_spec_starts_fresh() {
+        let t = topology();
+        let edge = t.part_for("plant", &[], Role::Edge);
+        let new = || {
+            Pipeline::new(
+                edge.stages.iter().copied(),
+                edge.uplink.iter().copied(),
+                StageRestarts::default(),
+            )
+            .unwrap()
+        };
+        let mut before = new();
+        let mut out = Vec::new();
+        for s in 0..15 {
+            before
+                .handle(0, "sim", reading("d1", s, 60.0), &mut out)
+                .unwrap();
+        }
+        assert_eq!(out.len(), 1, "one 10 s window closed, one open");
+        let snapshot = before.snapshot();
+        let mut after = new();
+        let restored = after.restore(&snapshot).unwrap();
+        assert_eq!(restored.stages, ["mean"]);
+        assert!(restored.fresh.is_empty());
+        // The open window holds 10..15 in both: closing it gives one mean.
+        let (mut a, mut b) = (Vec::new(), Vec::new());
+        before
+            .handle(0, "sim", reading("d1", 20, 90.0), &mut a)
+            .unwrap();
+        after
+            .handle(0, "sim", reading("d1", 20, 90.0), &mut b)
+            .unwrap();
+        assert_eq!(a, b);
+        assert_eq!(a.len(), 1);
+        // A pipeline whose stage has another spec does not take it back.
+        let other = Topology::builder("t")
+            .edge("plant", |e| {
+                e.source("sim", Simulated::devices(1)).stage(
+                    "mean",
+                    "sim",
+                    Window::tumbling(secs(5)).mean("temperature"),
+                )
+            })
+            .build()
+            .unwrap();
+        let part = other.part_for("plant", &[], Role::Edge);
+        let mut changed = Pipeline::new(
+            part.stages.iter().copied(),
+            part.uplink.iter().copied(),
+            StageRestarts::default(),
+        )
+        .unwrap();
+        let restored = changed.restore(&snapshot).unwrap();
+        assert!(restored.stages.is_empty());
+        assert_eq!(restored.fresh[0].0, "mean");
+        assert!(changed.restore(b"garbage").is_err());
     }
 }

@@ -80,6 +80,7 @@ async fn a_crashed_device_restarts_and_accepted_readings_stay() {
             stages: None,
             names: EdgeNames::default(),
             clock: tributary_actors::clock::system(),
+            device_clock_skew_max_ms: 60_000,
         },
         uplink: UplinkArgs {
             edge_id: id.to_string(),
@@ -102,6 +103,7 @@ async fn a_crashed_device_restarts_and_accepted_readings_stay() {
             stop_at_us: None,
         }],
         mqtt: None,
+        mqtt_connector: None,
         restarts_max: 5,
         restart_period_ms: 10_000,
         names: EdgeNames::default(),

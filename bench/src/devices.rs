@@ -11,10 +11,11 @@
 //! - `bare`, the baseline: an actor with no state and no arguments, unnamed,
 //!   spawned linked to a parent as the MQTT source spawns its devices: the
 //!   floor of what ractor itself costs per actor;
-//! - `mqtt`: [`MqttDevice`], one per MQTT device, as `MqttSource` spawns it
-//!   (unnamed, linked to the source, a device id of 16 bytes); the source is
-//!   a stub that ignores messages, so the source's own per-device entry (in
-//!   its device and mark maps) is not counted;
+//! - `mqtt`: what the MQTT source keeps per device, which is no actor but
+//!   an entry in its core's device table (figures and what is in flight),
+//!   plus the redelivery record of its message's packet id (at most 65,535
+//!   in all): one message per device (ids of 16 bytes) received, made
+//!   durable and acknowledged;
 //! - `simulated`: [`SimulatedDevice`] under the project's `Supervisor`, as
 //!   `start_edge` runs them (registered under `device/<id>`, one `ChildSpec`
 //!   each), after its first reading went to a stub gateway that acknowledges
@@ -31,8 +32,9 @@ use anyhow::{bail, Context, Result};
 use ractor::{Actor, ActorProcessingErr, ActorRef};
 use tokio::sync::Notify;
 use tributary_actors::edge::device::{DeviceArgs, Signal, SimulatedDevice};
-use tributary_actors::edge::gateway::{GatewayMsg, IngestReply};
-use tributary_actors::edge::mqtt::{MqttDevice, MqttDeviceArgs, MqttMsg, RetryGauge};
+use tributary_actors::edge::gateway::{GatewayMsg, IngestReply, SourceAnswer};
+use tributary_actors::edge::mqtt::core::{Message, MqttCore};
+use tributary_actors::edge::mqtt::MqttConfig;
 use tributary_actors::edge::{EdgeNames, GATEWAY_NAME};
 use tributary_actors::supervision::{ChildSpec, Restart, Strategy, Supervisor, SupervisorArgs};
 
@@ -66,7 +68,7 @@ impl Kind {
     fn label(self) -> &'static str {
         match self {
             Kind::Bare => "bare ractor actor (empty state), linked",
-            Kind::Mqtt => "MqttDevice, linked to its source",
+            Kind::Mqtt => "MQTT device: an entry in the source's core (no actor)",
             Kind::Simulated => "SimulatedDevice under the Supervisor, named",
             Kind::TokioTask => "tokio task awaiting a oneshot (no ractor)",
         }
@@ -134,19 +136,6 @@ impl Actor for Bare {
     }
 }
 
-/// Stands in for `MqttSource`: the devices' parent, which they never hear from.
-struct StubSource;
-
-impl Actor for StubSource {
-    type Msg = MqttMsg;
-    type State = ();
-    type Arguments = ();
-
-    async fn pre_start(&self, _: ActorRef<MqttMsg>, _: ()) -> Result<(), ActorProcessingErr> {
-        Ok(())
-    }
-}
-
 /// Stands in for the gateway: acknowledges every reading at once and counts them.
 struct StubGateway;
 
@@ -192,10 +181,7 @@ fn device_id(i: usize) -> String {
 #[allow(dead_code)]
 enum Alive {
     Bare(ActorRef<()>, Vec<ActorRef<()>>),
-    Mqtt(
-        ActorRef<MqttMsg>,
-        Vec<ActorRef<tributary_actors::edge::mqtt::DeviceMsg>>,
-    ),
+    Mqtt(Box<MqttCore<()>>),
     Simulated(
         ActorRef<GatewayMsg>,
         ActorRef<tributary_actors::supervision::SupervisorMsg>,
@@ -211,13 +197,9 @@ async fn spawn_kind(kind: Kind, count: usize) -> Result<(Alive, Sample)> {
     // edge's, not the devices'.
     let ingested = Arc::new(AtomicU64::new(0));
     let notify = Arc::new(Notify::new());
-    let (bare_parent, source, gateway) = match kind {
+    let (bare_parent, _source, gateway): (_, Option<()>, _) = match kind {
         Kind::Bare => (Some(Actor::spawn(None, Bare, ()).await?.0), None, None),
-        Kind::Mqtt => (
-            None,
-            Some(Actor::spawn(None, StubSource, ()).await?.0),
-            None,
-        ),
+        Kind::Mqtt => (None, None, None),
         Kind::Simulated => {
             let args = StubGatewayArgs {
                 ingested: ingested.clone(),
@@ -243,23 +225,27 @@ async fn spawn_kind(kind: Kind, count: usize) -> Result<(Alive, Sample)> {
             Alive::Bare(parent, children)
         }
         Kind::Mqtt => {
-            let source = source.context("the stub source")?;
-            // One gauge shared by all, as the source shares its own.
-            let gauge = Arc::new(RetryGauge::default());
-            let mut children = Vec::with_capacity(count);
+            let config = MqttConfig::new("127.0.0.1", 1883, "bench-edge", "p/+/t")?;
+            let mut core: MqttCore<()> = MqttCore::new(config, &[]);
+            core.handle_connected(1, false);
+            let now = Instant::now();
             for i in 0..count {
-                let args = MqttDeviceArgs {
-                    device_id: device_id(i),
-                    mark_us: i64::MIN,
-                    source: source.clone(),
-                    stream: None,
-                    gauge: gauge.clone(),
-                    names: EdgeNames::default(),
+                let message = Message {
+                    pkid: (i % 65_535 + 1) as u16,
+                    acked: true,
+                    dup: false,
+                    retain: false,
+                    topic: format!("p/{}/t", device_id(i)),
+                    payload: bytes::Bytes::from_static(br#"{"ts": 1700000000000, "v": 1.5}"#),
                 };
-                let (a, _) = Actor::spawn_linked(None, MqttDevice, args, source.get_cell()).await?;
-                children.push(a);
+                core.handle_publish(now, 0, 1, message, ());
+                while let Some(f) = core.poll_forward(now) {
+                    let through_n = f.first_n + f.items.len() as u64 - 1;
+                    core.handle_answer(now, SourceAnswer::Durable { through_n });
+                }
+                while core.poll_ack().is_some() {}
             }
-            Alive::Mqtt(source, children)
+            Alive::Mqtt(Box::new(core))
         }
         Kind::Simulated => {
             let gateway = gateway.context("the stub gateway")?;

@@ -35,9 +35,8 @@ use rumqttc::{AsyncClient, Event, EventLoop, MqttOptions, Packet, QoS};
 use tokio::sync::Notify;
 use tokio::task::JoinHandle;
 use tributary_actors::edge::gateway::{Gateway, GatewayArgs, GatewayMsg, StoreFactory};
-use tributary_actors::edge::mqtt::{
-    MqttConfig, MqttMsg, MqttSource, MqttSourceArgs, MQTT_NAME, REQUEST_HEADROOM,
-};
+use tributary_actors::edge::mqtt::config::REQUEST_HEADROOM;
+use tributary_actors::edge::mqtt::{MqttConfig, MqttMsg, MqttSource, MqttSourceArgs, MQTT_NAME};
 use tributary_actors::edge::{EdgeNames, GATEWAY_NAME};
 use tributary_actors::outbox::{FullPolicy, OutboxConfig, OutboxStore, SledStore};
 
@@ -517,6 +516,7 @@ async fn edge_pass(broker: &(String, u16), o: &MqttOpts, prefix: &str) -> Result
         stages: None,
         names: EdgeNames::default(),
         clock: tributary_actors::clock::system(),
+        device_clock_skew_max_ms: 300_000,
     };
     let ended: Ended = Arc::default();
     let (watcher, _) = Actor::spawn(None, Watcher, ended.clone())
@@ -538,12 +538,12 @@ async fn edge_pass(broker: &(String, u16), o: &MqttOpts, prefix: &str) -> Result
     config.inflight_max = o.inflight_max;
     config.queued_requests_max = o.queued_requests_max.max(o.inflight_max + REQUEST_HEADROOM);
     config.devices_max = config.devices_max.max(o.devices);
-    config.marks_dir = Some(dir.path().join("marks"));
-    let source_args = MqttSourceArgs {
+    config.device_inflight_max = config.inflight_max;
+    let source_args = MqttSourceArgs::new(
         config,
-        outbox_marks: Arc::new(HashMap::new()),
-        names: EdgeNames::default(),
-    };
+        EdgeNames::default(),
+        tributary_actors::clock::system(),
+    );
     let (source, _) = Actor::spawn_linked(
         Some(MQTT_NAME.to_string()),
         MqttSource,
@@ -556,7 +556,7 @@ async fn edge_pass(broker: &(String, u16), o: &MqttOpts, prefix: &str) -> Result
         loop {
             let s = ractor::call_t!(source, MqttMsg::Status, ACTOR_CALL_MS)
                 .map_err(|e| anyhow!("asking the MQTT source for its status: {e}"))?;
-            if s.connected {
+            if s.core.connected {
                 return Ok::<(), anyhow::Error>(());
             }
             tokio::time::sleep(Duration::from_millis(PROGRESS_POLL_MS)).await;
@@ -589,7 +589,7 @@ async fn edge_pass(broker: &(String, u16), o: &MqttOpts, prefix: &str) -> Result
                 return Ok((Instant::now(), held_most));
             }
             if let Ok(s) = ractor::call_t!(src, MqttMsg::Status, ACTOR_CALL_MS) {
-                held_most = held_most.max(s.held);
+                held_most = held_most.max(s.core.held);
             }
             tokio::time::sleep(Duration::from_millis(PROGRESS_POLL_MS)).await;
         }
@@ -615,10 +615,10 @@ async fn edge_pass(broker: &(String, u16), o: &MqttOpts, prefix: &str) -> Result
     let (committed, segments) = gateway_committed(&gateway).await?;
     let status = ractor::call_t!(source, MqttMsg::Status, ACTOR_CALL_MS)
         .map_err(|e| anyhow!("asking the MQTT source for its status: {e}"))?;
-    if committed != n || status.stats.stale != 0 || status.stats.bad_payload != 0 {
+    if committed != n || status.core.stats.bad_payload != 0 {
         bail!(
             "the edge committed {committed} readings of {n} (source: {:?})",
-            status.stats
+            status.core.stats
         );
     }
     publishers.close().await;
@@ -639,7 +639,7 @@ async fn edge_pass(broker: &(String, u16), o: &MqttOpts, prefix: &str) -> Result
         own_cpu_s,
         broker_cpu_s,
         per_commit: Some(committed as f64 / segments.max(1) as f64),
-        out_of_order: status.stats.out_of_order,
+        out_of_order: 0,
         held_most,
     })
 }

@@ -61,8 +61,12 @@ settings! {
     segment_readings_max: usize = 1000, "TRIBUTARY_SEGMENT_READINGS_MAX";
     /// Edge: payload bytes per segment before it is sealed [default: 1048576].
     segment_bytes_max: usize = 1024 * 1024, "TRIBUTARY_SEGMENT_BYTES_MAX";
-    /// Edge: the longest a reading waits for its segment's fsync [default: 50].
+    /// Edge: the longest a reading waits for its commit; commits follow each other as fast as the disk syncs, so this bounds only a flooded gateway [default: 50].
     commit_interval_ms: u64 = 50, "TRIBUTARY_COMMIT_INTERVAL_MS";
+    /// Edge: a reading stamped further ahead of the edge's clock than this is refused and counted [default: 300000].
+    device_clock_skew_max_ms: u64 = 300_000, "TRIBUTARY_DEVICE_CLOCK_SKEW_MAX_MS";
+    /// Edge: how often the edge's stages save their state, which bounds their input log [default: 5000].
+    stages_checkpoint_interval_ms: u64 = 5_000, "TRIBUTARY_STAGES_CHECKPOINT_INTERVAL_MS";
     /// Edge: what a full outbox does: block or drop-oldest [default: block].
     full_policy: FullPolicy = FullPolicy::Block, "TRIBUTARY_FULL_POLICY";
     /// Edge: open an outbox whose data falls short of its guard (damaged), carrying on with what is left; the loss is logged [default: false].
@@ -149,18 +153,20 @@ settings! {
     mqtt_device_level: usize = 0, "TRIBUTARY_MQTT_DEVICE_LEVEL";
     /// Edge: the MQTT client id; keep it stable, the broker keeps unacked messages under it [default: tributary-<node_id>].
     mqtt_client_id: String = String::new(), "TRIBUTARY_MQTT_CLIENT_ID";
-    /// Edge: MQTT device actors alive at once; idle ones make room [default: 10000].
-    mqtt_devices_max: usize = 10_000, "TRIBUTARY_MQTT_DEVICES_MAX";
-    /// Edge: an MQTT device actor idle this long is stopped [default: 60000].
-    mqtt_device_idle_ms: u64 = 60_000, "TRIBUTARY_MQTT_DEVICE_IDLE_MS";
-    /// Edge: MQTT messages held unacknowledged; past it the source stops reading [default: 512].
-    mqtt_inflight_max: usize = 512, "TRIBUTARY_MQTT_INFLIGHT_MAX";
-    /// Edge: requests (acks, subscribes) queued for the MQTT client; at least mqtt_inflight_max + 8 [default: 1024].
-    mqtt_queued_requests_max: usize = 1024, "TRIBUTARY_MQTT_QUEUED_REQUESTS_MAX";
-    /// Edge: MQTT keep-alive, whole seconds in ms, at least 1000 [default: 30000].
+    /// Edge: MQTT devices whose figures are kept (first and last seen, readings); the least recently seen is forgotten [default: 100000].
+    mqtt_devices_max: usize = 100_000, "TRIBUTARY_MQTT_DEVICES_MAX";
+    /// Edge: MQTT messages held unacknowledged, 1 to 65535; past it the source stops reading for a quarter of the keep-alive, then leaves the excess unacked until a reconnect [default: 4096].
+    mqtt_inflight_max: usize = 4096, "TRIBUTARY_MQTT_INFLIGHT_MAX";
+    /// Edge: readings of one MQTT device at the gateway and not yet durable; past it that device's next ones wait [default: 4096].
+    mqtt_device_inflight_max: usize = 4096, "TRIBUTARY_MQTT_DEVICE_INFLIGHT_MAX";
+    /// Edge: requests (acks, subscribes) queued for the MQTT client; at least mqtt_inflight_max + 8; 0 for exactly that [default: 0].
+    mqtt_queued_requests_max: usize = 0, "TRIBUTARY_MQTT_QUEUED_REQUESTS_MAX";
+    /// Edge: MQTT keep-alive in ms, 4000 to 65535000 (MQTT counts whole seconds) [default: 30000].
     mqtt_keep_alive_ms: u64 = 30_000, "TRIBUTARY_MQTT_KEEP_ALIVE_MS";
-    /// Edge: where MQTT devices' redelivery marks are kept [default: <outbox_dir>.mqtt-marks].
-    mqtt_marks_dir: PathBuf = PathBuf::new(), "TRIBUTARY_MQTT_MARKS_DIR";
+    /// Edge: a message is taken for a redelivery only with MQTT's DUP flag set, as the spec requires; turn off only for a broker that omits it [default: true].
+    mqtt_redelivery_requires_dup: bool = true, "TRIBUTARY_MQTT_REDELIVERY_REQUIRES_DUP";
+    /// Edge: take retained messages (sent again at each subscription) as readings [default: false].
+    mqtt_take_retained: bool = false, "TRIBUTARY_MQTT_TAKE_RETAINED";
     /// Edge: the largest MQTT packet accepted; keep the broker's limit at or below it [default: 262144].
     mqtt_packet_bytes_max: usize = 256 * 1024, "TRIBUTARY_MQTT_PACKET_BYTES_MAX";
     /// Supervisors: restarts allowed per period before escalating [default: 5].
@@ -201,8 +207,8 @@ fn mqtt_key(e: &tributary_actors::edge::mqtt::MqttConfigError) -> &'static str {
         E::Topic(_) => "mqtt_topic",
         E::NoDeviceLevel | E::DeviceLevel(_) => "mqtt_device_level",
         E::Zero("devices_max") => "mqtt_devices_max",
-        E::Zero("device_idle_ms") => "mqtt_device_idle_ms",
-        E::Zero(_) => "mqtt_inflight_max",
+        E::Zero("device_inflight_max") => "mqtt_device_inflight_max",
+        E::Zero(_) | E::Inflight(_) => "mqtt_inflight_max",
         E::QueuedRequests => "mqtt_queued_requests_max",
         E::KeepAlive => "mqtt_keep_alive_ms",
         E::PacketBytes => "mqtt_packet_bytes_max",
@@ -313,14 +319,26 @@ impl Resolved {
         if self.mqtt_client_id.is_empty() {
             self.mqtt_client_id = format!("tributary-{}", self.node_id);
         }
-        if self.mqtt_marks_dir.as_os_str().is_empty() {
-            let mut name = self
-                .outbox_dir
-                .file_name()
-                .unwrap_or_default()
-                .to_os_string();
-            name.push(".mqtt-marks");
-            self.mqtt_marks_dir = self.outbox_dir.with_file_name(name);
+        if self.mqtt_queued_requests_max == 0 {
+            self.mqtt_queued_requests_max = self
+                .mqtt_inflight_max
+                .saturating_add(tributary_actors::edge::mqtt::config::REQUEST_HEADROOM);
+        }
+        if self.stages_checkpoint_interval_ms == 0 || self.stages_checkpoint_interval_ms > 3_600_000
+        {
+            return Err(bad(
+                "stages_checkpoint_interval_ms",
+                "must be between 1 and 3600000",
+            ));
+        }
+        if self.stages_watermark_lag_ms > 86_400_000 {
+            return Err(bad(
+                "stages_watermark_lag_ms",
+                "must be at most 86400000 (a day)",
+            ));
+        }
+        if self.device_clock_skew_max_ms > 86_400_000 * 365 {
+            return Err(bad("device_clock_skew_max_ms", "must be at most a year"));
         }
         self.mqtt()?;
         Ok(())
@@ -353,14 +371,15 @@ impl Resolved {
             topic: self.mqtt_topic.clone(),
             device_level,
             devices_max: self.mqtt_devices_max,
-            device_idle_ms: self.mqtt_device_idle_ms,
             inflight_max: self.mqtt_inflight_max,
+            device_inflight_max: self.mqtt_device_inflight_max,
             queued_requests_max: self.mqtt_queued_requests_max,
             keep_alive_ms: self.mqtt_keep_alive_ms,
             packet_bytes_max: self.mqtt_packet_bytes_max,
             reconnect_backoff_initial_ms: self.reconnect_backoff_initial_ms,
             reconnect_backoff_max_ms: self.reconnect_backoff_max_ms,
-            marks_dir: Some(self.mqtt_marks_dir.clone()),
+            redelivery_requires_dup: self.mqtt_redelivery_requires_dup,
+            take_retained: self.mqtt_take_retained,
             stream: None,
         };
         c.validate().map_err(|e| bad(mqtt_key(&e), e.to_string()))?;
@@ -432,8 +451,8 @@ mod tests {
         assert_eq!((c.host.as_str(), c.port), ("127.0.0.1", 1883));
         assert_eq!(c.client_id, "tributary-edge-1");
         assert_eq!(c.device_level, 1);
-        let marks = PathBuf::from("data/edge-1/outbox.mqtt-marks");
-        assert_eq!(c.marks_dir, Some(marks));
+        assert_eq!(c.queued_requests_max, c.inflight_max + 8, "derived");
+        assert!(c.redelivery_requires_dup && !c.take_retained);
         let mut off = Settings::default().resolve(toml::from_str("node_id = \"e\"").unwrap());
         off.validate().unwrap();
         assert!(off.mqtt().unwrap().is_none());

@@ -299,6 +299,7 @@ fn edge_plan(
             restarts_max: s.restarts_max,
             restart_period_ms: s.restart_period_ms,
         },
+        checkpoint_interval_ms: s.stages_checkpoint_interval_ms,
     };
     Ok((devices, mqtt, Some(stages)))
 }
@@ -347,6 +348,7 @@ async fn run_edge(
             stages,
             names: EdgeNames::default(),
             clock: tributary_actors::clock::system(),
+            device_clock_skew_max_ms: s.device_clock_skew_max_ms,
         },
         uplink: UplinkArgs {
             edge_id: id.to_string(),
@@ -363,6 +365,7 @@ async fn run_edge(
         },
         devices,
         mqtt,
+        mqtt_connector: None,
         restarts_max: s.restarts_max,
         restart_period_ms: s.restart_period_ms,
         names: EdgeNames::default(),
@@ -463,21 +466,28 @@ async fn report_mqtt(call_ms: u64) {
     let Ok(st) = ractor::call_t!(mqtt, MqttMsg::Status, call_ms) else {
         return;
     };
+    let (c, s) = (&st.core, &st.core.stats);
     tracing::info!(
-        connected = st.connected,
-        devices_live = st.devices_live,
-        held = st.held,
-        parked = st.parked,
-        received = st.stats.received,
-        committed = st.stats.committed,
-        stale = st.stats.stale,
-        out_of_order = st.stats.out_of_order,
-        retries_full = st.stats.retries_full,
-        redelivered_copies = st.stats.redelivered_copies,
-        bad_payload = st.stats.bad_payload,
-        bad_topic = st.stats.bad_topic,
-        passivated = st.stats.passivated,
-        disconnects = st.stats.disconnects,
+        connected = c.connected,
+        devices = c.devices,
+        held = c.held,
+        queued = c.queued,
+        at_gateway = c.at_gateway,
+        received = s.received,
+        committed = s.committed,
+        redeliveries = s.redeliveries,
+        redelivered_copies = s.redelivered_copies,
+        dup_taken = s.dup_taken,
+        retained_skipped = s.retained_skipped,
+        retries_full = s.retries_full,
+        refused = s.refused,
+        bad_payload = s.bad_payload,
+        bad_topic = s.bad_topic,
+        overflow_unacked = st.link.overflow_unacked,
+        forced_reconnects = s.forced_reconnects,
+        acks_deferred = st.link.acks_deferred,
+        acks_dropped = st.link.acks_dropped,
+        disconnects = s.disconnects,
         "mqtt flow"
     );
 }

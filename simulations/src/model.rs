@@ -308,14 +308,15 @@ impl Sim {
             self.now += Duration::from_millis(self.cfg.outbox.commit_interval_ms);
         }
         if let Ok(Some(c)) = self.edge.outbox.commit() {
-            self.trace("commit", c.seq);
+            let seq = c.seq.expect("the model commits readings only");
+            self.trace("commit", seq);
             if self.cfg.verbose {
                 println!("  acked {:?}", c.tickets);
             }
             if self.cfg.mutation != Some(Mutation::AckBeforeFsync) {
                 self.acked.extend(c.tickets);
             }
-            self.edge.uplink.handle_segment_sealed(c.seq);
+            self.edge.uplink.handle_segment_sealed(seq);
         }
         for d in self.edge.outbox.poll_dropped() {
             self.dropped.extend(d.keys);

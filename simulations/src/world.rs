@@ -33,7 +33,7 @@ use tributary_actors::edge::gateway::{EdgeStages, GatewayArgs, GatewayMsg, Store
 use tributary_actors::edge::uplink::{UplinkArgs, UplinkMsg};
 use tributary_actors::edge::{start_edge, DevicesConfig, EdgeArgs, EdgeNames};
 use tributary_actors::outbox::{
-    segment, MemoryStore, OutboxConfig, OutboxStore, StoreError, StoreMeta,
+    segment, MemoryStore, OutboxConfig, OutboxStore, StateChange, StoreError, StoreMeta,
 };
 use tributary_actors::pipeline::StageRestarts;
 use tributary_actors::sink::memory::MemoryLog;
@@ -247,16 +247,26 @@ impl OutboxStore for SimDisk {
         self.disk.init_meta(meta)
     }
 
-    fn append(&mut self, seq: u64, bytes: &[u8]) -> Result<(), StoreError> {
-        if let Ok(seg) = segment::verify(bytes, seq) {
-            if let Ok(readings) = segment::decode_payload(seg.payload, seg.readings_count) {
-                let mut w = self.written.lock().expect("written lock");
-                for r in readings {
-                    w.insert((r.stream, r.device_id, r.device_ts_us));
+    fn write_batch(
+        &mut self,
+        segment: Option<(u64, &[u8])>,
+        state: &[StateChange],
+    ) -> Result<(), StoreError> {
+        if let Some((seq, bytes)) = segment {
+            if let Ok(seg) = segment::verify(bytes, seq) {
+                if let Ok(readings) = segment::decode_payload(seg.payload, seg.readings_count) {
+                    let mut w = self.written.lock().expect("written lock");
+                    for r in readings {
+                        w.insert((r.stream, r.device_id, r.device_ts_us));
+                    }
                 }
             }
         }
-        self.disk.append(seq, bytes)
+        self.disk.write_batch(segment, state)
+    }
+
+    fn load_state(&self) -> Result<tributary_actors::outbox::StateEntries, StoreError> {
+        self.disk.load_state()
     }
 
     fn sync(&mut self) -> Result<(), StoreError> {
@@ -475,6 +485,7 @@ fn edge_plan(
             restarts_max: 5,
             restart_period_ms: 10_000,
         },
+        checkpoint_interval_ms: 5_000,
     };
     Ok((devices, Some(stages)))
 }
@@ -529,6 +540,7 @@ async fn run_edge(world: Arc<World>, index: usize) -> turmoil::Result {
             stages: shared.stages.clone(),
             names: names.clone(),
             clock,
+            device_clock_skew_max_ms: 3_600_000,
         },
         uplink: UplinkArgs {
             edge_id: shared.spec.id.clone(),
@@ -545,6 +557,7 @@ async fn run_edge(world: Arc<World>, index: usize) -> turmoil::Result {
         },
         devices,
         mqtt: None,
+        mqtt_connector: None,
         restarts_max: 5,
         restart_period_ms: 10_000,
         names: names.clone(),

@@ -134,7 +134,6 @@ fn mqtt_fixture(name: &str) -> (Fixture, String) {
     e.set("mqtt-topic", &format!("{prefix}/+/telemetry"));
     // Unique per test: the broker keeps the session under it.
     e.set("mqtt-client-id", &unique_topic(&format!("edge-{name}")));
-    e.set("mqtt-device-idle-ms", "2000");
     (f, prefix)
 }
 

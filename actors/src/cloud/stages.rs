@@ -182,6 +182,7 @@ impl CloudStagesState {
             )
         })?;
         let polled = !batch.is_empty();
+        let now_ms = now_us() / 1000;
         self.readings_polled += batch.len() as u64;
         for lr in batch {
             let Some(stream) = lr.reading.stream.clone() else {
@@ -195,13 +196,16 @@ impl CloudStagesState {
                 });
             }
             if self.pipeline.reads(&stream) {
-                self.pipeline.handle(&stream, lr.reading, &mut self.out)?;
+                self.pipeline
+                    .handle(now_ms, &stream, lr.reading, &mut self.out)?;
             }
         }
         if !polled {
-            let watermark_us = now_us() - (self.args.watermark_lag_ms * 1000) as i64;
+            let lag_us =
+                i64::try_from(self.args.watermark_lag_ms.saturating_mul(1000)).unwrap_or(i64::MAX);
+            let watermark_us = now_us().saturating_sub(lag_us);
             self.pipeline
-                .advance_watermark(watermark_us, &mut self.out)?;
+                .advance_watermark(now_ms, watermark_us, &mut self.out)?;
         }
         let out = std::mem::take(&mut self.out);
         let alerts: Vec<crate::stages::Alert> = match &self.args.alerts {

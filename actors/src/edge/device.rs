@@ -5,7 +5,9 @@
 //! answer, so its mailbox never grows and a full outbox slows it down
 //! (backpressure) instead of piling readings up in memory. A reading refused
 //! as full is kept and retried: a simulated sensor that cannot deliver falls
-//! behind, as a real one with a small buffer would.
+//! behind, as a real one with a small buffer would. Each reading carries the
+//! device's [`Origin`] (a nonce per incarnation and the reading's number), so
+//! the gateway recognises a retry by its number, whatever its timestamp.
 
 use std::time::Duration;
 
@@ -14,7 +16,7 @@ use rand::rngs::SmallRng;
 use rand::{RngExt, SeedableRng};
 use tokio::time::Instant;
 
-use super::gateway::{GatewayMsg, IngestReply};
+use super::gateway::{GatewayMsg, Ingest, IngestReply, Origin};
 use super::EdgeNames;
 use crate::clock::SharedClock;
 use crate::reading::{Metric, Reading, Value};
@@ -90,6 +92,8 @@ pub struct SimulatedDevice;
 pub struct DeviceState {
     args: DeviceArgs,
     rng: SmallRng,
+    /// This incarnation's source nonce for the gateway.
+    source: u64,
     pending: Option<Reading>,
     next_due: Instant,
     counter: i64,
@@ -154,11 +158,14 @@ impl Actor for SimulatedDevice {
         if args.interval_ms == 0 {
             return Err("device interval_ms must be at least 1".into());
         }
-        let rng = SmallRng::seed_from_u64(args.seed);
+        let mut rng = SmallRng::seed_from_u64(args.seed);
+        // From the seeded generator, so that a simulation replays exactly.
+        let source = rng.random();
         myself.send_message(DeviceMsg::Tick)?;
         Ok(DeviceState {
             args,
             rng,
+            source,
             pending: None,
             next_due: Instant::now(),
             counter: 0,
@@ -188,10 +195,16 @@ impl Actor for SimulatedDevice {
             }
             state.pending = Some(state.sample());
         }
-        let reading = state.pending.clone().expect("set above");
+        let ingest = Ingest {
+            reading: state.pending.clone().expect("set above"),
+            origin: Origin {
+                source: state.source,
+                n: state.counter as u64,
+            },
+        };
         let answer = match state.args.names.where_is_gateway() {
             Some(gateway) => {
-                ractor::call_t!(gateway, GatewayMsg::Ingest, INGEST_TIMEOUT_MS, reading).ok()
+                ractor::call_t!(gateway, GatewayMsg::Ingest, INGEST_TIMEOUT_MS, ingest).ok()
             }
             None => None,
         };

@@ -8,7 +8,6 @@
 //! ├── tributary.devices (one_for_one)
 //! │   └── device/<id> ...        one simulated sensor each
 //! └── tributary.mqtt             the MQTT source, when configured
-//!     └── one actor per MQTT device, spawned on its first message
 //! ```
 //!
 //! rest_for_one because the uplink and the devices depend on the gateway: a
@@ -20,16 +19,15 @@ pub mod gateway;
 pub mod mqtt;
 pub mod uplink;
 
-use std::collections::HashMap;
 use std::sync::Arc;
 
 use ractor::{Actor, ActorRef, SpawnErr};
 use tokio::task::JoinHandle;
 
-use crate::outbox::Outbox;
 use crate::supervision::{ChildSpec, Restart, Strategy, Supervisor, SupervisorArgs, SupervisorMsg};
 use device::{DeviceArgs, Signal, SimulatedDevice};
 use gateway::{Gateway, GatewayArgs};
+use mqtt::link::MqttConnector;
 use mqtt::{MqttConfig, MqttSource, MqttSourceArgs, MQTT_NAME};
 use uplink::{Uplink, UplinkArgs};
 
@@ -115,31 +113,13 @@ pub struct EdgeArgs {
     pub devices: Vec<DevicesConfig>,
     /// The MQTT source; `None` for none.
     pub mqtt: Option<MqttConfig>,
+    /// The MQTT source's broker link: rumqttc for real, `None` for that.
+    pub mqtt_connector: Option<Arc<dyn MqttConnector>>,
     pub restarts_max: u32,
     pub restart_period_ms: u64,
     /// The names the edge's actors register under; the same value must be in
     /// the gateway's, uplink's and devices' arguments.
     pub names: EdgeNames,
-}
-
-/// The MQTT devices' marks in the outbox, read before the uplink can delete
-/// anything. A failure here is the gateway's to report when it opens the
-/// outbox; the source then starts from its own marks store.
-fn mqtt_outbox_marks(gateway: &GatewayArgs) -> HashMap<String, i64> {
-    let epoch = gateway.clock.now_us().max(1) as u64;
-    let scan = (gateway.store)()
-        .map_err(|e| e.to_string())
-        .and_then(|store| {
-            Outbox::<()>::open(store, gateway.outbox.clone(), epoch).map_err(|e| e.to_string())
-        })
-        .and_then(|(mut outbox, _)| mqtt::outbox_marks(&mut outbox).map_err(|e| e.to_string()));
-    match scan {
-        Ok(marks) => marks,
-        Err(e) => {
-            tracing::warn!(error = %e, "reading the MQTT marks from the outbox failed");
-            HashMap::new()
-        }
-    }
 }
 
 /// Starts the edge's supervision tree.
@@ -196,18 +176,18 @@ pub async fn start_edge(
         ),
     ];
     if let Some(config) = args.mqtt {
-        let outbox_marks = Arc::new(mqtt_outbox_marks(&args.gateway));
+        let mut source =
+            MqttSourceArgs::new(config, args.names.clone(), args.gateway.clock.clone());
+        if let Some(connector) = args.mqtt_connector {
+            source.connector = connector;
+        }
         // Last: it depends on the gateway only, and a failure of its own
         // should not restart the uplink or the simulated devices.
         children.push(ChildSpec::new(
             args.names.mqtt(),
             Restart::Permanent,
             MqttSource,
-            MqttSourceArgs {
-                config,
-                outbox_marks,
-                names: args.names.clone(),
-            },
+            source,
         ));
     }
     let mut root = SupervisorArgs::new(Strategy::RestForOne, children);

@@ -18,6 +18,12 @@
 //!   evicts the oldest segments.
 //! - **Damage is contained.** Every segment carries a checksum verified when
 //!   read. A damaged segment is quarantined and counted; the rest keeps flowing.
+//! - **State rides with the data.** A small state table (key to value) is
+//!   changed only in the same atomic batch as the segment it describes (or in
+//!   a batch of its own), and made durable by the same fsync. Sources keep
+//!   there what they must know after a crash (which of their messages are
+//!   durable), the edge's stages their input log and checkpoints. State
+//!   counts against `outbox_bytes_max` like segments do.
 //!
 //! # On-disk format
 //! See [`segment`] for the bytes of one segment and [`sled_store`] for the keys.
@@ -36,7 +42,7 @@ use tributary_cluster::uplink::SegmentFrame;
 
 use crate::reading::{Reading, ReadingError};
 pub use sled_store::SledStore;
-pub use store::{MemoryStore, OutboxStore, StoreError, StoreMeta};
+pub use store::{MemoryStore, OutboxStore, StateChange, StateEntries, StoreError, StoreMeta};
 
 /// What to do when a reading would take the outbox past `outbox_bytes_max`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
@@ -66,6 +72,10 @@ impl std::str::FromStr for FullPolicy {
 /// in its log (with its default 8 MB segments) and moves larger ones to blob
 /// files that its flush does not sync. A segment must stay inline.
 pub const SEGMENT_BYTES_LIMIT: usize = 1024 * 1024;
+/// The largest state value: it must stay inline in sled's log, as segments do.
+pub const STATE_VALUE_BYTES_MAX: usize = SEGMENT_BYTES_LIMIT;
+/// The longest state key.
+pub const STATE_KEY_BYTES_MAX: usize = 1024;
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct OutboxConfig {
@@ -151,13 +161,27 @@ pub enum Refusal<T> {
     SegmentFull(Reading, T),
 }
 
-/// A segment made durable: its readings' tickets may now be acknowledged.
+/// Why a change to the state table was not admitted.
+#[derive(Debug)]
+pub enum StateRefusal<T> {
+    /// The outbox is full under `block`: retry after space is freed.
+    Full(T),
+    /// A key or value is larger than the state table allows.
+    TooLarge(usize, T),
+}
+
+/// A batch made durable: its tickets may now be acknowledged.
 #[derive(Debug)]
 pub struct Committed<T> {
-    pub seq: u64,
+    /// The segment written, if the batch held readings (a batch may hold
+    /// only state changes).
+    pub seq: Option<u64>,
+    /// The tickets of the segment's readings, in order.
     pub tickets: Vec<T>,
     /// (device id, device timestamp) of each reading, for audit trails.
     pub keys: Vec<(String, i64)>,
+    /// The tickets that came with state changes alone.
+    pub state_tickets: Vec<T>,
 }
 
 /// A segment evicted by `drop-oldest`.
@@ -212,6 +236,17 @@ pub struct Outbox<T> {
     open_since: Option<Instant>,
     dropped: Vec<Dropped>,
     stats: OutboxStats,
+    /// The state table as durable on disk.
+    state: BTreeMap<Vec<u8>, Vec<u8>>,
+    /// Changes for the next commit (the last one per key).
+    pending_state: BTreeMap<Vec<u8>, Option<Vec<u8>>>,
+    /// Bytes (keys and values) of the state table with the pending changes.
+    state_bytes: u64,
+    state_tickets: Vec<T>,
+}
+
+fn entry_bytes(key: &[u8], value: Option<&[u8]>) -> u64 {
+    value.map_or(0, |v| (key.len() + v.len()) as u64)
 }
 
 impl<T> Outbox<T> {
@@ -250,6 +285,8 @@ impl<T> Outbox<T> {
             .next()
             .map_or(sealed_through, |first| first - 1);
         let quarantined = store.quarantined()?.len();
+        let state: BTreeMap<Vec<u8>, Vec<u8>> = store.load_state()?.into_iter().collect();
+        let state_bytes = state.iter().map(|(k, v)| entry_bytes(k, Some(v))).sum();
         let recovery = Recovery {
             epoch: meta.epoch,
             sealed_through,
@@ -272,6 +309,10 @@ impl<T> Outbox<T> {
             open_since: None,
             dropped: Vec::new(),
             stats: OutboxStats::default(),
+            state,
+            pending_state: BTreeMap::new(),
+            state_bytes,
+            state_tickets: Vec::new(),
         };
         Ok((outbox, recovery))
     }
@@ -292,9 +333,115 @@ impl<T> Outbox<T> {
         self.sealed_through
     }
 
-    /// Stored plus open bytes, the figure bounded by `outbox_bytes_max`.
+    /// Stored plus open bytes and the state table, the figure bounded by
+    /// `outbox_bytes_max`.
     pub fn bytes_used(&self) -> u64 {
-        self.stored_bytes + self.open_bytes()
+        self.stored_bytes + self.open_bytes() + self.state_bytes
+    }
+
+    /// Bytes of the state table (keys and values), pending changes included.
+    pub fn state_bytes(&self) -> u64 {
+        self.state_bytes
+    }
+
+    /// A state entry as the next commit will leave it.
+    pub fn state_get(&self, key: &[u8]) -> Option<&[u8]> {
+        match self.pending_state.get(key) {
+            Some(v) => v.as_deref(),
+            None => self.state.get(key).map(Vec::as_slice),
+        }
+    }
+
+    /// The durable state entries whose keys start with `prefix`, in key order
+    /// (pending changes not included).
+    pub fn durable_state(&self, prefix: &[u8]) -> StateEntries {
+        self.state
+            .range(prefix.to_vec()..)
+            .take_while(|(k, _)| k.starts_with(prefix))
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect()
+    }
+
+    /// Whether anything waits for the next commit.
+    pub fn has_open(&self) -> bool {
+        !self.open_tickets.is_empty()
+            || !self.pending_state.is_empty()
+            || !self.state_tickets.is_empty()
+    }
+
+    /// How many bytes `changes` would add to the state table (negative when
+    /// they free some).
+    fn state_delta(&self, changes: &[StateChange]) -> i64 {
+        let mut delta = 0i64;
+        let mut seen: std::collections::HashMap<&[u8], Option<&[u8]>> = Default::default();
+        for (k, v) in changes {
+            let before = seen
+                .get(k.as_slice())
+                .copied()
+                .unwrap_or_else(|| self.state_get(k));
+            delta += entry_bytes(k, v.as_deref()) as i64 - entry_bytes(k, before) as i64;
+            seen.insert(k.as_slice(), v.as_deref());
+        }
+        delta
+    }
+
+    fn apply_state(&mut self, changes: Vec<StateChange>) {
+        for (k, v) in changes {
+            let before = entry_bytes(&k, self.state_get(&k));
+            self.state_bytes = self.state_bytes + entry_bytes(&k, v.as_deref()) - before;
+            self.pending_state.insert(k, v);
+        }
+    }
+
+    fn state_too_large(changes: &[StateChange]) -> Option<usize> {
+        changes.iter().find_map(|(k, v)| {
+            let len = v.as_ref().map_or(0, Vec::len);
+            (k.len() > STATE_KEY_BYTES_MAX || len > STATE_VALUE_BYTES_MAX)
+                .then_some(k.len().max(len))
+        })
+    }
+
+    /// Makes room for `extra` bytes under the full policy; false when the
+    /// outbox cannot (`block`, or nothing left to evict).
+    fn make_room(&mut self, extra: u64) -> bool {
+        while self.bytes_used() + extra > self.cfg.outbox_bytes_max {
+            match self.cfg.full_policy {
+                FullPolicy::Block => return false,
+                FullPolicy::DropOldest => {
+                    if !self.drop_oldest() {
+                        return false;
+                    }
+                }
+            }
+        }
+        true
+    }
+
+    /// Changes the state table with the next commit, and returns `ticket`
+    /// from that commit (in [`Committed::state_tickets`]), once the changes
+    /// are durable.
+    pub fn handle_state(
+        &mut self,
+        now: Instant,
+        changes: Vec<StateChange>,
+        ticket: T,
+    ) -> Result<(), StateRefusal<T>> {
+        if let Some(n) = Self::state_too_large(&changes) {
+            return Err(StateRefusal::TooLarge(n, ticket));
+        }
+        let delta = self.state_delta(&changes);
+        if delta > 0 && !self.make_room(delta as u64) {
+            self.stats.readings_refused_full += 1;
+            return Err(StateRefusal::Full(ticket));
+        }
+        self.apply_state(changes);
+        self.state_tickets.push(ticket);
+        self.open_since.get_or_insert(now);
+        debug_assert!(
+            self.bytes_used() <= self.cfg.outbox_bytes_max || delta <= 0,
+            "outbox over budget"
+        );
+        Ok(())
     }
 
     pub fn segments_stored(&self) -> usize {
@@ -320,7 +467,23 @@ impl<T> Outbox<T> {
         reading: Reading,
         ticket: T,
     ) -> Result<(), Refusal<T>> {
+        self.handle_reading_with(now, reading, ticket, Vec::new())
+    }
+
+    /// Adds a reading to the open segment, and `changes` to the state table
+    /// in the same batch: both are durable, or neither.
+    pub fn handle_reading_with(
+        &mut self,
+        now: Instant,
+        reading: Reading,
+        ticket: T,
+        changes: Vec<StateChange>,
+    ) -> Result<(), Refusal<T>> {
         self.stats.readings_received += 1;
+        if let Some(n) = Self::state_too_large(&changes) {
+            self.stats.readings_invalid += 1;
+            return Err(Refusal::TooLarge(n, ticket));
+        }
         if let Err(e) = reading.validate() {
             self.stats.readings_invalid += 1;
             return Err(Refusal::Invalid(e, ticket));
@@ -340,35 +503,27 @@ impl<T> Outbox<T> {
         {
             return Err(Refusal::SegmentFull(reading, ticket));
         }
-        let extra = encoded.len() as u64
+        let extra = (encoded.len() as u64
             + if self.open_tickets.is_empty() {
                 segment::HEADER_BYTES as u64
             } else {
                 0
-            };
-        while self.bytes_used() + extra > self.cfg.outbox_bytes_max {
-            match self.cfg.full_policy {
-                FullPolicy::Block => {
-                    self.stats.readings_refused_full += 1;
-                    return Err(Refusal::Full(reading, ticket));
-                }
-                FullPolicy::DropOldest => {
-                    if !self.drop_oldest() {
-                        // Only the open segment is left; validate() makes the
-                        // budget hold four segments, so this cannot happen.
-                        self.stats.readings_refused_full += 1;
-                        return Err(Refusal::Full(reading, ticket));
-                    }
-                }
-            }
+            }) as i64
+            + self.state_delta(&changes);
+        // Under drop-oldest, only the open segment and the state left means
+        // full too; validate() makes the budget hold four segments.
+        if extra > 0 && !self.make_room(extra as u64) {
+            self.stats.readings_refused_full += 1;
+            return Err(Refusal::Full(reading, ticket));
         }
+        self.apply_state(changes);
         self.open_payload.extend_from_slice(&encoded);
         self.open_tickets.push(ticket);
         self.open_keys
             .push((reading.device_id, reading.device_ts_us));
         self.open_since.get_or_insert(now);
         debug_assert!(
-            self.bytes_used() <= self.cfg.outbox_bytes_max,
+            self.bytes_used() <= self.cfg.outbox_bytes_max || extra <= 0,
             "outbox over budget"
         );
         Ok(())
@@ -421,47 +576,77 @@ impl<T> Outbox<T> {
             .map(|t| t + Duration::from_millis(self.cfg.commit_interval_ms))
     }
 
-    /// Whether the open segment should be committed now.
-    pub fn commit_due(&self, now: Instant) -> bool {
+    /// Whether the open segment is full: it must be committed before it can
+    /// take more.
+    pub fn segment_full(&self) -> bool {
         !self.open_tickets.is_empty()
             && (self.open_tickets.len() >= self.cfg.segment_readings_max
                 // Nearly full: the next reading would likely not fit.
-                || self.open_payload.len() + 256 >= self.cfg.segment_bytes_max
-                || self.poll_timeout().is_some_and(|t| now >= t))
+                || self.open_payload.len() + 256 >= self.cfg.segment_bytes_max)
     }
 
-    /// Seals the open segment, writes it and syncs. On error nothing is
-    /// acknowledged and the readings stay open, to be retried.
+    /// Whether the open batch should be committed now: its segment is full,
+    /// or it has waited `commit_interval_ms`.
+    pub fn commit_due(&self, now: Instant) -> bool {
+        self.has_open() && (self.segment_full() || self.poll_timeout().is_some_and(|t| now >= t))
+    }
+
+    /// Seals the open segment (if it holds readings), writes it with the
+    /// pending state changes and syncs. On error nothing is acknowledged and
+    /// everything stays open, to be retried.
     pub fn commit(&mut self) -> Result<Option<Committed<T>>, OutboxError> {
-        if self.open_tickets.is_empty() {
+        if !self.has_open() {
             return Ok(None);
         }
-        let seq = self.sealed_through + 1;
         let count = self.open_tickets.len() as u32;
-        let bytes = segment::encode(self.epoch, seq, count, &self.open_payload);
+        let seq = self.sealed_through + 1;
+        let bytes =
+            (count > 0).then(|| segment::encode(self.epoch, seq, count, &self.open_payload));
+        let changes: Vec<StateChange> = self
+            .pending_state
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
         let written = self
             .store
-            .append(seq, &bytes)
+            .write_batch(bytes.as_deref().map(|b| (seq, b)), &changes)
             .and_then(|_| self.store.sync());
         if let Err(e) = written {
             self.stats.commit_errors += 1;
-            // The write may have reached the store without its sync; removing
-            // it keeps seq `seq` unused until a commit fully succeeds.
-            let _ = self.store.remove(seq);
+            if bytes.is_some() {
+                // The write may have reached the store without its sync;
+                // removing it keeps seq `seq` unused until a commit fully
+                // succeeds. (The state changes stay pending and are written
+                // again.)
+                let _ = self.store.remove(seq);
+            }
             return Err(e.into());
         }
-        assert!(seq > self.sealed_through, "seqs only grow");
-        self.sealed_through = seq;
-        self.segments.insert(seq, bytes.len() as u64);
-        self.stored_bytes += bytes.len() as u64;
-        self.open_payload.clear();
+        for (k, v) in std::mem::take(&mut self.pending_state) {
+            match v {
+                Some(v) => self.state.insert(k, v),
+                None => self.state.remove(&k),
+            };
+        }
         self.open_since = None;
-        self.stats.segments_committed += 1;
-        self.stats.readings_committed += count as u64;
+        let committed_seq = match bytes {
+            Some(bytes) => {
+                assert!(seq > self.sealed_through, "seqs only grow");
+                self.sealed_through = seq;
+                self.segments.insert(seq, bytes.len() as u64);
+                self.stored_bytes += bytes.len() as u64;
+                self.open_payload.clear();
+                self.stats.segments_committed += 1;
+                self.stats.readings_committed += count as u64;
+                Some(seq)
+            }
+            None => None,
+        };
         Ok(Some(Committed {
-            seq,
+            seq: committed_seq,
             tickets: std::mem::take(&mut self.open_tickets),
             keys: std::mem::take(&mut self.open_keys),
+            state_tickets: std::mem::take(&mut self.state_tickets),
         }))
     }
 

@@ -5,7 +5,9 @@
 //! - `m/epoch`, `m/sealed`: u64 BE;
 //! - `s/<seq u64 BE>`: a segment (see [`super::segment`]); big-endian keys
 //!   make sled's order the seq order;
-//! - `q/<seq u64 BE>`: a quarantined segment, kept for inspection.
+//! - `q/<seq u64 BE>`: a quarantined segment, kept for inspection;
+//! - `k/<key>`: an entry of the state table (see [`super::store`]), written
+//!   in the same batch as the segment it goes with.
 //!
 //! sled's background flusher is off (`flush_every_ms(None)`): the outbox
 //! calls `flush` itself at group commit, so an acknowledgement always
@@ -42,12 +44,20 @@
 
 use std::path::Path;
 
-use super::store::{OutboxStore, StoreError, StoreMeta};
+use super::store::{OutboxStore, StateChange, StoreError, StoreMeta};
 
 const META_EPOCH: &[u8] = b"m/epoch";
 const META_SEALED: &[u8] = b"m/sealed";
 const SEG: u8 = b's';
 const QUAR: u8 = b'q';
+const STATE: &[u8] = b"k/";
+
+fn state_key(key: &[u8]) -> Vec<u8> {
+    let mut k = Vec::with_capacity(STATE.len() + key.len());
+    k.extend_from_slice(STATE);
+    k.extend_from_slice(key);
+    k
+}
 
 fn seg_key(prefix: u8, seq: u64) -> [u8; 10] {
     let mut k = [0u8; 10];
@@ -320,21 +330,47 @@ impl OutboxStore for SledStore {
         Ok(())
     }
 
-    fn append(&mut self, seq: u64, bytes: &[u8]) -> Result<(), StoreError> {
+    fn write_batch(
+        &mut self,
+        segment: Option<(u64, &[u8])>,
+        state: &[StateChange],
+    ) -> Result<(), StoreError> {
         let mut b = sled::Batch::default();
-        b.insert(&seg_key(SEG, seq), bytes);
-        b.insert(META_SEALED, &seq.to_be_bytes());
-        self.db.apply_batch(b).map_err(|e| StoreError::Append {
-            seq,
-            reason: e.to_string(),
+        if let Some((seq, bytes)) = segment {
+            b.insert(&seg_key(SEG, seq), bytes);
+            b.insert(META_SEALED, &seq.to_be_bytes());
+        }
+        for (k, v) in state {
+            match v {
+                Some(v) => b.insert(state_key(k), v.as_slice()),
+                None => b.remove(state_key(k)),
+            }
+        }
+        self.db.apply_batch(b).map_err(|e| match segment {
+            Some((seq, _)) => StoreError::Append {
+                seq,
+                reason: e.to_string(),
+            },
+            None => StoreError::State(e.to_string()),
         })?;
-        if let Some(epoch) = self.sealed.or(self.guard).map(|m| m.epoch) {
-            self.sealed = Some(StoreMeta {
-                epoch,
-                sealed_through: seq,
-            });
+        if let Some((seq, _)) = segment {
+            if let Some(epoch) = self.sealed.or(self.guard).map(|m| m.epoch) {
+                self.sealed = Some(StoreMeta {
+                    epoch,
+                    sealed_through: seq,
+                });
+            }
         }
         Ok(())
+    }
+
+    fn load_state(&self) -> Result<super::store::StateEntries, StoreError> {
+        let mut out = Vec::new();
+        for kv in self.db.scan_prefix(STATE) {
+            let (k, v) = kv.map_err(|e| StoreError::Read(e.to_string()))?;
+            out.push((k[STATE.len()..].to_vec(), v.to_vec()));
+        }
+        Ok(out)
     }
 
     fn sync(&mut self) -> Result<(), StoreError> {

@@ -9,7 +9,11 @@
 //!   take new data for a replay);
 //! - nothing is durable before `sync` returns;
 //! - removals need not be synced: a removal lost in a crash only means a
-//!   segment is sent again, and the cloud drops it as a replay.
+//!   segment is sent again, and the cloud drops it as a replay;
+//! - a small *state table* (key to value) is written in the same atomic batch
+//!   as a segment (or on its own), so that what a source or a stage needs to
+//!   know after a crash (which messages are durable, what a window held) is
+//!   durable exactly when the readings it describes are.
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
@@ -26,6 +30,8 @@ pub enum StoreError {
     Read(String),
     #[error("removing segments from the outbox store failed: {0}")]
     Remove(String),
+    #[error("writing the outbox's state table failed: {0}")]
+    State(String),
     #[error("the outbox store's metadata is corrupt: {0}")]
     CorruptMeta(String),
     #[error("the outbox store at {path} is damaged: {problem}. It is left untouched: move it aside to start a new outbox, or set outbox_accept_damage to carry on with what is left")]
@@ -39,13 +45,29 @@ pub struct StoreMeta {
     pub sealed_through: u64,
 }
 
+/// One change to the state table: a key and its new value (`None` removes it).
+pub type StateChange = (Vec<u8>, Option<Vec<u8>>);
+/// Entries of the state table: (key, value), in key order.
+pub type StateEntries = Vec<(Vec<u8>, Vec<u8>)>;
+
 pub trait OutboxStore: Send + 'static {
     /// The metadata, or `None` for a store never written.
     fn load_meta(&mut self) -> Result<Option<StoreMeta>, StoreError>;
     /// Records the epoch of a new store (made durable by the next `sync`).
     fn init_meta(&mut self, meta: StoreMeta) -> Result<(), StoreError>;
+    /// Writes a segment (if any) and advances `sealed_through` to its seq,
+    /// together with `state`'s changes to the state table, atomically.
+    fn write_batch(
+        &mut self,
+        segment: Option<(u64, &[u8])>,
+        state: &[StateChange],
+    ) -> Result<(), StoreError>;
     /// Writes a segment and advances `sealed_through` to its seq, atomically.
-    fn append(&mut self, seq: u64, bytes: &[u8]) -> Result<(), StoreError>;
+    fn append(&mut self, seq: u64, bytes: &[u8]) -> Result<(), StoreError> {
+        self.write_batch(Some((seq, bytes)), &[])
+    }
+    /// Every entry of the state table, in key order.
+    fn load_state(&self) -> Result<StateEntries, StoreError>;
     /// Makes every earlier write durable.
     fn sync(&mut self) -> Result<(), StoreError>;
     /// Seqs and sizes of the stored segments, in seq order.
@@ -68,7 +90,8 @@ pub trait OutboxStore: Send + 'static {
 #[derive(Debug, Clone)]
 enum Op {
     Meta(StoreMeta),
-    Append(u64, Vec<u8>),
+    /// A segment (if any) and state changes, as one atomic write.
+    Batch(Option<(u64, Vec<u8>)>, Vec<StateChange>),
     Remove(u64),
     Quarantine(u64),
 }
@@ -78,16 +101,25 @@ struct Disk {
     meta: Option<StoreMeta>,
     segments: BTreeMap<u64, Vec<u8>>,
     quarantine: BTreeMap<u64, Vec<u8>>,
+    state: BTreeMap<Vec<u8>, Vec<u8>>,
 }
 
 impl Disk {
     fn apply(&mut self, op: &Op) {
         match op {
             Op::Meta(m) => self.meta = Some(*m),
-            Op::Append(seq, bytes) => {
-                self.segments.insert(*seq, bytes.clone());
-                if let Some(m) = &mut self.meta {
-                    m.sealed_through = m.sealed_through.max(*seq);
+            Op::Batch(segment, state) => {
+                if let Some((seq, bytes)) = segment {
+                    self.segments.insert(*seq, bytes.clone());
+                    if let Some(m) = &mut self.meta {
+                        m.sealed_through = m.sealed_through.max(*seq);
+                    }
+                }
+                for (k, v) in state {
+                    match v {
+                        Some(v) => self.state.insert(k.clone(), v.clone()),
+                        None => self.state.remove(k),
+                    };
                 }
             }
             Op::Remove(seq) => {
@@ -134,8 +166,10 @@ impl MemoryStore {
         let kept = keep.unwrap_or(0).min(ops.len());
         for (i, op) in ops.into_iter().take(kept).enumerate() {
             let op = match op {
-                Op::Append(seq, bytes) if tear && i + 1 == kept => {
-                    Op::Append(seq, bytes[..bytes.len() / 2].to_vec())
+                // A torn batch keeps its state changes (the atomic unit is
+                // the batch) but its segment is cut: the checksum finds it.
+                Op::Batch(Some((seq, bytes)), state) if tear && i + 1 == kept => {
+                    Op::Batch(Some((seq, bytes[..bytes.len() / 2].to_vec())), state)
                 }
                 other => other,
             };
@@ -145,6 +179,7 @@ impl MemoryStore {
             meta: s.durable.meta,
             segments: s.durable.segments.clone(),
             quarantine: s.durable.quarantine.clone(),
+            state: s.durable.state.clone(),
         };
     }
 
@@ -183,9 +218,25 @@ impl OutboxStore for MemoryStore {
         Ok(())
     }
 
-    fn append(&mut self, seq: u64, bytes: &[u8]) -> Result<(), StoreError> {
-        self.write(Op::Append(seq, bytes.to_vec()));
+    fn write_batch(
+        &mut self,
+        segment: Option<(u64, &[u8])>,
+        state: &[StateChange],
+    ) -> Result<(), StoreError> {
+        self.write(Op::Batch(
+            segment.map(|(seq, b)| (seq, b.to_vec())),
+            state.to_vec(),
+        ));
         Ok(())
+    }
+
+    fn load_state(&self) -> Result<StateEntries, StoreError> {
+        let s = self.state.lock().expect("sim disk lock");
+        Ok(s.visible
+            .state
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect())
     }
 
     fn sync(&mut self) -> Result<(), StoreError> {

@@ -46,7 +46,7 @@ fn a_commit_acknowledges_in_order_and_survives_a_crash() {
     add(&mut o, now, 2);
     assert!(o.commit_due(now), "full segment is due at once");
     let c = o.commit().unwrap().unwrap();
-    assert_eq!((c.seq, c.tickets), (1, vec![1, 2]));
+    assert_eq!((c.seq, c.tickets), (Some(1), vec![1, 2]));
     add(&mut o, now, 3); // never committed: may be lost, was never acked
     store.crash(None, false);
     let (mut o, rec) = open(&store, cfg(2));
@@ -85,13 +85,13 @@ fn seqs_are_never_reused_after_everything_was_acked_and_a_crash() {
     let (mut o, rec) = open(&store, cfg(1));
     assert_eq!(rec.sealed_through, 3);
     add(&mut o, now, 4);
-    assert_eq!(o.commit().unwrap().unwrap().seq, 4);
+    assert_eq!(o.commit().unwrap().unwrap().seq, Some(4));
     o.handle_acked(4).unwrap();
     o.commit().unwrap();
     store.crash(None, false);
     let (mut o, _) = open(&store, cfg(1));
     add(&mut o, now, 5);
-    assert_eq!(o.commit().unwrap().unwrap().seq, 5);
+    assert_eq!(o.commit().unwrap().unwrap().seq, Some(5));
 }
 
 #[test]
@@ -256,7 +256,7 @@ fn sled_store_quarantines_a_bit_flipped_segment() {
     assert!(o.read(1, 1, 10).unwrap().is_empty());
     assert_eq!(o.stats().segments_quarantined, 1);
     add(&mut o, Instant::now(), 2);
-    assert_eq!(o.commit().unwrap().unwrap().seq, 2);
+    assert_eq!(o.commit().unwrap().unwrap().seq, Some(2));
     assert_eq!(o.read(1, 2, 10).unwrap().len(), 1);
 }
 
@@ -316,7 +316,7 @@ fn an_emptied_sled_store_is_refused_not_taken_for_a_new_outbox() {
     let (mut o, rec) = Outbox::<i64>::open(Box::new(store), cfg(1), 99).unwrap();
     assert_eq!((rec.epoch, rec.sealed_through, rec.segments), (42, 5, 0));
     add(&mut o, Instant::now(), 6);
-    assert_eq!(o.commit().unwrap().unwrap().seq, 6);
+    assert_eq!(o.commit().unwrap().unwrap().seq, Some(6));
     drop(o);
     // And from then on the store opens normally.
     let store = SledStore::open(dir.path(), 1 << 20).unwrap();
@@ -361,4 +361,117 @@ fn a_torn_guard_slot_falls_back_to_the_other() {
         .err()
         .unwrap();
     assert!(err.to_string().contains("damaged: it is empty"), "{err}");
+}
+
+#[test]
+fn state_rides_with_its_segment_and_survives_a_crash_only_if_synced() {
+    let store = MemoryStore::new();
+    let (mut o, _) = open(&store, cfg(10));
+    let now = Instant::now();
+    let put = |k: &str, v: &str| (k.as_bytes().to_vec(), Some(v.as_bytes().to_vec()));
+    o.handle_reading_with(now, reading("d", 1), 1, vec![put("mark/d", "1")])
+        .map_err(|_| "refused")
+        .unwrap();
+    assert_eq!(
+        o.state_get(b"mark/d"),
+        Some(&b"1"[..]),
+        "visible before the commit"
+    );
+    assert!(
+        o.durable_state(b"mark/").is_empty(),
+        "not durable before the commit"
+    );
+    let c = o.commit().unwrap().unwrap();
+    assert_eq!((c.seq, c.tickets.len()), (Some(1), 1));
+    // A state change alone: a batch without a segment, with its own ticket.
+    o.handle_state(now, vec![put("mark/e", "7")], 99)
+        .map_err(|_| "refused")
+        .unwrap();
+    let c = o.commit().unwrap().unwrap();
+    assert_eq!((c.seq, c.state_tickets), (None, vec![99]));
+    assert!(c.tickets.is_empty());
+    // Unsynced: lost in a crash, with the reading it came with.
+    o.handle_reading_with(now, reading("d", 2), 2, vec![put("mark/d", "2")])
+        .map_err(|_| "refused")
+        .unwrap();
+    store.crash(None, false);
+    let (o, rec) = open(&store, cfg(10));
+    assert_eq!(rec.sealed_through, 1);
+    assert_eq!(
+        o.durable_state(b"mark/"),
+        vec![
+            (b"mark/d".to_vec(), b"1".to_vec()),
+            (b"mark/e".to_vec(), b"7".to_vec())
+        ]
+    );
+    // The state counts against the budget.
+    assert_eq!(o.state_bytes(), (6 + 1 + 6 + 1) as u64);
+    assert!(o.bytes_used() >= o.state_bytes());
+}
+
+#[test]
+fn state_is_refused_when_the_budget_is_spent_and_freed_by_removal() {
+    let store = MemoryStore::new();
+    let mut c = cfg(10);
+    c.outbox_bytes_max = 4 * (4 * 1024 + segment::HEADER_BYTES as u64);
+    let (mut o, _) = open(&store, c.clone());
+    let now = Instant::now();
+    let big = vec![0u8; 4 * 1024];
+    let mut i = 0;
+    loop {
+        let k = format!("k{i}").into_bytes();
+        match o.handle_state(now, vec![(k, Some(big.clone()))], i) {
+            Ok(()) => i += 1,
+            Err(StateRefusal::Full(t)) => {
+                assert_eq!(t, i);
+                break;
+            }
+            Err(StateRefusal::TooLarge(..)) => panic!("not too large"),
+        }
+        assert!(i < 10, "the budget must stop it");
+    }
+    assert!(o.bytes_used() <= c.outbox_bytes_max);
+    // Removing an entry frees its bytes at once, so the next one fits.
+    o.handle_state(now, vec![(b"k0".to_vec(), None)], 100)
+        .map_err(|_| "refused")
+        .unwrap();
+    o.handle_state(now, vec![(b"again".to_vec(), Some(big.clone()))], 101)
+        .map_err(|_| "refused")
+        .unwrap();
+    o.commit().unwrap();
+    assert!(matches!(
+        o.handle_state(now, vec![(vec![0u8; STATE_KEY_BYTES_MAX + 1], None)], 0),
+        Err(StateRefusal::TooLarge(..))
+    ));
+}
+
+#[test]
+fn sled_store_keeps_state_in_the_segments_batch() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let store = SledStore::open(dir.path(), 1 << 20).unwrap();
+        let (mut o, _) = Outbox::<i64>::open(Box::new(store), cfg(10), 7).unwrap();
+        let now = Instant::now();
+        o.handle_reading_with(
+            now,
+            reading("d", 1),
+            1,
+            vec![(b"a".to_vec(), Some(b"x".to_vec()))],
+        )
+        .map_err(|_| "refused")
+        .unwrap();
+        o.commit().unwrap();
+        o.handle_state(
+            now,
+            vec![(b"a".to_vec(), None), (b"b".to_vec(), Some(b"y".to_vec()))],
+            2,
+        )
+        .map_err(|_| "refused")
+        .unwrap();
+        o.commit().unwrap();
+    }
+    let store = SledStore::open(dir.path(), 1 << 20).unwrap();
+    let (o, rec) = Outbox::<i64>::open(Box::new(store), cfg(10), 8).unwrap();
+    assert_eq!((rec.epoch, rec.sealed_through), (7, 1));
+    assert_eq!(o.durable_state(b""), vec![(b"b".to_vec(), b"y".to_vec())]);
 }

@@ -24,6 +24,23 @@ pub trait CustomStage: Send {
         let _ = watermark_us;
         Vec::new()
     }
+
+    /// The stage's state as bytes, for the edge's checkpoints. A stage on an
+    /// edge that keeps state should implement it (with [`restore`]) so that
+    /// its state survives a crash of the edge; `None` (the default) means
+    /// that after a crash the stage starts fresh and sees again only what it
+    /// read since the last checkpoint. Stateless stages return `Some(vec![])`.
+    ///
+    /// [`restore`]: CustomStage::restore
+    fn snapshot(&self) -> Option<Vec<u8>> {
+        None
+    }
+
+    /// Takes back what [`CustomStage::snapshot`] saved, on a fresh instance.
+    fn restore(&mut self, bytes: &[u8]) -> Result<(), String> {
+        let _ = bytes;
+        Err(format!("{} cannot restore a checkpoint", self.name()))
+    }
 }
 
 type Factory = Arc<dyn Fn() -> Box<dyn CustomStage> + Send + Sync>;
@@ -81,6 +98,14 @@ impl Operator for CustomOperator {
         let out = self.inner.advance_watermark(watermark_us);
         self.stats.count_outputs(&out);
         out
+    }
+
+    fn snapshot(&self) -> Option<Vec<u8>> {
+        self.inner.snapshot()
+    }
+
+    fn restore(&mut self, bytes: &[u8]) -> Result<(), String> {
+        self.inner.restore(bytes)
     }
 
     fn stats(&self) -> StageStats {

@@ -11,6 +11,15 @@ struct Entry<S> {
     seen: u64,
 }
 
+/// A [`DeviceTable`] taken apart, for a checkpoint.
+#[derive(bincode::Encode, bincode::Decode)]
+pub(crate) struct TableParts<S> {
+    pub(crate) tick: u64,
+    pub(crate) evicted: u64,
+    /// (device, recency tick, state).
+    pub(crate) devices: Vec<(String, u64, S)>,
+}
+
 pub(crate) struct DeviceTable<S> {
     devices: BTreeMap<String, Entry<S>>,
     /// `seen` tick -> device id: the oldest entry is the one to evict.
@@ -83,8 +92,38 @@ impl<S> DeviceTable<S> {
             .map(|(id, e)| (id.as_str(), &mut e.state))
     }
 
+    pub(crate) fn devices_max(&self) -> usize {
+        self.devices_max
+    }
+
     pub(crate) fn evicted(&self) -> u64 {
         self.evicted
+    }
+
+    /// Everything that decides the table's future (states, recency, the
+    /// eviction count), for a checkpoint.
+    pub(crate) fn to_parts(&self) -> TableParts<&S> {
+        TableParts {
+            tick: self.tick,
+            evicted: self.evicted,
+            devices: self
+                .devices
+                .iter()
+                .map(|(id, e)| (id.clone(), e.seen, &e.state))
+                .collect(),
+        }
+    }
+
+    /// A table as [`DeviceTable::to_parts`] described it.
+    pub(crate) fn from_parts(devices_max: usize, parts: TableParts<S>) -> Self {
+        let mut t = Self::new(devices_max);
+        t.tick = parts.tick;
+        t.evicted = parts.evicted;
+        for (id, seen, state) in parts.devices {
+            t.recency.insert(seen, id.clone());
+            t.devices.insert(id, Entry { state, seen });
+        }
+        t
     }
 
     #[cfg(test)]

@@ -55,6 +55,15 @@ impl Operator for FilterStage {
         }
     }
 
+    fn snapshot(&self) -> Option<Vec<u8>> {
+        // Stateless: nothing to save.
+        Some(Vec::new())
+    }
+
+    fn restore(&mut self, _bytes: &[u8]) -> Result<(), String> {
+        Ok(())
+    }
+
     fn stats(&self) -> StageStats {
         self.stats
     }
@@ -100,6 +109,15 @@ impl Operator for MapStage {
         self.stats.readings_in += 1;
         self.stats.readings_out += 1;
         vec![Output::Reading((self.transform)(reading))]
+    }
+
+    fn snapshot(&self) -> Option<Vec<u8>> {
+        // Stateless: nothing to save.
+        Some(Vec::new())
+    }
+
+    fn restore(&mut self, _bytes: &[u8]) -> Result<(), String> {
+        Ok(())
     }
 
     fn stats(&self) -> StageStats {

@@ -163,6 +163,20 @@ pub trait Operator: Send {
 
     fn stats(&self) -> StageStats;
 
+    /// The operator's state as bytes, for the edge's checkpoints (see the
+    /// gateway); `None` when the operator cannot save it. Stateless
+    /// operators save an empty state.
+    fn snapshot(&self) -> Option<Vec<u8>> {
+        None
+    }
+
+    /// Takes back a state [`Operator::snapshot`] made, from a fresh
+    /// operator of the same spec.
+    fn restore(&mut self, bytes: &[u8]) -> Result<(), String> {
+        let _ = bytes;
+        Err("this stage cannot restore a checkpoint".into())
+    }
+
     /// Changes a parameter while running (a control call), keeping the
     /// stage's state. Stages that have none to change refuse.
     fn set_param(&mut self, param: &str, value: f64) -> Result<(), ParamError> {

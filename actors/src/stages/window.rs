@@ -26,7 +26,7 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use super::devices::DeviceTable;
+use super::devices::{DeviceTable, TableParts};
 use super::{
     duration_us, nonempty, nonzero, number, Operator, Output, ParamError, StageStats,
     DEVICES_MAX_DEFAULT, DURATION_MAX,
@@ -225,6 +225,7 @@ pub(crate) struct WindowStage {
     stats: StageStats,
 }
 
+#[derive(bincode::Encode, bincode::Decode)]
 struct DeviceWindows {
     watermark_us: i64,
     /// Open windows by start.
@@ -233,6 +234,7 @@ struct DeviceWindows {
     unit: Option<String>,
 }
 
+#[derive(bincode::Encode, bincode::Decode)]
 struct Acc {
     count: u64,
     sum: f64,
@@ -423,6 +425,20 @@ impl Operator for WindowStage {
         }
         stats.count_outputs(&out);
         out
+    }
+
+    fn snapshot(&self) -> Option<Vec<u8>> {
+        let parts = self.devices.to_parts();
+        bincode::encode_to_vec(&parts, crate::reading::bincode_config()).ok()
+    }
+
+    fn restore(&mut self, bytes: &[u8]) -> Result<(), String> {
+        let (parts, _): (TableParts<DeviceWindows>, _) =
+            bincode::decode_from_slice(bytes, crate::reading::bincode_config())
+                .map_err(|e| format!("the window's checkpoint does not decode: {e}"))?;
+        let devices_max = self.devices.devices_max();
+        self.devices = DeviceTable::from_parts(devices_max, parts);
+        Ok(())
     }
 
     fn stats(&self) -> StageStats {

@@ -261,7 +261,7 @@ pub async fn collect_edge(node_id: &str) -> NodeReport {
         let messages = match c.name.as_str() {
             GATEWAY_NAME => gateway.as_ref().map(|g| g.stats.readings_received),
             UPLINK_NAME => uplink.as_ref().map(|u| u.segments_sent),
-            n if n.contains("mqtt") => mqtt.as_ref().map(|m| m.stats.received),
+            n if n.contains("mqtt") => mqtt.as_ref().map(|m| m.core.stats.received),
             _ => None,
         };
         let view = child_view(&root_id, &c, messages);
@@ -292,7 +292,7 @@ pub async fn collect_edge(node_id: &str) -> NodeReport {
             component: "gateway".into(),
             received: s.readings_received,
             sent: s.readings_committed,
-            errors: s.commit_errors + s.readings_invalid,
+            errors: s.commit_errors + s.readings_invalid + g.readings_future,
             dropped: s.readings_dropped + g.stage_outputs_dropped,
         });
     }
@@ -308,13 +308,15 @@ pub async fn collect_edge(node_id: &str) -> NodeReport {
         });
     }
     if let Some(m) = &mqtt {
-        let s = &m.stats;
+        let s = &m.core.stats;
+        // Redeliveries and copies are not drops: each is a message already
+        // durable or held, counted once under `sent`.
         r.components.push(ComponentFigures {
             component: "mqtt".into(),
             received: s.received,
             sent: s.committed,
-            errors: s.bad_topic + s.bad_payload,
-            dropped: s.redelivered_copies + s.stale,
+            errors: s.bad_topic + s.bad_payload + s.refused,
+            dropped: s.retained_skipped,
         });
     }
     r
