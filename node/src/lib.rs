@@ -434,6 +434,9 @@ async fn report_edge(every: std::time::Duration) {
             sealed_through = gs.sealed_through,
             acked_through = us.acked_through,
             segments_quarantined = gs.stats.segments_quarantined,
+            readings_future = gs.readings_future,
+            commits = gs.commits,
+            stage_input_log = gs.stage_input_log_entries,
             "edge flow"
         );
         for st in &gs.stages {
@@ -485,7 +488,8 @@ async fn report_mqtt(call_ms: u64) {
         bad_topic = s.bad_topic,
         overflow_unacked = st.link.overflow_unacked,
         forced_reconnects = s.forced_reconnects,
-        acks_deferred = st.link.acks_deferred,
+        acks_written = st.link.acks_written,
+        read_pauses = st.link.read_pauses,
         acks_dropped = st.link.acks_dropped,
         disconnects = s.disconnects,
         "mqtt flow"

@@ -44,6 +44,9 @@ pub struct ConsumedReading {
     pub seq: Option<u64>,
     pub partition: i32,
     pub offset: i64,
+    /// The reading's metric `n` (an integer), where a publisher numbers its
+    /// readings: the identity of readings that may share a timestamp.
+    pub n: Option<i64>,
 }
 
 /// A reading's identity: its device and the device's timestamp.
@@ -289,6 +292,10 @@ fn decode<M: Message>(msg: &M) -> Result<ConsumedReading, HarnessError> {
             }
         }
     }
+    let n = match reading.metric("n") {
+        Some(tributary_actors::reading::Value::I64(n)) => Some(*n),
+        _ => None,
+    };
     Ok(ConsumedReading {
         device_id: reading.device_id,
         device_ts_us: reading.device_ts_us,
@@ -297,6 +304,7 @@ fn decode<M: Message>(msg: &M) -> Result<ConsumedReading, HarnessError> {
         seq,
         partition,
         offset,
+        n,
     })
 }
 
@@ -652,6 +660,7 @@ mod tests {
             seq: Some(offset as u64),
             partition,
             offset,
+            n: None,
         }
     }
 
@@ -777,5 +786,204 @@ mod tests {
             read_ack_logs([dir.path().join("missing")]),
             Err(HarnessError::AckLogRead { .. })
         ));
+    }
+}
+
+/// What [`check_numbered`] found: readings identified by (device, `n`).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct NumberedReport {
+    pub consumed: usize,
+    pub expected: usize,
+    /// (device, n) published and acknowledged by the broker, not in the topic.
+    pub lost: Vec<(String, i64)>,
+    /// (device, n) in the topic more than once, with how many times.
+    pub duplicated: Vec<(String, i64, usize)>,
+    /// (device, n, previous n): a first copy that came after a higher number
+    /// of its device, in its partition.
+    pub out_of_order: Vec<(String, i64, i64)>,
+    /// In the topic without a number, or a number nobody published.
+    pub unexpected: Vec<(String, Option<i64>)>,
+}
+
+impl NumberedReport {
+    pub fn is_exactly_once(&self) -> bool {
+        self.lost.is_empty()
+            && self.duplicated.is_empty()
+            && self.out_of_order.is_empty()
+            && self.unexpected.is_empty()
+    }
+}
+
+impl fmt::Display for NumberedReport {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        writeln!(
+            f,
+            "{}: {} records for {} expected; lost {}, duplicated {}, out of order {}, unexpected {}",
+            if self.is_exactly_once() { "EXACTLY ONCE" } else { "NOT EXACTLY ONCE" },
+            self.consumed,
+            self.expected,
+            self.lost.len(),
+            self.duplicated.len(),
+            self.out_of_order.len(),
+            self.unexpected.len()
+        )?;
+        let show = |f: &mut fmt::Formatter<'_>, what: &str, items: Vec<String>| {
+            if items.is_empty() {
+                return Ok(());
+            }
+            let more = items.len().saturating_sub(REPORT_EXAMPLES_MAX);
+            let shown: Vec<_> = items.into_iter().take(REPORT_EXAMPLES_MAX).collect();
+            writeln!(
+                f,
+                "  {what}: {}{}",
+                shown.join(", "),
+                if more > 0 {
+                    format!(" and {more} more")
+                } else {
+                    String::new()
+                }
+            )
+        };
+        show(
+            f,
+            "lost",
+            self.lost.iter().map(|(d, n)| format!("{d}#{n}")).collect(),
+        )?;
+        show(
+            f,
+            "duplicated",
+            self.duplicated
+                .iter()
+                .map(|(d, n, c)| format!("{d}#{n}x{c}"))
+                .collect(),
+        )?;
+        show(
+            f,
+            "out of order",
+            self.out_of_order
+                .iter()
+                .map(|(d, n, p)| format!("{d}#{n} after #{p}"))
+                .collect(),
+        )?;
+        show(
+            f,
+            "unexpected",
+            self.unexpected
+                .iter()
+                .map(|(d, n)| format!("{d}#{n:?}"))
+                .collect(),
+        )
+    }
+}
+
+/// Checks a topic against numbered publishes: `expected` gives, per device,
+/// the numbers the broker acknowledged to the publisher (each device numbers
+/// its readings `n` = 0, 1, 2, ... in the order it published them). Every one
+/// must be in the topic exactly once, in that order within its partition,
+/// and nothing else. Readings may share timestamps: they are told apart by `n`.
+pub fn check_numbered(
+    consumed: &[ConsumedReading],
+    expected: &BTreeMap<String, std::collections::BTreeSet<i64>>,
+) -> NumberedReport {
+    let mut report = NumberedReport {
+        consumed: consumed.len(),
+        expected: expected.values().map(|s| s.len()).sum(),
+        ..NumberedReport::default()
+    };
+    let mut seen: HashMap<(String, i64), usize> = HashMap::new();
+    let mut by_partition: BTreeMap<(String, i32), Vec<&ConsumedReading>> = BTreeMap::new();
+    for r in consumed {
+        by_partition
+            .entry((r.device_id.clone(), r.partition))
+            .or_default()
+            .push(r);
+        match r.n {
+            Some(n) if expected.get(&r.device_id).is_some_and(|s| s.contains(&n)) => {
+                *seen.entry((r.device_id.clone(), n)).or_default() += 1;
+            }
+            n => report.unexpected.push((r.device_id.clone(), n)),
+        }
+    }
+    for (device, ns) in expected {
+        for n in ns {
+            match seen.get(&(device.clone(), *n)) {
+                None => report.lost.push((device.clone(), *n)),
+                Some(&c) if c > 1 => report.duplicated.push((device.clone(), *n, c)),
+                Some(_) => {}
+            }
+        }
+    }
+    for ((device, _), mut records) in by_partition {
+        records.sort_by_key(|r| r.offset);
+        let mut first = std::collections::HashSet::new();
+        let mut previous: Option<i64> = None;
+        for r in records {
+            let Some(n) = r.n else { continue };
+            if !first.insert(n) {
+                continue;
+            }
+            if let Some(p) = previous {
+                if n <= p {
+                    report.out_of_order.push((device.clone(), n, p));
+                }
+            }
+            previous = Some(n);
+        }
+    }
+    report.lost.sort();
+    report.duplicated.sort();
+    report.out_of_order.sort();
+    report
+}
+
+#[cfg(test)]
+mod numbered_tests {
+    use super::*;
+
+    fn rec(device: &str, n: Option<i64>, partition: i32, offset: i64) -> ConsumedReading {
+        ConsumedReading {
+            device_id: device.into(),
+            // Every reading in one millisecond: only `n` tells them apart.
+            device_ts_us: 1_000,
+            edge: None,
+            epoch: None,
+            seq: None,
+            partition,
+            offset,
+            n,
+        }
+    }
+
+    #[test]
+    fn numbered_readings_are_told_apart_by_their_number() {
+        let expected: BTreeMap<String, std::collections::BTreeSet<i64>> = [
+            ("a".to_string(), (0..4).collect()),
+            ("b".to_string(), (0..2).collect()),
+        ]
+        .into();
+        let good = vec![
+            rec("a", Some(0), 0, 0),
+            rec("b", Some(0), 1, 0),
+            rec("a", Some(1), 0, 1),
+            rec("a", Some(2), 0, 2),
+            rec("b", Some(1), 1, 1),
+            rec("a", Some(3), 0, 3),
+        ];
+        assert!(check_numbered(&good, &expected).is_exactly_once());
+        let bad = vec![
+            rec("a", Some(0), 0, 0),
+            rec("a", Some(2), 0, 1),
+            rec("a", Some(1), 0, 2),
+            rec("a", Some(2), 0, 3),
+            rec("b", Some(0), 1, 0),
+            rec("b", None, 1, 1),
+            rec("c", Some(0), 2, 0),
+        ];
+        let r = check_numbered(&bad, &expected);
+        assert_eq!(r.lost, [("a".to_string(), 3), ("b".to_string(), 1)]);
+        assert_eq!(r.duplicated, [("a".to_string(), 2, 2)]);
+        assert_eq!(r.out_of_order, [("a".to_string(), 1, 2)]);
+        assert_eq!(r.unexpected.len(), 2);
+        assert!(r.to_string().contains("NOT EXACTLY ONCE"));
     }
 }

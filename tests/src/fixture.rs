@@ -96,6 +96,14 @@ impl Edge {
             .unwrap_or(0)
     }
 
+    /// Lines of `A` in the ack log: acknowledged readings, counted even when
+    /// several share a device and timestamp.
+    pub fn acked_lines(&self) -> usize {
+        std::fs::read_to_string(&self.ack_log)
+            .map(|t| t.lines().filter(|l| l.starts_with("A ")).count())
+            .unwrap_or(0)
+    }
+
     /// Waits, bounded, until the ack log holds at least `n` acknowledged readings.
     pub async fn wait_acked(&self, n: usize, timeout: Duration) {
         let deadline = tokio::time::Instant::now() + timeout;

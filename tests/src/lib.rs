@@ -5,6 +5,7 @@
 //! - [`checker`]: reads a readings topic back with `read_committed` and checks it against
 //!   the edges' ack logs: nothing acknowledged lost, nothing duplicated, order kept.
 //! - [`proxy`]: a seeded userspace UDP fault proxy to cut, heal and degrade QUIC paths.
+//! - [`tcp_proxy`]: a TCP proxy that cuts an edge's MQTT connection.
 //! - [`process`]: runs the `node` binary as a child process that tests can kill -9 or freeze.
 
 pub mod broker;
@@ -13,6 +14,7 @@ pub mod checker;
 pub mod fixture;
 pub mod process;
 pub mod proxy;
+pub mod tcp_proxy;
 
 use std::path::PathBuf;
 

@@ -46,7 +46,8 @@
 //!   synced. So the MQTT source's PUBACK of a reading that only an edge
 //!   window reads waits one fsync, not the window: a broker's in-flight
 //!   window (20 messages by default in Mosquitto) could not hold a window's
-//!   worth of readings. Watermark ticks are logged the same way.
+//!   worth of readings. A watermark tick that closes windows is logged with
+//!   what it closed.
 //! - Every `stages_checkpoint_interval_ms` the stages' state is saved
 //!   (`Pipeline::snapshot`, in chunks) and the input log before it removed,
 //!   in one batch. After a crash the gateway restores the checkpoint and
@@ -764,32 +765,51 @@ impl GatewayState {
         }
     }
 
-    /// Moves the stages' watermark on (logged first, so that a replay moves
-    /// it the same way), and stores what closes.
+    /// Moves the stages' watermark on and stores what closes. A tick that
+    /// closed something is logged with its outputs, in their batch, so that
+    /// a replay closes the same windows at the same point and none is
+    /// emitted twice. A tick that closed nothing is not logged: after a
+    /// crash, a reading it would have made late may then count in its
+    /// window, which changes a window's figures but never emits it twice.
     fn tick_stages(&mut self, now: Instant) -> Result<(), PipelineError> {
         let lag_us = i64::try_from(STAGES_WATERMARK_LAG_MS * 1000).unwrap_or(i64::MAX);
         let edge_now_us = self.clock.now_us();
         let watermark_us = edge_now_us.saturating_sub(lag_us);
-        let Some(st) = &self.stages else {
-            return Ok(());
-        };
-        let seq = st.input_seq + 1;
-        let record = encode(&InputRecord::Tick { watermark_us });
-        if self
-            .outbox
-            .handle_state(now, vec![(input_key(seq), Some(record))], Ticket::None)
-            .is_err()
-        {
-            // Full: the watermark moves on at a later tick.
-            return Ok(());
-        }
         let Some(st) = &mut self.stages else {
             return Ok(());
         };
-        st.input_seq = seq;
         st.pipeline
             .advance_watermark(edge_now_us / 1000, watermark_us, &mut st.out)?;
-        self.store_outputs(now);
+        if st.out.is_empty() {
+            return Ok(());
+        }
+        let seq = st.input_seq + 1;
+        let record = encode(&InputRecord::Tick { watermark_us });
+        match self
+            .outbox
+            .handle_state(now, vec![(input_key(seq), Some(record))], Ticket::None)
+        {
+            Ok(()) => {
+                if let Some(st) = &mut self.stages {
+                    st.input_seq = seq;
+                }
+                self.store_outputs(now);
+            }
+            Err(_) => {
+                // No room to log it: what it closed is dropped and counted;
+                // since the tick is not logged either, a replay after a
+                // crash closes those windows again, never twice.
+                if let Some(st) = &mut self.stages {
+                    let n = st.out.len() as u64;
+                    st.out.clear();
+                    st.outputs_dropped += n;
+                    tracing::warn!(
+                        dropped = st.outputs_dropped,
+                        "outbox full: the stages' closed windows were dropped"
+                    );
+                }
+            }
+        }
         Ok(())
     }
 
@@ -1147,6 +1167,13 @@ impl Actor for Gateway {
                     return Ok(());
                 }
                 let mut next_n = p.next_n;
+                tracing::trace!(
+                    source,
+                    first_n,
+                    next_n,
+                    items = items.len(),
+                    "gateway: a batch"
+                );
                 for (i, item) in items.into_iter().enumerate() {
                     let n = first_n + i as u64;
                     if n < next_n {
@@ -1156,7 +1183,15 @@ impl Actor for Gateway {
                     }
                     let ticket = Ticket::Stream { source, n };
                     match state.admit(now, item.reading, ticket, item.state)? {
-                        Admission::Stored | Admission::Consumed => next_n = n + 1,
+                        Admission::Stored | Admission::Consumed => {
+                            next_n = n + 1;
+                            // A full segment is committed before the next
+                            // reading, which would not fit in it.
+                            if state.outbox.segment_full() {
+                                state.progress(source, first_n).next_n = next_n;
+                                state.commit(&myself);
+                            }
+                        }
                         Admission::Invalid(reason, _) => {
                             next_n = n + 1;
                             answers.answer(SourceAnswer::Invalid { n, reason });

@@ -8,11 +8,15 @@
 //! windows the raw stream into 1 s means and maxima; the cloud runs a
 //! threshold and a z-score detector on the raw stream. Alerts go to
 //! `TRIBUTARY_TEST_ALERTS_TOPIC`, windows to `TRIBUTARY_TEST_WINDOWS_TOPIC`.
+//!
+//! `mqtt-window`: an MQTT source on `TRIBUTARY_TEST_MQTT_TOPIC` that only an
+//! edge window reads (10 s tumbling: the count of `v`, the largest `n`); the
+//! windows go to `TRIBUTARY_TEST_WINDOWS_TOPIC`, the raw readings nowhere.
 
 use anyhow::{bail, Context};
 use tributary_actors::edge::device::Signal;
 use tributary_actors::stages::{secs, Threshold, Window, ZScore};
-use tributary_actors::topology::{EdgeSelector, Kafka, Simulated, Topology};
+use tributary_actors::topology::{EdgeSelector, Kafka, Mqtt, Simulated, Topology};
 
 fn var(name: &str) -> anyhow::Result<String> {
     std::env::var(name).with_context(|| format!("{name} is not set"))
@@ -59,9 +63,27 @@ fn anomaly() -> anyhow::Result<Topology> {
         .build()?)
 }
 
+fn mqtt_window() -> anyhow::Result<Topology> {
+    let (topic, windows) = (
+        var("TRIBUTARY_TEST_MQTT_TOPIC")?,
+        var("TRIBUTARY_TEST_WINDOWS_TOPIC")?,
+    );
+    Ok(Topology::builder("mqtt-window")
+        .edge(EdgeSelector::all(), |e| {
+            e.source("sensors", Mqtt::subscribe(topic)).stage(
+                "per-10s",
+                "sensors",
+                Window::tumbling(secs(10)).count("v"),
+            )
+        })
+        .cloud(|c| c.sink("windows", "per-10s", Kafka::topic(windows)))
+        .build()?)
+}
+
 fn main() -> anyhow::Result<()> {
     let topology = match var("TRIBUTARY_TEST_TOPOLOGY")?.as_str() {
         "anomaly" => anomaly()?,
+        "mqtt-window" => mqtt_window()?,
         other => bail!("no test topology named {other:?}"),
     };
     tributary_node::run_cli(Some(topology))

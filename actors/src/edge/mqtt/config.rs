@@ -1,7 +1,5 @@
 //! The MQTT source's settings and their checks.
 
-use std::time::Duration;
-
 use super::parse::{first_wildcard_level, valid_filter};
 
 /// The longest client id: it names the source's entries in the outbox's
@@ -30,15 +28,14 @@ pub struct MqttConfig {
     /// no other state in the source.
     pub devices_max: usize,
     /// Messages held at once: received and not yet acknowledged (queued,
-    /// at the gateway, or waiting for an older one's ack). When reached the
-    /// source stops reading from the broker for at most
-    /// [`MqttConfig::pause_max`]; see the module doc for what follows.
+    /// at the gateway, waiting for an older one's ack, or acked and not yet
+    /// written). When reached the link stops reading from the broker.
     pub inflight_max: usize,
     /// Readings of one device at the gateway and not yet durable; past it
     /// that device's next readings wait in the source (still counted in
     /// `inflight_max`), so one chatty device cannot take every slot.
     pub device_inflight_max: usize,
-    /// rumqttc's request channel (acks and subscribes).
+    /// The link's request queue (acks and subscribes).
     pub queued_requests_max: usize,
     pub keep_alive_ms: u64,
     pub packet_bytes_max: usize,
@@ -89,13 +86,6 @@ impl MqttConfig {
         Ok(config)
     }
 
-    /// How long the source stops reading from the broker while it holds
-    /// `inflight_max` messages, before it reads on (to keep the connection's
-    /// keep-alive working) and leaves further messages unacknowledged.
-    pub fn pause_max(&self) -> Duration {
-        Duration::from_millis(self.keep_alive_ms / 4)
-    }
-
     pub fn validate(&self) -> Result<(), MqttConfigError> {
         use MqttConfigError as E;
         if self.host.is_empty() || self.port == 0 {
@@ -139,7 +129,7 @@ impl MqttConfig {
     }
 }
 
-/// rumqttc's request channel holds, beyond one ack per held message, the
+/// The link's request queue holds, beyond one ack per held message, the
 /// subscribe of a reconnect: this is the headroom required for it.
 pub const REQUEST_HEADROOM: usize = 8;
 

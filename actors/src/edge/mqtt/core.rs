@@ -210,7 +210,7 @@ struct Held<P> {
     device: Option<String>,
     /// The reading and its record, kept until durable (for resends).
     item: Option<BatchItem>,
-    _permit: P,
+    permit: P,
 }
 
 /// Readings for the gateway: numbers `first_n..`.
@@ -244,7 +244,7 @@ pub struct MqttCore<P> {
     next_n: u64,
     resend_from: Option<u64>,
     retry_at: Option<Instant>,
-    acks: VecDeque<(u64, u16)>,
+    acks: VecDeque<(u64, u16, P)>,
     overflowed: Option<u64>,
     devices: HashMap<String, DeviceFigures>,
     stats: MqttStats,
@@ -458,7 +458,7 @@ impl<P> MqttCore<P> {
             connection,
             device: None,
             item: None,
-            _permit: permit,
+            permit,
         };
         if msg.acked {
             self.by_pkid.insert((self.session, msg.pkid), token);
@@ -599,7 +599,10 @@ impl<P> MqttCore<P> {
             }
             SourceAnswer::Retry { from_n, full } => {
                 if self.sent.contains_key(&from_n) {
-                    self.resend_from = Some(self.resend_from.map_or(from_n, |r| r.min(from_n)));
+                    // The gateway's next number only grows: the latest
+                    // refusal says the most (an older one may arrive late,
+                    // after the gateway took more).
+                    self.resend_from = Some(self.resend_from.map_or(from_n, |r| r.max(from_n)));
                     if full {
                         self.stats.retries_full += 1;
                         self.retry_at = Some(now + Duration::from_millis(RETRY_MS));
@@ -685,12 +688,12 @@ impl<P> MqttCore<P> {
                 self.by_pkid.remove(&key);
             }
             if self.connected && h.connection == self.connection && h.session == self.session {
-                self.acks.push_back((h.connection, h.pkid));
                 if let Some(r) = self.records.get_mut(&h.pkid) {
                     if r.hash == h.hash {
                         r.acked_on = Some(h.connection);
                     }
                 }
+                self.acks.push_back((h.connection, h.pkid, h.permit));
             } else {
                 // Its packet id means nothing on the current connection;
                 // the broker redelivers it there, and its record knows it.
@@ -699,8 +702,9 @@ impl<P> MqttCore<P> {
         }
     }
 
-    /// The next acknowledgement to send: (connection, packet id).
-    pub fn poll_ack(&mut self) -> Option<(u64, u16)> {
+    /// The next acknowledgement to send: (connection, packet id), with the
+    /// message's permit, which the link may keep until the ack is written.
+    pub fn poll_ack(&mut self) -> Option<(u64, u16, P)> {
         self.acks.pop_front()
     }
 
@@ -712,23 +716,28 @@ impl<P> MqttCore<P> {
         }
         self.retry_at = None;
         if let Some(from) = self.resend_from.take() {
-            let items: Vec<BatchItem> = self
-                .sent
-                .range(from..)
-                .take(FORWARD_BATCH_MAX)
-                .filter_map(|(_, token)| self.held.get(token).and_then(|h| h.item.clone()))
-                .collect();
-            // More than a batch: the rest goes with the next call.
-            self.resend_from = self
-                .sent
-                .range(from..)
-                .nth(FORWARD_BATCH_MAX)
-                .map(|(n, _)| *n);
-            if !items.is_empty() {
-                return Some(Forward {
-                    first_n: from,
-                    items,
-                });
+            // What is at the gateway from `from` on, under the numbers it was
+            // sent with: a run of consecutive numbers, at most a batch; the
+            // rest (past a batch, or past a gap left by a reading refused
+            // for good) goes with the next call.
+            let mut items = Vec::new();
+            let mut first_n = None;
+            for (&n, token) in self.sent.range(from..) {
+                let next = first_n.map(|f: u64| f + items.len() as u64);
+                if items.len() >= FORWARD_BATCH_MAX || next.is_some_and(|e| e != n) {
+                    self.resend_from = Some(n);
+                    break;
+                }
+                let Some(item) = self.held.get(token).and_then(|h| h.item.clone()) else {
+                    debug_assert!(false, "a reading at the gateway is held with its item");
+                    self.resend_from = Some(n + 1);
+                    break;
+                };
+                first_n.get_or_insert(n);
+                items.push(item);
+            }
+            if let Some(first_n) = first_n {
+                return Some(Forward { first_n, items });
             }
         }
         let first_n = self.next_n;
@@ -797,6 +806,8 @@ impl<P> MqttCore<P> {
 mod tests {
     use super::*;
 
+    use crate::reading::Value;
+
     const F: &str = "p/+/t";
 
     fn config() -> MqttConfig {
@@ -821,7 +832,7 @@ mod tests {
     }
 
     fn acks(core: &mut MqttCore<()>) -> Vec<(u64, u16)> {
-        std::iter::from_fn(|| core.poll_ack()).collect()
+        std::iter::from_fn(|| core.poll_ack().map(|(c, p, ())| (c, p))).collect()
     }
 
     /// The record the gateway would have made durable with a reading.
@@ -1065,5 +1076,228 @@ mod tests {
         core.handle_answer(now, SourceAnswer::Durable { through_n: 0 });
         assert!(acks(&mut core).is_empty(), "QoS 0 is never acked");
         assert_eq!(core.held(), 0);
+    }
+
+    #[test]
+    fn a_late_refusal_never_relabels_the_readings_it_resends() {
+        let now = Instant::now();
+        let mut core = MqttCore::new(config(), &[]);
+        core.handle_connected(1, false);
+        for i in 0..10u16 {
+            let d = format!("d{}", i % 5);
+            core.handle_publish(
+                now,
+                0,
+                1,
+                msg(i + 1, &d, &format!(r#"{{"v": {i}}}"#), false),
+                (),
+            );
+        }
+        assert_eq!(forward_all(&mut core, now)[0].items.len(), 10);
+        // What a gateway said, in the order a source can hear it: a refusal
+        // at 2, then (after a resend) durable through 4 and a refusal at 5,
+        // with the stale gap refusal at 2 of a batch sent before the resend.
+        core.handle_answer(
+            now,
+            SourceAnswer::Retry {
+                from_n: 2,
+                full: true,
+            },
+        );
+        core.handle_answer(now, SourceAnswer::Durable { through_n: 4 });
+        core.handle_answer(
+            now,
+            SourceAnswer::Retry {
+                from_n: 2,
+                full: false,
+            },
+        );
+        core.handle_answer(
+            now,
+            SourceAnswer::Retry {
+                from_n: 5,
+                full: true,
+            },
+        );
+        // A reading refused for good leaves a gap in the numbers.
+        core.handle_answer(
+            now,
+            SourceAnswer::Invalid {
+                n: 7,
+                reason: "no".into(),
+            },
+        );
+        let later = now + Duration::from_millis(RETRY_MS);
+        let f = forward_all(&mut core, later);
+        let v = |i: &BatchItem| format!("{:?}", i.reading.metrics[0].value);
+        assert_eq!(f[0].first_n, 5);
+        assert_eq!(
+            f[0].items.iter().map(v).collect::<Vec<_>>(),
+            ["I64(5)", "I64(6)"]
+        );
+        assert_eq!(f[1].first_n, 8, "past the gap, under its own numbers");
+        assert_eq!(
+            f[1].items.iter().map(v).collect::<Vec<_>>(),
+            ["I64(8)", "I64(9)"]
+        );
+    }
+
+    /// A small deterministic generator for the model test.
+    struct Lcg(u64);
+
+    impl Lcg {
+        fn next(&mut self, n: u64) -> u64 {
+            self.0 = self
+                .0
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            (self.0 >> 33) % n
+        }
+    }
+
+    /// The core against a model gateway that takes readings strictly in
+    /// order, refuses at random (full, or invalid), commits at random and
+    /// answers late, and a broker that cuts the connection and resends
+    /// everything unacknowledged with DUP: whatever happens, a number the
+    /// gateway took always names the same reading, every reading is taken
+    /// once, and what the broker counts as acknowledged was taken first.
+    #[test]
+    fn the_core_against_a_model_gateway_and_broker() {
+        for seed in 0..40u64 {
+            let mut rng = Lcg(seed);
+            let mut core: MqttCore<()> = MqttCore::new(config(), &[]);
+            let mut now = Instant::now();
+            let mut connection = 1;
+            core.handle_connected(connection, false);
+            // Broker: messages by pkid, unacked in flight, in order.
+            let mut published: Vec<String> = Vec::new();
+            let mut inflight: VecDeque<(u16, usize)> = VecDeque::new();
+            let mut broker_acked = std::collections::BTreeSet::new();
+            // Gateway: number -> payload taken; answers not yet delivered.
+            let mut taken: BTreeMap<u64, String> = BTreeMap::new();
+            let mut next_n = 0u64;
+            let mut uncommitted: Vec<u64> = Vec::new();
+            let mut answers: VecDeque<SourceAnswer> = VecDeque::new();
+            let mut invalid = std::collections::BTreeSet::new();
+            for step in 0..400 {
+                now += Duration::from_millis(10);
+                match rng.next(10) {
+                    0..=4 if published.len() < 150 => {
+                        let k = published.len();
+                        let payload = format!(r#"{{"v": {k}}}"#);
+                        published.push(payload.clone());
+                        let pkid = (k % 65_535 + 1) as u16;
+                        inflight.push_back((pkid, k));
+                        core.handle_publish(
+                            now,
+                            0,
+                            connection,
+                            msg(pkid, "d", &payload, false),
+                            (),
+                        );
+                    }
+                    4 => {
+                        // A cut: the broker resends what is unacked, with DUP.
+                        core.handle_disconnect(connection);
+                        connection += 1;
+                        core.handle_connected(connection, true);
+                        for &(pkid, k) in inflight.clone().iter() {
+                            core.handle_publish(
+                                now,
+                                0,
+                                connection,
+                                msg(pkid, "d", &published[k], true),
+                                (),
+                            );
+                        }
+                    }
+                    5..=7 => {
+                        if let Some(through) = uncommitted.iter().max().copied() {
+                            answers.push_back(SourceAnswer::Durable { through_n: through });
+                            uncommitted.clear();
+                        }
+                    }
+                    _ => {}
+                }
+                while let Some(f) = core.poll_forward(now) {
+                    if f.first_n > next_n {
+                        answers.push_back(SourceAnswer::Retry {
+                            from_n: next_n,
+                            full: false,
+                        });
+                        continue;
+                    }
+                    for (i, item) in f.items.iter().enumerate() {
+                        let n = f.first_n + i as u64;
+                        let payload = format!(
+                            r#"{{"v": {}}}"#,
+                            match &item.reading.metrics[0].value {
+                                Value::I64(v) => *v,
+                                other => panic!("{other:?}"),
+                            }
+                        );
+                        if n < next_n {
+                            if let Some(p) = taken.get(&n) {
+                                assert_eq!(
+                                    *p, payload,
+                                    "seed {seed} step {step}: number {n} relabelled"
+                                );
+                            }
+                            continue;
+                        }
+                        match rng.next(12) {
+                            0 => {
+                                answers.push_back(SourceAnswer::Retry {
+                                    from_n: n,
+                                    full: true,
+                                });
+                                break;
+                            }
+                            1 => {
+                                invalid.insert(payload.clone());
+                                next_n = n + 1;
+                                answers.push_back(SourceAnswer::Invalid {
+                                    n,
+                                    reason: "model".into(),
+                                });
+                            }
+                            _ => {
+                                assert!(
+                                    !taken.values().any(|p| *p == payload),
+                                    "seed {seed} step {step}: {payload} taken twice"
+                                );
+                                taken.insert(n, payload);
+                                uncommitted.push(n);
+                                next_n = n + 1;
+                            }
+                        }
+                    }
+                }
+                // Answers arrive late, a few at a time, in order.
+                for _ in 0..rng.next(4) {
+                    if let Some(a) = answers.pop_front() {
+                        core.handle_answer(now, a);
+                    }
+                }
+                while let Some((c, pkid, ())) = core.poll_ack() {
+                    if c == connection {
+                        if let Some(i) = inflight.iter().position(|(p, _)| *p == pkid) {
+                            let (_, k) = inflight.remove(i).expect("present");
+                            broker_acked.insert(k);
+                        }
+                    }
+                }
+                for k in &broker_acked {
+                    let p = &published[*k];
+                    let durable = taken
+                        .iter()
+                        .any(|(n, t)| t == p && !uncommitted.contains(n));
+                    assert!(
+                        durable || invalid.contains(p),
+                        "seed {seed} step {step}: {p} acked to the broker before it was durable"
+                    );
+                }
+            }
+        }
     }
 }

@@ -2,13 +2,14 @@
 //!
 //! ```text
 //! tributary.mqtt (MqttSource)    drives the core: broker link in, gateway out
-//! ├── link (MqttLink)            rumqttc's event loop, one permit per message held
+//! ├── link (MqttLink)            the TCP connection, one permit per message held
 //! └── core (MqttCore)            sans-IO: redeliveries, order, acks, bounds
 //! ```
 //!
 //! The parts: [`config`] (settings and their checks), [`parse`] (topic
 //! filters, the JSON payload), [`core`] (every decision, no I/O), [`link`]
-//! (the broker behind a trait; rumqttc for real) and [`source`] (the actor).
+//! (the broker behind a trait; MQTT 3.1.1 over TCP with rumqttc's codec for
+//! real) and [`source`] (the actor).
 //!
 //! **Messages.** The source subscribes to `topic` (a filter such as
 //! `plant-a/+/telemetry`) with QoS 1; the topic level `device_level` names
@@ -79,17 +80,15 @@
 //! Messages without a `ts` are stamped on arrival.
 //!
 //! **Bounds and their policies.**
-//! - `inflight_max` messages held (received, not yet acked): when reached
-//!   the link stops reading from the broker for at most a quarter of the
-//!   keep-alive, then reads on and leaves what comes past the bound
-//!   unacknowledged, until a reconnect (see [`link`]). The keep-alive is
-//!   never starved.
+//! - `inflight_max` messages held (received, not yet acked, or acked and
+//!   not yet written): when reached the link stops reading from the broker,
+//!   which waits in TCP; pings go on, so the keep-alive is never starved
+//!   (see [`link`]).
 //! - `device_inflight_max` readings of one device at the gateway: that
 //!   device's next readings wait in the source, within `inflight_max`.
-//! - `queued_requests_max`: rumqttc's request channel (acks and subscribes);
-//!   acks that find it full wait in the link's own queue
-//!   ([`link::DEFERRED_ACKS_MAX`]), past which one is dropped and counted
-//!   (the broker redelivers, and the record recognises it).
+//! - `queued_requests_max`: the link's request queue (acks and subscribes),
+//!   at least `inflight_max` + 8, so that an ack always finds room (each
+//!   holds a message's permit).
 //! - `devices_max` devices' figures; the least recently seen is forgotten.
 //! - a reading the gateway refuses as full (the outbox is full under
 //!   `block`) is resent every [`core::RETRY_MS`], unacked, so the

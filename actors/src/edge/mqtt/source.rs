@@ -11,7 +11,7 @@ use tokio::time::Instant;
 
 use super::config::MqttConfig;
 use super::core::{MqttCore, MqttStatus, RecordKeys};
-use super::link::{LinkEvent, LinkStats, MqttConnector, MqttLink, Rumqttc};
+use super::link::{LinkEvent, LinkStats, MqttConnector, MqttLink, TcpBroker};
 use crate::clock::SharedClock;
 use crate::edge::gateway::{AnswerSink, GatewayMsg, IngestBatch, SourceAnswer};
 use crate::edge::EdgeNames;
@@ -31,7 +31,7 @@ pub struct MqttSourceArgs {
     pub names: EdgeNames,
     /// Stamps readings without a `ts`.
     pub clock: SharedClock,
-    /// The broker: [`Rumqttc`] for real.
+    /// The broker: [`TcpBroker`] for real.
     pub connector: Arc<dyn MqttConnector>,
 }
 
@@ -42,7 +42,7 @@ impl MqttSourceArgs {
             config,
             names,
             clock,
-            connector: Arc::new(Rumqttc),
+            connector: Arc::new(TcpBroker),
         }
     }
 }
@@ -94,6 +94,12 @@ impl MqttSourceState {
                 self.core.handle_gateway_away(now);
                 break;
             };
+            tracing::trace!(
+                first_n = forward.first_n,
+                items = forward.items.len(),
+                first = ?forward.items.first().map(|i| (&i.reading.device_id, i.reading.metric("n"))),
+                "mqtt: forwarding"
+            );
             let batch = IngestBatch {
                 source: self.source,
                 first_n: forward.first_n,
@@ -108,8 +114,8 @@ impl MqttSourceState {
                 break;
             }
         }
-        while let Some((connection, pkid)) = self.core.poll_ack() {
-            self.link.ack(connection, pkid);
+        while let Some((connection, pkid, permit)) = self.core.poll_ack() {
+            self.link.ack_holding(connection, pkid, permit);
         }
         if self.core.poll_reconnect() {
             tracing::info!("mqtt: reconnecting to get back the messages left unacked");
@@ -231,6 +237,19 @@ impl Actor for MqttSource {
                     .handle_publish(now, now_us, connection, message, permit);
                 state.drive();
             }
+            MqttMsg::Link(LinkEvent::Publishes {
+                connection,
+                messages,
+            }) => {
+                let now = Instant::now().into_std();
+                let now_us = state.clock.now_us();
+                for (message, permit) in messages {
+                    state
+                        .core
+                        .handle_publish(now, now_us, connection, message, permit);
+                }
+                state.drive();
+            }
             MqttMsg::Link(LinkEvent::Overflow { connection }) => {
                 state.core.handle_overflow(connection);
                 state.drive();
@@ -245,6 +264,7 @@ impl Actor for MqttSource {
                 }
             }
             MqttMsg::Gateway(answer) => {
+                tracing::trace!(?answer, "mqtt: the gateway answered");
                 state.core.handle_answer(Instant::now().into_std(), answer);
                 state.drive();
             }
