@@ -7,6 +7,7 @@
 pub mod clock;
 pub mod cloud;
 pub mod edge;
+pub mod histogram;
 pub mod outbox;
 pub mod pipeline;
 pub mod reading;

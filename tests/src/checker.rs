@@ -362,7 +362,8 @@ fn parse_ack_log(path: &Path, bytes: &[u8], log: &mut AckLog) -> Result<(), Harn
         if device.is_empty() {
             return Err(malformed(line_no, line));
         }
-        let key = (device.to_owned(), ts);
+        let device = unescape_device(device).ok_or_else(|| malformed(line_no, line))?;
+        let key = (device, ts);
         match kind {
             "A" => log.acked.insert(key),
             "D" => log.dropped.insert(key),
@@ -370,6 +371,25 @@ fn parse_ack_log(path: &Path, bytes: &[u8], log: &mut AckLog) -> Result<(), Harn
         };
     }
     Ok(())
+}
+
+/// Undoes the gateway's escaping of device ids in the ack log (`%XX` for
+/// whitespace, control characters and `%`).
+fn unescape_device(escaped: &str) -> Option<String> {
+    if !escaped.contains('%') {
+        return Some(escaped.to_owned());
+    }
+    let mut bytes = Vec::with_capacity(escaped.len());
+    let mut it = escaped.bytes();
+    while let Some(b) = it.next() {
+        if b == b'%' {
+            let hex = [it.next()?, it.next()?];
+            bytes.push(u8::from_str_radix(std::str::from_utf8(&hex).ok()?, 16).ok()?);
+        } else {
+            bytes.push(b);
+        }
+    }
+    String::from_utf8(bytes).ok()
 }
 
 /// A reading found more than once.
@@ -939,6 +959,16 @@ pub fn check_numbered(
 #[cfg(test)]
 mod numbered_tests {
     use super::*;
+
+    #[test]
+    fn escaped_device_ids_read_back() {
+        let mut log = AckLog::default();
+        let text = "A a%20b%0AA%20x 5\nA 50%25 6\n";
+        parse_ack_log(Path::new("acks"), text.as_bytes(), &mut log).unwrap();
+        assert!(log.acked.contains(&("a b\nA x".to_string(), 5)));
+        assert!(log.acked.contains(&("50%".to_string(), 6)));
+        assert!(parse_ack_log(Path::new("acks"), b"A bad%zz 1\n", &mut log).is_err());
+    }
 
     fn rec(device: &str, n: Option<i64>, partition: i32, offset: i64) -> ConsumedReading {
         ConsumedReading {

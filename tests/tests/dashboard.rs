@@ -645,6 +645,32 @@ async fn the_dashboard_shows_the_cluster_live_in_a_real_browser() {
         updates.as_u64().is_some_and(|u| u > 0),
         "the page applied no update: {updates}"
     );
+
+    // An alert stamped where no Date reaches (a device whose clock is far
+    // off) renders, and the page goes on applying updates.
+    let shown = js(
+        &page,
+        "applyUpdate({now_ms: S.nowMs, alerts: [\
+           {at_ms: 1e19, stage: 'far-future', device: 'd', text: 'ts from the future'}, \
+           {at_ms: -1e17, stage: 'far-past', device: null, text: 'ts from the past'}]}); \
+         return [...document.querySelectorAll('#alerts li')].slice(0, 2).map((li) => li.textContent);",
+        vec![],
+    )
+    .await;
+    assert!(
+        shown.to_string().contains("far-future") && shown.to_string().contains("far-past"),
+        "the far-off alerts are not listed: {shown}"
+    );
+    let before = js(&page, "return window.__tributary_updates;", vec![]).await;
+    wait_page(
+        &page,
+        "updates after a far-off alert",
+        PAGE_SHOWS,
+        "return window.__tributary_updates;",
+        vec![],
+        |v| (v.as_u64() > before.as_u64()).then_some(()),
+    )
+    .await;
     let _ = tokio::time::timeout(WEBDRIVER_TIMEOUT, page.close()).await;
 
     eprintln!(

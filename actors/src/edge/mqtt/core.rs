@@ -33,6 +33,7 @@ use sha2::{Digest, Sha256};
 use super::config::MqttConfig;
 use super::parse::{parse_message, MessageError};
 use crate::edge::gateway::{BatchItem, SourceAnswer};
+use crate::histogram::Histogram;
 use crate::outbox::StateChange;
 use crate::reading::Reading;
 
@@ -184,6 +185,9 @@ pub struct MqttStatus {
     pub device_waiting: usize,
     pub records: usize,
     pub stats: MqttStats,
+    /// From a message's arrival to its acknowledgement going out (after its
+    /// reading is durable), for every acknowledged message.
+    pub ack_latency: Histogram,
 }
 
 /// What is known of one device.
@@ -210,6 +214,7 @@ struct Held<P> {
     device: Option<String>,
     /// The reading and its record, kept until durable (for resends).
     item: Option<BatchItem>,
+    arrived: Instant,
     permit: P,
 }
 
@@ -248,6 +253,7 @@ pub struct MqttCore<P> {
     overflowed: Option<u64>,
     devices: HashMap<String, DeviceFigures>,
     stats: MqttStats,
+    ack_latency: Histogram,
     malformed_logged_at: Option<Instant>,
     malformed_unlogged: bool,
     last_malformed: String,
@@ -316,6 +322,7 @@ impl<P> MqttCore<P> {
             overflowed: None,
             devices: HashMap::new(),
             stats: MqttStats::default(),
+            ack_latency: Histogram::default(),
             malformed_logged_at: None,
             malformed_unlogged: false,
             last_malformed: String::new(),
@@ -349,6 +356,7 @@ impl<P> MqttCore<P> {
             device_waiting: self.blocked_len,
             records: self.records.len(),
             stats: self.stats.clone(),
+            ack_latency: self.ack_latency.clone(),
         }
     }
 
@@ -458,6 +466,7 @@ impl<P> MqttCore<P> {
             connection,
             device: None,
             item: None,
+            arrived: now,
             permit,
         };
         if msg.acked {
@@ -470,7 +479,7 @@ impl<P> MqttCore<P> {
                     "mqtt: redelivery of a durable message acked, not forwarded"
                 );
                 self.held.insert(token, held);
-                self.release(token);
+                self.release(now, token);
                 return;
             }
             if msg.dup {
@@ -480,7 +489,7 @@ impl<P> MqttCore<P> {
         if msg.retain && !self.config.take_retained {
             self.stats.retained_skipped += 1;
             self.held.insert(token, held);
-            self.release(token);
+            self.release(now, token);
             return;
         }
         match parse_message(
@@ -493,7 +502,7 @@ impl<P> MqttCore<P> {
                 self.count_malformed(&e);
                 self.malformed(now, &msg.topic, &e);
                 self.held.insert(token, held);
-                self.release(token);
+                self.release(now, token);
             }
             Ok(p) => {
                 let reading = Reading {
@@ -582,7 +591,7 @@ impl<P> MqttCore<P> {
                 for (n, token) in done {
                     self.sent.remove(&n);
                     self.stats.committed += 1;
-                    self.settle(token, true);
+                    self.settle(now, token, true);
                 }
             }
             SourceAnswer::Invalid { n, reason } => {
@@ -594,7 +603,7 @@ impl<P> MqttCore<P> {
                         .and_then(|h| h.device.clone())
                         .unwrap_or_default();
                     self.malformed(now, &topic, &format!("refused by the gateway: {reason}"));
-                    self.settle(token, false);
+                    self.settle(now, token, false);
                 }
             }
             SourceAnswer::Retry { from_n, full } => {
@@ -621,7 +630,7 @@ impl<P> MqttCore<P> {
     }
 
     /// A reading is done with: durable, or refused for good.
-    fn settle(&mut self, token: u64, durable: bool) {
+    fn settle(&mut self, now: Instant, token: u64, durable: bool) {
         let Some(h) = self.held.get_mut(&token) else {
             return;
         };
@@ -640,7 +649,7 @@ impl<P> MqttCore<P> {
                 },
             );
         }
-        self.release(token);
+        self.release(now, token);
     }
 
     /// One reading of `device` left the gateway: the next waiting one of
@@ -671,7 +680,7 @@ impl<P> MqttCore<P> {
     /// Marks a held message ready to acknowledge; it and any younger ones
     /// already ready are acknowledged once every older one is (Mosquitto
     /// 2.0.11 reorders a session's deliveries when PUBACKs come out of order).
-    fn release(&mut self, token: u64) {
+    fn release(&mut self, now: Instant, token: u64) {
         self.releasable.insert(token);
         while let Some(oldest) = self.held.keys().next().copied() {
             if !self.releasable.remove(&oldest) {
@@ -693,6 +702,9 @@ impl<P> MqttCore<P> {
                         r.acked_on = Some(h.connection);
                     }
                 }
+                let waited = now.saturating_duration_since(h.arrived);
+                self.ack_latency
+                    .record_us(waited.as_micros().min(u64::MAX as u128) as u64);
                 self.acks.push_back((h.connection, h.pkid, h.permit));
             } else {
                 // Its packet id means nothing on the current connection;
