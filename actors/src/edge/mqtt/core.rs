@@ -153,6 +153,8 @@ pub struct MqttStats {
     pub dup_taken: u64,
     /// Retained messages acknowledged and skipped.
     pub retained_skipped: u64,
+    /// Devices whose figures were forgotten to stay within `devices_max`.
+    pub devices_forgotten: u64,
     pub bad_topic: u64,
     pub bad_payload: u64,
     /// Readings the gateway refused for good (a timestamp too far ahead...).
@@ -556,17 +558,7 @@ impl<P> MqttCore<P> {
 
     fn touch_device(&mut self, id: &str, now_us: i64) -> DeviceFigures {
         if !self.devices.contains_key(id) && self.devices.len() >= self.config.devices_max {
-            // Forget the least recently seen device with nothing in flight;
-            // it costs only its figures.
-            let oldest = self
-                .devices
-                .iter()
-                .filter(|(_, d)| d.inflight == 0)
-                .min_by_key(|(_, d)| d.last_seen_us)
-                .map(|(k, _)| k.clone());
-            if let Some(k) = oldest {
-                self.devices.remove(&k);
-            }
+            self.forget_devices();
         }
         let d = self.devices.entry(id.to_owned()).or_insert(DeviceFigures {
             first_seen_us: now_us,
@@ -577,6 +569,28 @@ impl<P> MqttCore<P> {
         d.last_seen_us = now_us;
         d.readings += 1;
         *d
+    }
+
+    /// Forgets the least recently seen 1/16 of the devices with nothing in
+    /// flight (they cost only their figures): in bulk, so that a stream of
+    /// new device ids (a misconfigured or hostile publisher) costs a
+    /// constant amount of work per message, not a scan of the table each.
+    fn forget_devices(&mut self) {
+        let mut idle: Vec<(i64, String)> = self
+            .devices
+            .iter()
+            .filter(|(_, d)| d.inflight == 0)
+            .map(|(k, d)| (d.last_seen_us, k.clone()))
+            .collect();
+        let n = (self.config.devices_max / 16).max(1).min(idle.len());
+        if n == 0 {
+            return;
+        }
+        idle.select_nth_unstable_by_key(n - 1, |(t, _)| *t);
+        for (_, k) in idle.into_iter().take(n) {
+            self.devices.remove(&k);
+        }
+        self.stats.devices_forgotten += n as u64;
     }
 
     /// What the gateway said about readings this core sent.
@@ -1311,5 +1325,32 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[test]
+    fn device_figures_stay_within_devices_max_in_bulk() {
+        let now = Instant::now();
+        let mut c = config();
+        c.devices_max = 32;
+        let mut core = MqttCore::new(c, &[]);
+        core.handle_connected(1, false);
+        for i in 0..200u16 {
+            core.handle_publish(
+                now,
+                i as i64,
+                1,
+                msg(i + 1, &format!("d{i}"), r#"{"v": 1}"#, false),
+                (),
+            );
+            let f = forward_all(&mut core, now);
+            for f in f {
+                let through_n = f.first_n + f.items.len() as u64 - 1;
+                core.handle_answer(now, SourceAnswer::Durable { through_n });
+            }
+            assert!(core.status().devices <= 32);
+        }
+        assert!(core.stats().devices_forgotten >= 168);
+        assert!(core.device("d199").is_some(), "the newest is kept");
+        assert!(core.device("d0").is_none(), "the oldest went first");
     }
 }
