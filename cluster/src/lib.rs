@@ -12,6 +12,7 @@
 //! - [`uplink`]: the edge-to-cloud protocol: frames, sans-IO cores, and links.
 
 pub mod backoff;
+pub mod guard;
 pub mod net;
 pub mod quic;
 pub mod session;

@@ -10,10 +10,14 @@
 //!   session ends (lost stream, wrong cookie, duplicate), the connection is
 //!   closed so the dialer reconnects; when the connection dies, the session
 //!   ends with it.
-//! - ractor's node name is not bound to the certificate, so once a session
-//!   authenticates, the name the peer presented is compared with the node id
-//!   of the peer's certificate; on mismatch the session is stopped and the
-//!   connection closed with [`CLOSE_IDENTITY_MISMATCH`].
+//! - ractor's node name is not bound to the certificate, so the session
+//!   guard ([`crate::guard`]) reads every frame the peer sends before ractor
+//!   does: a handshake naming another node never reaches ractor (where it
+//!   would win an election against that node's real session), and the
+//!   session ends with [`CLOSE_IDENTITY_MISMATCH`]. The guard also holds a
+//!   peer to its node's [`SessionPolicy`]: the process groups it may join,
+//!   how many actors it may announce. Once a session authenticates, the name
+//!   is compared with the certificate once more.
 //!
 //! Remote actors are found through process groups (`ractor::pg`), which are
 //! process-global: namespace group names.
@@ -36,8 +40,10 @@ use ractor_cluster::{
 use tokio::io::{AsyncRead, ReadBuf};
 use tokio::sync::watch;
 
+use crate::guard::{self, Guard, GuardedRead, SessionPolicy, Violation};
 use crate::quic::{
-    self, QuicError, StreamKind, CLOSE_IDENTITY_MISMATCH, CLOSE_SESSION_ENDED, CLOSE_SHUTDOWN,
+    self, QuicError, StreamKind, CLOSE_IDENTITY_MISMATCH, CLOSE_PROTOCOL_ERROR,
+    CLOSE_SESSION_ENDED, CLOSE_SHUTDOWN,
 };
 use crate::tls::{self, NodeId, Role, TlsError};
 
@@ -64,8 +70,10 @@ pub fn ractor_node_name(id: &NodeId) -> String {
 /// The registry name of node `id`'s NodeServer actor. The registry is
 /// process-global, so the name carries the id: two nodes can share a process.
 pub fn node_server_actor_name(id: &NodeId) -> String {
-    format!("tributary.node_server.{id}")
+    format!("{NODE_SERVER_PREFIX}{id}")
 }
+
+const NODE_SERVER_PREFIX: &str = "tributary.node_server.";
 
 #[derive(Debug, thiserror::Error)]
 pub enum SessionError {
@@ -97,6 +105,8 @@ pub enum SessionEnd {
     ConnectionClosed(String),
     /// The ractor node name the peer presented is not the one in its certificate.
     IdentityMismatch { expected: String, presented: String },
+    /// The peer did what its node's session policy forbids.
+    PolicyViolation(String),
     /// [`SessionHandle::close`] was called.
     LocalClose,
 }
@@ -110,6 +120,7 @@ impl fmt::Display for SessionEnd {
                 f,
                 "the peer presented ractor node name {presented:?}, its certificate says {expected:?}"
             ),
+            SessionEnd::PolicyViolation(why) => write!(f, "refused by the session guard: {why}"),
             SessionEnd::LocalClose => f.write_str("closed locally"),
         }
     }
@@ -132,8 +143,9 @@ pub struct QuicBidiStream {
     pub recv: RecvStream,
     pub peer_label: String,
     /// Ends the session when ractor drops the read half (pitfall: a dead
-    /// session otherwise leaves its connection open, kept up by keep-alives).
-    on_read_drop: Option<Arc<SessionShared>>,
+    /// session otherwise leaves its connection open, kept up by keep-alives),
+    /// and guards what ractor reads.
+    on_read_drop: Option<(Arc<SessionShared>, Guard)>,
 }
 
 impl QuicBidiStream {
@@ -161,10 +173,27 @@ impl ClusterBidiStream for QuicBidiStream {
     fn split(self: Box<Self>) -> (BoxRead, BoxWrite) {
         let this = *self;
         let read: BoxRead = match this.on_read_drop {
-            Some(shared) => Box::new(GuardedRecv {
-                recv: this.recv,
-                shared,
-            }),
+            Some((shared, guard)) => {
+                let s = shared.clone();
+                let on_violation = Box::new(move |v: Violation| {
+                    tracing::warn!(label = %s.label, violation = %v, "the session guard ends a session");
+                    let end = match v {
+                        Violation::Name {
+                            expected,
+                            presented,
+                        } => SessionEnd::IdentityMismatch {
+                            expected,
+                            presented,
+                        },
+                        other => SessionEnd::PolicyViolation(other.to_string()),
+                    };
+                    s.end(end);
+                });
+                Box::new(GuardedRecv {
+                    recv: GuardedRead::new(this.recv, guard, on_violation),
+                    shared,
+                })
+            }
             None => Box::new(this.recv),
         };
         (read, Box::new(this.send))
@@ -176,7 +205,7 @@ impl ClusterBidiStream for QuicBidiStream {
 }
 
 struct GuardedRecv {
-    recv: RecvStream,
+    recv: GuardedRead<RecvStream>,
     shared: Arc<SessionShared>,
 }
 
@@ -200,6 +229,8 @@ impl Drop for GuardedRecv {
 /// and its handle share. Whichever notices the end first ends it for all.
 struct SessionShared {
     label: String,
+    /// The peer's id, from its certificate.
+    peer: NodeId,
     expected_name: String,
     conn: Connection,
     state: watch::Sender<SessionState>,
@@ -226,6 +257,9 @@ impl SessionShared {
                 CLOSE_IDENTITY_MISMATCH,
                 b"ractor node name does not match the certificate",
             ),
+            SessionEnd::PolicyViolation(_) => {
+                (CLOSE_PROTOCOL_ERROR, b"refused by the session guard")
+            }
             SessionEnd::LocalClose => (CLOSE_SHUTDOWN, b"session closed"),
             SessionEnd::Stopped | SessionEnd::ConnectionClosed(_) => {
                 (CLOSE_SESSION_ENDED, b"session ended")
@@ -265,6 +299,19 @@ impl SessionShared {
     }
 }
 
+fn certified() -> &'static Mutex<std::collections::HashMap<u64, NodeId>> {
+    static C: std::sync::OnceLock<Mutex<std::collections::HashMap<u64, NodeId>>> =
+        std::sync::OnceLock::new();
+    C.get_or_init(Default::default)
+}
+
+/// The certified id of the peer behind ractor node `ractor_node` (the node
+/// part of a remote actor's id), while its session lives: what an actor
+/// found in a process group is trusted as, whatever it claims.
+pub fn certified_peer(ractor_node: u64) -> Option<NodeId> {
+    certified().lock().ok()?.get(&ractor_node).cloned()
+}
+
 /// Follows one session through the NodeServer's events, matched by label.
 struct SessionWatch(Arc<SessionShared>);
 
@@ -272,6 +319,9 @@ impl NodeEventSubscription for SessionWatch {
     fn node_session_opened(&self, ses: NodeServerSessionInformation) {
         if ses.peer_addr != self.0.label {
             return;
+        }
+        if let Ok(mut c) = certified().lock() {
+            c.insert(ses.node_id, self.0.peer.clone());
         }
         if let Ok(mut actor) = self.0.session_actor.lock() {
             *actor = Some(ses.actor);
@@ -313,6 +363,9 @@ impl NodeEventSubscription for SessionWatch {
 
     fn node_session_disconnected(&self, ses: NodeServerSessionInformation) {
         if ses.peer_addr == self.0.label {
+            if let Ok(mut c) = certified().lock() {
+                c.remove(&ses.node_id);
+            }
             self.0.end(SessionEnd::Stopped);
         }
     }
@@ -534,11 +587,17 @@ fn prepare(
     recv: RecvStream,
 ) -> Result<(SessionHandle, QuicBidiStream), SessionError> {
     let (peer, peer_role) = tls::peer_identity(&quic::peer_certificates(conn))?;
+    let local = node_server
+        .get_name()
+        .and_then(|n| n.strip_prefix(NODE_SERVER_PREFIX).map(str::to_owned))
+        .unwrap_or_default();
+    let policy: SessionPolicy = guard::policy_of(&local);
     let n = NEXT_SESSION.fetch_add(1, Ordering::Relaxed);
     let label = format!("{LABEL_PREFIX}{n}/{peer}@{}", conn.remote_address());
     let (state_tx, state_rx) = watch::channel(SessionState::Opening);
     let shared = Arc::new(SessionShared {
         label: label.clone(),
+        peer: peer.clone(),
         expected_name: ractor_node_name(&peer),
         conn: conn.clone(),
         state: state_tx,
@@ -558,11 +617,18 @@ fn prepare(
         let why = watcher.conn.closed().await;
         watcher.end(SessionEnd::ConnectionClosed(why.to_string()));
     });
+    let guard = Guard::new(
+        ractor_node_name(&peer),
+        peer.clone(),
+        peer_role,
+        policy,
+        SESSION_FRAME_BYTES_MAX,
+    );
     let stream = QuicBidiStream {
         send,
         recv,
         peer_label: label,
-        on_read_drop: Some(shared.clone()),
+        on_read_drop: Some((shared.clone(), guard)),
     };
     let handle = SessionHandle {
         peer,

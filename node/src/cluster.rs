@@ -103,6 +103,7 @@ pub async fn start_with(
     config: ClusterConfig,
 ) -> anyhow::Result<ClusterParts> {
     let node_server = session::start_node_server(id, cookie).await?;
+    tributary_cluster::guard::set_policy(id, session_policy());
     let (publish, members) = watch::channel(Vec::new());
     let (membership, _) = Actor::spawn(
         Some(membership_name(id)),
@@ -149,6 +150,23 @@ pub async fn start_with(
             }
         }
     })
+}
+
+/// What a peer may do over its session: an edge may join only its own
+/// control groups (so it can never stand in for another edge's control
+/// actor), a cloud node the cloud's groups.
+pub fn session_policy() -> tributary_cluster::guard::SessionPolicy {
+    use crate::dashboard::inbox::DASHBOARD_GROUP;
+    tributary_cluster::guard::SessionPolicy {
+        may_join: Arc::new(|peer: &NodeId, role: Role, group: &str| match role {
+            Role::Edge => {
+                group == control::EDGE_CONTROL_GROUP
+                    || group == control::edge_control_group(peer.as_str())
+            }
+            Role::Cloud => group == control::CLOUD_CONTROL_GROUP || group == DASHBOARD_GROUP,
+        }),
+        ..Default::default()
+    }
 }
 
 /// The edge's hook on each new uplink connection: dial the session on it.

@@ -126,11 +126,17 @@ pub async fn call_edge(
 ) -> Result<ControlReply, ControlError> {
     let group = edge_control_group(edge_id);
     // Only a remote member crosses the session: a local one is this very
-    // process's edge (two nodes sharing a process, as in tests). Sessions
-    // are numbered in order, so the newest session's member is the live one.
+    // process's edge (two nodes sharing a process, as in tests). A member
+    // counts only if the session it came over is certified as that edge's,
+    // whatever group it joined. Sessions are numbered in order, so the
+    // newest session's member is the live one.
     let control = ractor::pg::get_members(&group)
         .into_iter()
         .filter(|m| !m.get_id().is_local())
+        .filter(|m| {
+            tributary_cluster::session::certified_peer(m.get_id().node())
+                .is_some_and(|p| p.as_str() == edge_id)
+        })
         .max_by_key(|m| m.get_id().node())
         .ok_or_else(|| ControlError::NotFound {
             edge: edge_id.to_string(),
