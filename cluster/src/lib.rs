@@ -15,6 +15,7 @@ pub mod backoff;
 pub mod guard;
 pub mod net;
 pub mod quic;
+pub mod reports;
 pub mod session;
 pub mod tls;
 pub mod uplink;

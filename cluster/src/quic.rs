@@ -73,6 +73,10 @@ pub struct QuicConfig {
     /// Incoming connections accepted by the endpoint but not yet handed to
     /// the application; more are refused.
     pub incoming_max: usize,
+    /// How long an accepted connection may take to open its first stream;
+    /// a connection that opens none is closed, so idle connections cannot
+    /// hold the server's set-up slots.
+    pub first_stream_timeout_ms: u64,
 }
 
 /// The round trip assumed before one is measured; it paces handshake resends.
@@ -90,6 +94,7 @@ impl Default for QuicConfig {
             connection_receive_window_bytes: 8 * 1024 * 1024,
             send_window_bytes: 8 * 1024 * 1024,
             incoming_max: 256,
+            first_stream_timeout_ms: 5_000,
         }
     }
 }
@@ -132,6 +137,9 @@ impl QuicConfig {
         }
         if self.incoming_max == 0 {
             return invalid("incoming_max", "must be at least 1");
+        }
+        if self.first_stream_timeout_ms == 0 {
+            return invalid("first_stream_timeout_ms", "must be at least 1");
         }
         Ok(())
     }
@@ -224,6 +232,9 @@ pub enum StreamKind {
     Session = 1,
     /// The uplink's frames.
     Uplink = 2,
+    /// A node's status reports for the cloud's dashboard (see
+    /// [`crate::reports`]).
+    Report = 3,
 }
 
 impl StreamKind {
@@ -231,6 +242,7 @@ impl StreamKind {
         match byte {
             1 => Some(Self::Session),
             2 => Some(Self::Uplink),
+            3 => Some(Self::Report),
             _ => None,
         }
     }
@@ -457,7 +469,7 @@ mod tests {
 
     #[test]
     fn stream_kind_bytes() {
-        for kind in [StreamKind::Session, StreamKind::Uplink] {
+        for kind in [StreamKind::Session, StreamKind::Uplink, StreamKind::Report] {
             assert_eq!(StreamKind::from_byte(kind as u8), Some(kind));
         }
         assert_eq!(StreamKind::from_byte(0), None);

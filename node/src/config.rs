@@ -125,6 +125,8 @@ settings! {
     pending_segments_max: usize = 64, "TRIBUTARY_PENDING_SEGMENTS_MAX";
     /// Cloud: how long an edge has to say Hello [default: 5000].
     hello_timeout_ms: u64 = 5_000, "TRIBUTARY_HELLO_TIMEOUT_MS";
+    /// Cloud: how long a new connection may take to open its first stream before it is closed [default: 5000].
+    first_stream_timeout_ms: u64 = 5_000, "TRIBUTARY_FIRST_STREAM_TIMEOUT_MS";
     /// Cloud: how often to log what flows, 0 for never [default: 2000].
     report_interval_ms: u64 = 2_000, "TRIBUTARY_REPORT_INTERVAL_MS";
     /// Cloud: serve the supervision dashboard (and /metrics) here, e.g. 127.0.0.1:8080; empty for none [default: empty].
@@ -410,6 +412,7 @@ impl Resolved {
             keep_alive_interval_ms: self.keep_alive_interval_ms,
             idle_timeout_ms: self.idle_timeout_ms,
             connect_timeout_ms: self.connect_timeout_ms,
+            first_stream_timeout_ms: self.first_stream_timeout_ms,
             ..Default::default()
         }
     }

@@ -37,12 +37,16 @@ const REPLACE_TIMEOUT_MS: u64 = 10_000;
 /// Connections in setup at once (handshake and first stream); more wait in
 /// the endpoint's queue, itself bounded by `incoming_max`.
 const CONNECTIONS_SETTING_UP_MAX: usize = 256;
+/// Connections one certified peer may hold at once; more are refused.
+pub const CONNECTIONS_PER_PEER_MAX: usize = 4;
 
 /// Counters of the cloud's data path; they only grow.
 #[derive(Debug, Default)]
 pub struct CloudCounters {
     pub connections_accepted: AtomicU64,
     pub connections_refused: AtomicU64,
+    /// Connection attempts answered with a Retry (address validation) under load.
+    pub connections_retried: AtomicU64,
     pub readings_committed: AtomicU64,
     pub segments_committed: AtomicU64,
     pub segments_duplicate: AtomicU64,
@@ -188,16 +192,76 @@ fn ingest_name(prefix: &str, edge: &str) -> String {
     format!("{prefix}ingest/{edge}")
 }
 
+/// Live connections per certified peer, so that one certificate cannot take
+/// every connection slot (an edge needs one, two for a moment while a new
+/// connection replaces a dead one).
+#[derive(Clone, Default)]
+struct PerPeer(Arc<Mutex<HashMap<String, usize>>>);
+
+/// One connection's place in [`PerPeer`], given back when it ends.
+struct PeerSlot {
+    table: PerPeer,
+    peer: String,
+}
+
+impl PerPeer {
+    fn take(&self, peer: &str) -> Option<PeerSlot> {
+        let mut t = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        let n = t.entry(peer.to_owned()).or_default();
+        if *n >= CONNECTIONS_PER_PEER_MAX {
+            return None;
+        }
+        *n += 1;
+        Some(PeerSlot {
+            table: self.clone(),
+            peer: peer.to_owned(),
+        })
+    }
+}
+
+impl Drop for PeerSlot {
+    fn drop(&mut self) {
+        let mut t = self.table.0.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(n) = t.get_mut(&self.peer) {
+            *n -= 1;
+            if *n == 0 {
+                t.remove(&self.peer);
+            }
+        }
+    }
+}
+
 async fn serve_connection(
     conn: IncomingConnection,
     listener: ActorRef<ListenerMsg>,
     counters: Arc<CloudCounters>,
     on_session: Option<SessionHook>,
     permit: tokio::sync::OwnedSemaphorePermit,
+    per_peer: PerPeer,
 ) {
+    let peer = match conn.peer() {
+        Ok((id, _)) => id.to_string(),
+        Err(e) => {
+            counters.connections_refused.fetch_add(1, Relaxed);
+            conn.close_identity_mismatch(&e.to_string());
+            return;
+        }
+    };
+    let Some(_slot) = per_peer.take(&peer) else {
+        counters.connections_refused.fetch_add(1, Relaxed);
+        tracing::warn!(%peer, max = CONNECTIONS_PER_PEER_MAX, "a peer holds too many connections; refusing another");
+        conn.close_refused("too many connections from this peer");
+        return;
+    };
     let mut permit = Some(permit);
+    let mut first = true;
     loop {
-        let next = conn.next_stream().await;
+        let next = if first {
+            first = false;
+            conn.first_stream().await
+        } else {
+            conn.next_stream().await
+        };
         // Set up: its first stream is routed, or the attempt failed.
         permit.take();
         match next {
@@ -206,6 +270,9 @@ async fn serve_connection(
                 if listener.send_message(ListenerMsg::Incoming(up)).is_err() {
                     return;
                 }
+            }
+            Ok(IncomingStream::Report(reports)) => {
+                tracing::debug!(peer = %reports.peer, "no report stream served here; dropped");
             }
             Ok(IncomingStream::Session(streams)) => match &on_session {
                 Some(hook) => hook(conn.handle(), streams),
@@ -223,6 +290,11 @@ async fn serve_connection(
                     }
                     E::Quic(_) => {
                         tracing::debug!(peer = %conn.remote_address(), error = %e, "connection ended");
+                    }
+                    E::FirstStreamTimeout { .. } => {
+                        counters.connections_refused.fetch_add(1, Relaxed);
+                        tracing::info!(%peer, error = %e, "closing an idle connection");
+                        conn.close_protocol_error(&e.to_string());
                     }
                     _ => {
                         counters.protocol_errors.fetch_add(1, Relaxed);
@@ -261,17 +333,32 @@ impl Actor for Listener {
         let c = counters.clone();
         let setting_up = Arc::new(tokio::sync::Semaphore::new(CONNECTIONS_SETTING_UP_MAX));
         let on_session = args.on_session.clone();
+        let per_peer = PerPeer::default();
         let accept_task = tokio::spawn(async move {
             while let Some(pending) = ep.accept().await {
                 // Bounds the connections in setup (handshake, first stream);
-                // an established connection gives its permit back.
-                let Ok(permit) = setting_up.clone().acquire_owned().await else {
-                    return;
+                // an established connection gives its permit back. Under
+                // load, an attempt must prove its address first (a stateless
+                // Retry costs nothing to send); with no slot left it is
+                // refused rather than waited for, so the accept loop never
+                // stalls behind slow or idle peers.
+                let free = setting_up.available_permits();
+                if free < CONNECTIONS_SETTING_UP_MAX / 2 && !pending.address_validated() {
+                    c.connections_retried.fetch_add(1, Relaxed);
+                    pending.retry();
+                    continue;
+                }
+                let Ok(permit) = setting_up.clone().try_acquire_owned() else {
+                    c.connections_refused.fetch_add(1, Relaxed);
+                    tracing::debug!(peer = %pending.remote_address(), "every set-up slot is taken; refusing a connection");
+                    pending.refuse();
+                    continue;
                 };
-                let (me, c, hook) = (me.clone(), c.clone(), on_session.clone());
+                let (me, c, hook, pp) =
+                    (me.clone(), c.clone(), on_session.clone(), per_peer.clone());
                 tokio::spawn(async move {
                     match pending.complete().await {
-                        Ok(conn) => serve_connection(conn, me, c, hook, permit).await,
+                        Ok(conn) => serve_connection(conn, me, c, hook, permit, pp).await,
                         Err(e) => {
                             c.connections_refused.fetch_add(1, Relaxed);
                             tracing::warn!(error = %e, "handshake refused");

@@ -136,6 +136,8 @@ pub enum UplinkSetupError {
     BadEdgeId { claimed: String, reason: String },
     #[error("the edge says it is {claimed:?} but its certificate does not name it: {reason}")]
     IdentityMismatch { claimed: String, reason: String },
+    #[error("the connection opened no stream within {timeout_ms} ms")]
+    FirstStreamTimeout { timeout_ms: u64 },
 }
 
 /// The edge's end of a fresh uplink: Hello is not sent yet.
@@ -301,6 +303,8 @@ pub struct SessionStreams {
 pub enum IncomingStream {
     Uplink(Box<AcceptedUplink>),
     Session(SessionStreams),
+    /// The peer's status reports, with its certified id.
+    Report(Box<crate::reports::ReportReader>),
 }
 
 /// A connection attempt whose handshake has not completed yet.
@@ -312,6 +316,32 @@ pub struct PendingConnection {
 }
 
 impl PendingConnection {
+    /// Whether the peer proved it owns its address (it came back with a
+    /// Retry token): a flood of spoofed Initials cannot.
+    pub fn address_validated(&self) -> bool {
+        self.incoming.remote_address_validated()
+    }
+
+    pub fn remote_address(&self) -> std::net::SocketAddr {
+        self.incoming.remote_address()
+    }
+
+    /// Answers with a stateless Retry, which a real client follows with a
+    /// token proving its address; nothing is kept meanwhile. Refuses instead
+    /// if the attempt already carried a token.
+    pub fn retry(self) {
+        if self.incoming.may_retry() {
+            let _ = self.incoming.retry();
+        } else {
+            self.incoming.refuse();
+        }
+    }
+
+    /// Refuses the attempt (the peer is told the server is busy).
+    pub fn refuse(self) {
+        self.incoming.refuse();
+    }
+
     /// Completes the handshake (which verifies the peer's certificate chain),
     /// within `connect_timeout_ms`.
     pub async fn complete(self) -> Result<IncomingConnection, UplinkSetupError> {
@@ -398,6 +428,30 @@ impl IncomingConnection {
         self.conn.remote_address()
     }
 
+    /// The peer's id and role, from its certificate.
+    pub fn peer(&self) -> Result<(crate::tls::NodeId, crate::tls::Role), crate::tls::TlsError> {
+        crate::tls::peer_identity(&crate::quic::peer_certificates(&self.conn))
+    }
+
+    /// The connection's first stream, which must come within
+    /// `first_stream_timeout_ms`: a connection that opens none holds a
+    /// set-up slot for nothing.
+    pub async fn first_stream(&self) -> Result<IncomingStream, UplinkSetupError> {
+        let timeout = Duration::from_millis(self.quic.first_stream_timeout_ms);
+        match tokio::time::timeout(timeout, self.next_stream()).await {
+            Ok(r) => r,
+            Err(_) => Err(UplinkSetupError::FirstStreamTimeout {
+                timeout_ms: self.quic.first_stream_timeout_ms,
+            }),
+        }
+    }
+
+    /// Closes the connection as refused (too many of this peer's).
+    pub fn close_refused(&self, reason: &str) {
+        self.conn
+            .close(crate::quic::CLOSE_REFUSED, reason.as_bytes());
+    }
+
     pub fn handle(&self) -> LinkHandle {
         LinkHandle::new(self.conn.clone())
     }
@@ -420,6 +474,13 @@ impl IncomingConnection {
             }
             crate::quic::StreamKind::Session => {
                 Ok(IncomingStream::Session(SessionStreams { send, recv }))
+            }
+            crate::quic::StreamKind::Report => {
+                drop(send);
+                let (peer, _) = self.peer().map_err(crate::quic::QuicError::from)?;
+                Ok(IncomingStream::Report(Box::new(
+                    crate::reports::ReportReader::new(peer, recv),
+                )))
             }
         }
     }

@@ -77,6 +77,7 @@ fn serve_cloud(endpoint: Arc<CloudEndpoint>, hook: SessionHook) {
                     match stream {
                         IncomingStream::Uplink(up) => uplinks.push(up),
                         IncomingStream::Session(streams) => hook(conn.handle(), streams),
+                        IncomingStream::Report(_) => {}
                     }
                 }
             });
