@@ -133,6 +133,14 @@ settings! {
     dashboard_addr: String = String::new(), "TRIBUTARY_DASHBOARD_ADDR";
     /// Cloud: the bearer token the dashboard's actions require; empty turns actions off [default: empty].
     dashboard_token: String = String::new(), "TRIBUTARY_DASHBOARD_TOKEN";
+    /// Cloud: require the dashboard token to view the page and its API too, not only for actions [default: false].
+    dashboard_view_token_required: bool = false, "TRIBUTARY_DASHBOARD_VIEW_TOKEN_REQUIRED";
+    /// Cloud: HTTP connections the dashboard serves at once; more are closed at once [default: 256].
+    dashboard_connections_max: usize = 256, "TRIBUTARY_DASHBOARD_CONNECTIONS_MAX";
+    /// Cloud: live pages (event streams) one client address may hold [default: 8].
+    dashboard_pages_per_client_max: usize = 8, "TRIBUTARY_DASHBOARD_PAGES_PER_CLIENT_MAX";
+    /// Cloud: how long a client may take to send a request's headers [default: 5000].
+    dashboard_header_read_timeout_ms: u64 = 5_000, "TRIBUTARY_DASHBOARD_HEADER_READ_TIMEOUT_MS";
     /// Cloud: the topic every dashboard action is written to, for audit [default: tributary.audit].
     audit_topic: String = "tributary.audit".into(), "TRIBUTARY_AUDIT_TOPIC";
     /// Serve Prometheus /metrics here (any node), e.g. 127.0.0.1:9100; empty for none [default: empty].
@@ -264,6 +272,24 @@ impl Resolved {
             if !addr.is_empty() && addr.parse::<SocketAddr>().is_err() {
                 return Err(bad(name, format!("must be an ip:port, not {addr:?}")));
             }
+        }
+        if self.dashboard_view_token_required && self.dashboard_token.is_empty() {
+            return Err(bad(
+                "dashboard_view_token_required",
+                "needs dashboard_token to be set",
+            ));
+        }
+        if self.dashboard_connections_max == 0 || self.dashboard_pages_per_client_max == 0 {
+            return Err(bad(
+                "dashboard_connections_max",
+                "dashboard_connections_max and dashboard_pages_per_client_max must be at least 1",
+            ));
+        }
+        if !(100..=600_000).contains(&self.dashboard_header_read_timeout_ms) {
+            return Err(bad(
+                "dashboard_header_read_timeout_ms",
+                "must be between 100 and 600000",
+            ));
         }
         if !self.dashboard_token.is_empty() && self.dashboard_token.len() < 16 {
             return Err(bad(

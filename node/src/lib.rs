@@ -591,6 +591,10 @@ async fn start_dashboard(
             latest: latest.clone(),
             token: Some(s.dashboard_token.clone()),
             audit,
+            view_token_required: s.dashboard_view_token_required,
+            connections_max: s.dashboard_connections_max,
+            pages_per_client_max: s.dashboard_pages_per_client_max,
+            header_read_timeout_ms: s.dashboard_header_read_timeout_ms,
         })
         .await?;
         tracing::info!(addr = %served.local_addr, actions = !s.dashboard_token.is_empty(), "dashboard serving");

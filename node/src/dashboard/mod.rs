@@ -16,6 +16,7 @@
 pub mod inbox;
 pub mod metrics;
 pub mod report;
+pub mod reports;
 pub mod server;
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
@@ -136,6 +137,11 @@ pub struct Hub {
     reports: BTreeMap<String, Reported>,
     /// Reports refused because `NODES_MAX` nodes were already known.
     pub reports_refused: u64,
+    /// Reports whose sender is not the node they describe (a report stream
+    /// is bound to its connection's certificate).
+    pub reports_spoofed: u64,
+    /// Reports that did not decode.
+    pub reports_undecodable: u64,
     members: Vec<Member>,
     throughput: VecDeque<ThroughputPoint>,
     latency: VecDeque<LatencyPoint>,
@@ -175,6 +181,8 @@ impl Hub {
             cloud_id: cloud_id.to_string(),
             reports: BTreeMap::new(),
             reports_refused: 0,
+            reports_spoofed: 0,
+            reports_undecodable: 0,
             members: Vec::new(),
             throughput: VecDeque::new(),
             latency: VecDeque::new(),
@@ -183,6 +191,19 @@ impl Hub {
             actors_removed: BTreeSet::new(),
             last_tick: None,
         }
+    }
+
+    /// Keeps a report that came from `peer` (its certified id): a report of
+    /// another node is refused and counted.
+    pub fn put_report_from(&mut self, peer: &str, report: NodeReport, now_ms: u64) {
+        if report.node_id != peer {
+            self.reports_spoofed += 1;
+            if self.reports_spoofed.is_power_of_two() {
+                tracing::warn!(%peer, claimed = %report.node_id, spoofed = self.reports_spoofed, "a node sent a report for another node; refused (logged at powers of two)");
+            }
+            return;
+        }
+        self.put_report(report, now_ms);
     }
 
     /// Keeps `report` as its node's latest. A complete report replaces the

@@ -66,6 +66,14 @@ pub struct DashboardArgs {
     pub latest: LatestReport,
     pub token: Option<String>,
     pub audit: Option<Arc<KafkaAudit>>,
+    /// The token is needed to view too (`dashboard_view_token_required`).
+    pub view_token_required: bool,
+    /// HTTP connections served at once (`dashboard_connections_max`).
+    pub connections_max: usize,
+    /// Live pages one client address may hold (`dashboard_pages_per_client_max`).
+    pub pages_per_client_max: usize,
+    /// How long a request's headers may take (`dashboard_header_read_timeout_ms`).
+    pub header_read_timeout_ms: u64,
 }
 
 /// A bound server, serving until the process ends.
