@@ -17,9 +17,9 @@ DIR=$(mktemp -d /tmp/tributary-bench-dash.XXXXXX)
 : "${TRIBUTARY_KAFKA_BOOTSTRAP:?set TRIBUTARY_KAFKA_BOOTSTRAP to a running Kafka}"
 export TRIBUTARY_TLS_DIR="$DIR/pki"
 "$NODE" certs init --dir "$DIR/pki" >/dev/null
-for n in "cloud-1 cloud" "edge-1 edge" "edge-2 edge"; do
-    set -- $n
-    "$NODE" certs issue --dir "$DIR/pki" --id "$1" --role "$2" >/dev/null
+"$NODE" certs issue --dir "$DIR/pki" --id cloud-1 --role cloud >/dev/null
+for e in edge-1 edge-2; do
+    "$NODE" certs issue --dir "$DIR/pki" --id "$e" --role edge --out "$DIR/pki/$e" >/dev/null
 done
 PIDS=()
 cleanup() { kill "${PIDS[@]}" 2>/dev/null || true; wait 2>/dev/null || true; }
@@ -39,7 +39,7 @@ run() { # $1 = with dashboard (1) or not (0)
     PIDS+=("$cloud")
     sleep 3
     for e in edge-1 edge-2; do
-        "$NODE" --role edge --node-id "$e" --cloud-addr 127.0.0.1:24499 \
+        "$NODE" --role edge --node-id "$e" --tls-dir "$DIR/pki/$e" --cloud-addr 127.0.0.1:24499 \
             --outbox-dir "$DIR/$e-$tag.outbox" --device-count "$DEVICES" --device-rate-hz 0.2 \
             --report-interval-ms 0 >"$DIR/$e-$tag.log" 2>&1 &
         PIDS+=($!)

@@ -644,6 +644,16 @@ impl NodeIdentity {
         &self.id
     }
 
+    /// A short fingerprint of the cluster's CA (the first 48 bits of the
+    /// SHA-256 of its certificate, in hex): the same on every node of one
+    /// cluster, and different for another cluster sharing the same Kafka.
+    pub fn cluster_fingerprint(&self) -> String {
+        use sha2::Digest;
+        let der = self.ca.first().map(|c| c.as_ref()).unwrap_or_default();
+        let digest = sha2::Sha256::digest(der);
+        digest[..6].iter().map(|b| format!("{b:02x}")).collect()
+    }
+
     pub fn role(&self) -> Role {
         self.role
     }

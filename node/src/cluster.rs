@@ -72,6 +72,8 @@ pub struct ClusterParts {
     pub on_session: Option<SessionHook>,
     /// This node's members, updated at each change (and RTT sample).
     pub members: watch::Receiver<Vec<Member>>,
+    /// An edge's dashboard reports, on each connection's report stream.
+    pub reports: Option<crate::dashboard::reports::ReportLink>,
 }
 
 /// The registry name of node `id`'s membership actor. Names are
@@ -130,10 +132,12 @@ pub async fn start_with(
                 id.to_string(),
             )
             .await?;
+            let reports = crate::dashboard::reports::ReportLink::new();
             ClusterParts {
-                on_connect: Some(edge_on_connect(node)),
+                on_connect: Some(edge_on_connect(node, reports.clone())),
                 on_session: None,
                 members,
+                reports: Some(reports),
             }
         }
         Role::Cloud => {
@@ -147,6 +151,7 @@ pub async fn start_with(
                 on_connect: None,
                 on_session: Some(cloud_on_session(node)),
                 members,
+                reports: None,
             }
         }
     })
@@ -169,9 +174,11 @@ pub fn session_policy() -> tributary_cluster::guard::SessionPolicy {
     }
 }
 
-/// The edge's hook on each new uplink connection: dial the session on it.
-fn edge_on_connect(node: Arc<Node>) -> OnConnect {
+/// The edge's hook on each new uplink connection: dial the session on it,
+/// and open the report stream.
+fn edge_on_connect(node: Arc<Node>, reports: crate::dashboard::reports::ReportLink) -> OnConnect {
     Arc::new(move |link: &LinkHandle| {
+        reports.attach(link);
         let (node, link) = (node.clone(), link.clone());
         tokio::spawn(async move {
             let ns = node.node_server.clone();

@@ -113,8 +113,8 @@ settings! {
     readings_partitions: i32 = 3, "TRIBUTARY_READINGS_PARTITIONS";
     /// Cloud: the compacted topic of per-edge high-water marks [default: tributary.hwm].
     hwm_topic: String = "tributary.hwm".into(), "TRIBUTARY_HWM_TOPIC";
-    /// Cloud: prefix of the per-edge transactional.id [default: tributary-ingest].
-    transactional_id_prefix: String = "tributary-ingest".into(), "TRIBUTARY_TRANSACTIONAL_ID_PREFIX";
+    /// Cloud: prefix of the transactional.ids; empty derives it from the cluster's CA, so that every cloud node of a cluster has the same and fences the others (set it only for Kafka ACLs, and then the same on every cloud node) [default: tributary-<CA fingerprint>].
+    transactional_id_prefix: String = String::new(), "TRIBUTARY_TRANSACTIONAL_ID_PREFIX";
     /// Cloud: the broker aborts a transaction left open this long; it bounds how long a crashed cloud node delays every edge's recovery [default: 15000].
     transaction_timeout_ms: u64 = 15_000, "TRIBUTARY_TRANSACTION_TIMEOUT_MS";
     /// Cloud: bound on one log commit, below transaction_timeout_ms [default: 10000].

@@ -94,6 +94,10 @@ enum CertsCommand {
         /// Validity in days.
         #[arg(long, default_value_t = 365)]
         days: u32,
+        /// Also lay out OUT as the node's tls_dir: ca.pem and its certificate
+        /// and key, without the CA's key (an edge must not hold it).
+        #[arg(long)]
+        out: Option<PathBuf>,
     },
 }
 
@@ -174,6 +178,7 @@ fn certs(command: CertsCommand) -> anyhow::Result<()> {
             id,
             role,
             days,
+            out,
         } => {
             let id = NodeId::new(id)?;
             let paths = tls::issue(&dir, &id, role, days)?;
@@ -181,9 +186,47 @@ fn certs(command: CertsCommand) -> anyhow::Result<()> {
                 "issued {role} certificate for {id}: {}",
                 paths.cert.display()
             );
+            if let Some(out) = out {
+                std::fs::create_dir_all(&out)
+                    .with_context(|| format!("creating {}", out.display()))?;
+                let to = tls::NodePaths::in_dir(&out, &id);
+                let from_ca = dir.join("ca.pem");
+                for (from, to) in [
+                    (&paths.cert, &to.cert),
+                    (&paths.key, &to.key),
+                    (&from_ca, &to.ca),
+                ] {
+                    std::fs::copy(from, to).with_context(|| {
+                        format!("copying {} to {}", from.display(), to.display())
+                    })?;
+                }
+                println!("laid out {} as {id}'s tls_dir", out.display());
+            }
         }
     }
     Ok(())
+}
+
+/// The cluster CA's key lets whoever holds it mint a certificate for any
+/// node. An edge, in a place we do not control, must never hold it; a cloud
+/// node may (it signs), but is warned.
+fn check_no_ca_key(tls_dir: &std::path::Path, role: Role) -> anyhow::Result<()> {
+    let key = tls_dir.join("ca.key");
+    if !key.exists() {
+        return Ok(());
+    }
+    match role {
+        Role::Edge => bail!(
+            "tls_dir {} holds the cluster CA's key (ca.key): whoever holds it can mint a certificate \
+             for any node. An edge needs only ca.pem and its own certificate and key: move ca.key \
+             off this machine",
+            tls_dir.display()
+        ),
+        Role::Cloud => {
+            tracing::warn!(path = %key.display(), "the cluster CA's key is in this cloud node's tls_dir: keep it readable by this node's signer only");
+            Ok(())
+        }
+    }
 }
 
 async fn run(role: Role, s: config::Resolved, topology: Option<Topology>) -> anyhow::Result<()> {
@@ -200,6 +243,14 @@ async fn run(role: Role, s: config::Resolved, topology: Option<Topology>) -> any
             identity.role()
         );
     }
+    if identity.id() != &id {
+        bail!(
+            "node_id is {id}, but the certificate in tls_dir {} names {}: a node runs under the id its certificate gives",
+            s.tls_dir.display(),
+            identity.id()
+        );
+    }
+    check_no_ca_key(&s.tls_dir, role)?;
     if let Some(t) = &topology {
         let labels = s.labels();
         let part = t.part_for(id.as_str(), &labels, role);
@@ -498,9 +549,16 @@ async fn report_mqtt(call_ms: u64) {
 
 async fn run_cloud(
     identity: NodeIdentity,
-    s: config::Resolved,
+    mut s: config::Resolved,
     topology: Option<&Topology>,
 ) -> anyhow::Result<()> {
+    if s.transactional_id_prefix.is_empty() {
+        // The same on every cloud node of the cluster (they share its CA),
+        // so that any two fence each other; another cluster on the same
+        // Kafka has its own.
+        s.transactional_id_prefix = format!("tributary-{}", identity.cluster_fingerprint());
+    }
+    tracing::info!(transactional_id_prefix = %s.transactional_id_prefix, "fencing prefix");
     let sink_cfg = KafkaSinkConfig {
         bootstrap_servers: s.kafka_bootstrap.clone(),
         readings_topic: s.readings_topic.clone(),

@@ -164,7 +164,9 @@ fn node(args: &[&str]) {
     );
 }
 
-/// Creates a CA and certificates for `cloud-1` and the given edges in `dir`.
+/// Creates a CA and certificates for `cloud-1` and the given edges in `dir`
+/// (the cloud's tls_dir), and each edge's own tls_dir, without the CA's
+/// key, in `dir/<edge>` (see [`edge_tls_dir`]).
 pub fn make_pki(dir: &Path, edges: &[&str]) {
     let d = dir.to_str().expect("utf-8 path");
     node(&["certs", "init", "--dir", d]);
@@ -172,8 +174,17 @@ pub fn make_pki(dir: &Path, edges: &[&str]) {
         "certs", "issue", "--dir", d, "--id", "cloud-1", "--role", "cloud",
     ]);
     for e in edges {
-        node(&["certs", "issue", "--dir", d, "--id", e, "--role", "edge"]);
+        let out = edge_tls_dir(dir, e);
+        let out = out.to_str().expect("utf-8 path");
+        node(&[
+            "certs", "issue", "--dir", d, "--id", e, "--role", "edge", "--out", out,
+        ]);
     }
+}
+
+/// An edge's tls_dir as [`make_pki`] lays it out.
+pub fn edge_tls_dir(pki: &Path, edge: &str) -> PathBuf {
+    pki.join(edge)
 }
 
 impl Fixture {
@@ -227,7 +238,7 @@ impl Fixture {
                     "--node-id",
                     id,
                     "--tls-dir",
-                    pki.to_str().expect("utf-8"),
+                    edge_tls_dir(&pki, id).to_str().expect("utf-8"),
                     "--cloud-addr",
                     &cloud_addr.to_string(),
                     "--outbox-dir",

@@ -15,7 +15,9 @@ use tributary_cluster::uplink::link::{DialedUplink, EdgeConnector};
 use tributary_cluster::uplink::{Frame, SegmentFrame};
 use tributary_tests::broker::shared_bootstrap;
 use tributary_tests::checker::{check, consume_all, read_ack_logs, Report};
-use tributary_tests::fixture::{assert_exactly_once, make_pki, Fixture, Workload, DRAIN};
+use tributary_tests::fixture::{
+    assert_exactly_once, edge_tls_dir, make_pki, Fixture, Workload, DRAIN,
+};
 use tributary_tests::process::{node_binary, NodeProcess};
 
 /// A node refusing its settings does so before it opens anything: this is generous.
@@ -109,8 +111,10 @@ async fn invalid_settings_are_refused_by_name() {
     let pki = dir.path().join("pki");
     make_pki(&pki, &["edge-1"]);
     let pki_s = pki.to_str().expect("utf-8");
+    let edge_dir = edge_tls_dir(&pki, "edge-1");
+    let edge_s = edge_dir.to_str().expect("utf-8");
     let edge = |extra: &[&'static str]| -> Vec<String> {
-        let mut v: Vec<String> = ["--role", "edge", "--node-id", "edge-1", "--tls-dir", pki_s]
+        let mut v: Vec<String> = ["--role", "edge", "--node-id", "edge-1", "--tls-dir", edge_s]
             .iter()
             .map(|s| s.to_string())
             .collect();
@@ -174,6 +178,14 @@ async fn invalid_settings_are_refused_by_name() {
             .map(|s| s.to_string())
             .collect(),
             vec![missing_tls],
+        ),
+        (
+            "the CA's key in an edge's tls_dir",
+            ["--role", "edge", "--node-id", "edge-1", "--tls-dir", pki_s]
+                .iter()
+                .map(|s| s.to_string())
+                .collect(),
+            vec!["ca.key"],
         ),
         (
             "missing config file",
@@ -367,13 +379,17 @@ async fn edges_certified_by_another_ca_are_refused_and_the_good_edge_flows() {
     // the cloud's check of the client certificate can refuse it.
     let foreign = f.dir.path().join("pki-foreign");
     make_pki(&foreign, &["edge-2"]);
-    std::fs::copy(f.dir.path().join("pki/ca.pem"), foreign.join("ca.pem"))
-        .expect("trusting the real CA");
-    f.edges[1].set("tls-dir", foreign.to_str().expect("utf-8"));
+    let foreign_edge = edge_tls_dir(&foreign, "edge-2");
+    std::fs::copy(
+        f.dir.path().join("pki/ca.pem"),
+        foreign_edge.join("ca.pem"),
+    )
+    .expect("trusting the real CA");
+    f.edges[1].set("tls-dir", foreign_edge.to_str().expect("utf-8"));
     // edge-3 lives wholly in another PKI: it refuses the cloud as well.
     let stranger = f.dir.path().join("pki-stranger");
     make_pki(&stranger, &["edge-3"]);
-    f.edges[2].set("tls-dir", stranger.to_str().expect("utf-8"));
+    f.edges[2].set("tls-dir", edge_tls_dir(&stranger, "edge-3").to_str().expect("utf-8"));
     f.start_cloud().await;
     for i in 0..3 {
         f.workload(i, &w);
