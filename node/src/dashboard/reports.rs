@@ -59,7 +59,9 @@ impl ReportLink {
                         *slot = None;
                     }
                     Err(_) => {
-                        tracing::debug!("a report took too long to write; waiting for the next connection");
+                        tracing::debug!(
+                            "a report took too long to write; waiting for the next connection"
+                        );
                         *slot = None;
                     }
                 }
