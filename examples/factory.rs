@@ -4,14 +4,19 @@
 //!
 //! `scripts/demo.sh` runs it (Kafka, Mosquitto, a cloud node, two edges and
 //! an MQTT publisher). By hand, with Kafka and an MQTT broker running and
-//! certificates issued with `node certs` (see the README):
+//! certificates issued with `node certs` (see the README; an edge's labels
+//! are part of its certificate):
 //!
 //! ```text
-//! cargo build -p tributary-examples --example factory
-//! F=target/debug/examples/factory
+//! cargo build -p tributary-node -p tributary-examples --example factory
+//! N=target/debug/node F=target/debug/examples/factory
+//! $N certs init --dir pki && $N certs issue --dir pki --id cloud-1 --role cloud
+//! for e in edge-1 edge-2; do
+//!   $N certs issue --dir pki --id $e --role edge --labels plant-a --out pki/$e
+//! done
 //! $F --role cloud --node-id cloud-1 --tls-dir pki --kafka-bootstrap 127.0.0.1:9092
-//! $F --role edge --node-id edge-1 --labels plant-a --tls-dir pki --mqtt-addr 127.0.0.1:1883
-//! $F --role edge --node-id edge-2 --labels plant-a --tls-dir pki
+//! $F --role edge --node-id edge-1 --tls-dir pki/edge-1 --mqtt-addr 127.0.0.1:1883
+//! $F --role edge --node-id edge-2 --tls-dir pki/edge-2
 //! ```
 //!
 //! Every flag of `node` works here too (`--help`): the topology says *what*

@@ -56,13 +56,14 @@ PIDS+=("$MQTT_PID")
 say "Creating the cluster CA and node certificates"
 "$NODE" certs init --dir "$DIR/pki"
 "$NODE" certs issue --dir "$DIR/pki" --id cloud-1 --role cloud
-# Each edge gets a tls_dir of its own, without the CA's key.
-"$NODE" certs issue --dir "$DIR/pki" --id edge-1 --role edge --out "$DIR/pki/edge-1"
-"$NODE" certs issue --dir "$DIR/pki" --id edge-2 --role edge --out "$DIR/pki/edge-2"
+# Each edge gets a tls_dir of its own, without the CA's key. Its labels are
+# in its certificate: the cloud admits the streams those labels place on it.
+"$NODE" certs issue --dir "$DIR/pki" --id edge-1 --role edge --labels plant-a --out "$DIR/pki/edge-1"
+"$NODE" certs issue --dir "$DIR/pki" --id edge-2 --role edge --labels plant-a --out "$DIR/pki/edge-2"
 export TRIBUTARY_TLS_DIR="$DIR/pki"
 
 edge() {
-    "$FACTORY" --role edge --node-id "$1" --tls-dir "$DIR/pki/$1" --labels plant-a --cloud-addr "127.0.0.1:$CLOUD_PORT" \
+    "$FACTORY" --role edge --node-id "$1" --tls-dir "$DIR/pki/$1" --cloud-addr "127.0.0.1:$CLOUD_PORT" \
         --outbox-dir "$DIR/$1.outbox" --mqtt-addr "127.0.0.1:$MQTT_PORT" \
         --mqtt-client-id "factory-$1" --report-interval-ms 5000 \
         >>"$DIR/$1.log" 2>&1 &

@@ -86,12 +86,15 @@ async fn a_failed_commit_restarts_the_stages_from_the_committed_offset() {
     // The spike's batch fails to commit: the actor fails, and its restart
     // must read that batch again from the committed offset.
     log.fail_commits(1);
-    log.append((0..150).map(|i| reading(i, if i == 100 { 500.0 } else { 20.0 })));
+    log.append(
+        "edge-1",
+        (0..150).map(|i| reading(i, if i == 100 { 500.0 } else { 20.0 })),
+    );
     until("the first 150 readings committed", || {
         log.committed_offset() == 150
     })
     .await;
-    log.append((150..300).map(|i| reading(i, 20.0)));
+    log.append("edge-1", (150..300).map(|i| reading(i, 20.0)));
     until("every reading committed", || log.committed_offset() == 300).await;
 
     let outputs = log.outputs();
@@ -109,4 +112,51 @@ async fn a_failed_commit_restarts_the_stages_from_the_committed_offset() {
         .as_deref()
         .unwrap_or_default()
         .contains("unavailable"));
+}
+
+/// Two edges that both name a device `press-1` feed two states: a condition
+/// that holds on one edge for 3 s and then on the other for 3 s is not a
+/// condition that held for 6 s, and an alert names its edge.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn state_is_kept_per_edge_and_device() {
+    use tributary_actors::stages::secs;
+    let topology = Topology::builder("t")
+        .edge("plant", |e| e.source("sim", Simulated::devices(1)))
+        .cloud(|c| {
+            c.stage(
+                "overheat",
+                "sim",
+                Threshold::above("temperature", 100.0).for_at_least(secs(5)),
+            )
+            .sink("alerts", "overheat", Kafka::topic("alerts"))
+        })
+        .build()
+        .unwrap();
+    let part = topology.part_for("cloud-1", &[], Role::Cloud);
+    let log = MemoryStageLog::new();
+    let l = log.clone();
+    let args = CloudStagesArgs {
+        open_log: Arc::new(move || Ok(Box::new(l.open()) as Box<dyn StageLog>)),
+        stages: part.stages.iter().map(|c| (*c).clone()).collect(),
+        sinks: vec![("overheat".into(), "alerts".into())],
+        restarts: StageRestarts::default(),
+        batch_readings_max: 64,
+        poll_ms: 5,
+        watermark_lag_ms: 1_000,
+        report_interval_ms: 0,
+        alerts: None,
+    };
+    let (_stages, _handle) = Actor::spawn(None, CloudStages, args).await.unwrap();
+    log.append("edge-1", (0..=3).map(|i| reading(i, 500.0)));
+    log.append("edge-2", (3..=6).map(|i| reading(i, 500.0)));
+    // Then edge-1 alone, hot for 6 s: that one alerts.
+    log.append("edge-1", (10..=16).map(|i| reading(i, 500.0)));
+    until("every reading committed", || log.committed_offset() == 15).await;
+    let alerts: Vec<serde_json::Value> = log
+        .outputs()
+        .iter()
+        .map(|o| serde_json::from_slice(&o.value).unwrap())
+        .collect();
+    assert_eq!(alerts.len(), 1, "{alerts:?}");
+    assert_eq!(alerts[0]["device_id"], "edge-1/press-1");
 }

@@ -14,9 +14,9 @@ use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
 use rdkafka::{ClientConfig, Offset, TopicPartitionList};
 use tributary_actors::reading::{Metric, Reading, Value};
 use tributary_actors::sink::kafka::{
-    KafkaLog, KafkaSinkConfig, HEADER_EDGE, HEADER_EPOCH, HEADER_SEQ,
+    KafkaLog, KafkaSinkConfig, HEADER_EDGE, HEADER_EPOCH, HEADER_REFUSED, HEADER_SEQ,
 };
-use tributary_actors::sink::{Hwm, LogSink, SegmentBatch, SinkError};
+use tributary_actors::sink::{Hwm, LogSink, RefusedReading, SegmentBatch, SinkError};
 
 /// Bound on every read-back of a topic in these tests.
 const READ_TIMEOUT: Duration = Duration::from_secs(30);
@@ -48,6 +48,7 @@ fn test_config(tag: &str) -> KafkaSinkConfig {
     KafkaSinkConfig {
         readings_topic: format!("test.{id}.readings"),
         hwm_topic: format!("test.{id}.hwm"),
+        refused_topic: format!("test.{id}.refused"),
         transactional_id_prefix: format!("test-{id}"),
         readings_partitions: 3,
         ..KafkaSinkConfig::new(bootstrap())
@@ -80,7 +81,7 @@ fn batch(seq: u64, device: &str, n: usize) -> SegmentBatch {
     let readings = (0..n)
         .map(|i| reading(&format!("{device}-{}", i % 3), seq as usize * 10_000 + i))
         .collect();
-    SegmentBatch { seq, readings }
+    SegmentBatch::new(seq, readings)
 }
 
 #[derive(Debug)]
@@ -309,6 +310,61 @@ fn committed_records_are_visible_with_headers_and_the_mark_recovers() {
             .high_water_mark()
             .unwrap(),
         Some(hwm2)
+    );
+}
+
+#[test]
+fn refused_readings_go_to_the_refused_topic_in_the_same_transaction() {
+    let config = KafkaSinkConfig {
+        message_bytes_max: 2_000,
+        ..test_config("refused")
+    };
+    let log = KafkaLog::new(config.clone()).unwrap();
+    let mut writer = log.open_edge("edge-r").unwrap();
+    let mut b = batch(1, "press", 4);
+    b.refused = vec![RefusedReading {
+        reading: reading("intruder", 99),
+        reason: "stream \"plant-a\" is not one edge-r may send".into(),
+    }];
+    let hwm = Hwm { epoch: 2, seq: 1 };
+    writer.commit("edge-r", hwm, &[b]).unwrap();
+
+    let admitted = committed_readings(&config);
+    assert_eq!(admitted.len(), 4);
+    assert!(admitted.iter().all(|r| r.device_id != "intruder"));
+    let refused = read_committed(&config.refused_topic);
+    assert_eq!(refused.len(), 1, "{refused:?}");
+    let r = &refused[0];
+    assert_eq!(r.key.as_deref(), Some("intruder"));
+    assert_eq!(
+        r.headers.get(HEADER_EDGE).map(String::as_str),
+        Some("edge-r")
+    );
+    assert_eq!(r.headers.get(HEADER_SEQ).map(String::as_str), Some("1"));
+    assert!(r.headers[HEADER_REFUSED].contains("plant-a"), "{r:?}");
+    assert_eq!(writer.high_water_mark().unwrap(), Some(hwm));
+
+    // A refused reading the topic cannot take aborts the whole transaction:
+    // the admitted readings sent before it are discarded with it.
+    let mut big = reading("intruder", 100);
+    big.metrics.push(Metric {
+        name: "label".into(),
+        value: Value::Str("x".repeat(4_000)),
+        unit: None,
+    });
+    let mut b = batch(2, "press", 3);
+    b.refused = vec![RefusedReading {
+        reading: big,
+        reason: "x".into(),
+    }];
+    assert!(writer
+        .commit("edge-r", Hwm { epoch: 2, seq: 2 }, &[b])
+        .is_err());
+    assert_eq!(read_committed(&config.refused_topic).len(), 1);
+    assert_eq!(committed_readings(&config).len(), 4);
+    assert_eq!(
+        log.open_edge("edge-r").unwrap().high_water_mark().unwrap(),
+        Some(hwm)
     );
 }
 
@@ -547,7 +603,7 @@ fn a_reading_larger_than_the_message_limit_aborts_without_retry() {
     // and leave the producer's sequence numbers usable.
     let mut readings: Vec<Reading> = (0..500).map(|i| reading("small", i)).collect();
     readings.push(big);
-    let batches = [SegmentBatch { seq: 1, readings }];
+    let batches = [SegmentBatch::new(1, readings)];
     let err = writer
         .commit("edge-l", Hwm { epoch: 1, seq: 1 }, &batches)
         .unwrap_err();
@@ -563,10 +619,7 @@ fn a_reading_larger_than_the_message_limit_aborts_without_retry() {
         .commit(
             "edge-l",
             hwm,
-            &[SegmentBatch {
-                seq: 2,
-                readings: vec![reading("small", 1000)],
-            }],
+            &[SegmentBatch::new(2, vec![reading("small", 1000)])],
         )
         .unwrap();
     let devices: Vec<String> = committed_readings(&config)

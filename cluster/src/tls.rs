@@ -6,6 +6,11 @@
 //! cloud node can serve any edge. Only the ring provider is used, always set
 //! explicitly, because ractor_cluster links aws-lc-rs too and rustls would
 //! panic choosing between them.
+//!
+//! An edge's labels (where the topology places it: a plant, a line) are part
+//! of its certificate too, one DNS SAN `<label>.label.tributary` each, so the
+//! cloud decides which streams an edge may send from what the CA signed, not
+//! from what the edge says.
 
 use std::fmt;
 use std::fs;
@@ -32,6 +37,13 @@ pub const ALPN: &[u8] = b"tributary/1";
 
 /// The DNS zone every node name lives in.
 pub const DNS_ZONE: &str = "tributary";
+
+/// The zone of label names: `<label>.label.tributary`.
+pub const LABEL_ZONE: &str = "label.tributary";
+
+/// Labels one certificate may carry; each is one more SAN checked on every
+/// handshake.
+pub const LABELS_MAX: usize = 16;
 
 /// The server name edges dial; every cloud certificate carries it.
 pub const CLOUD_SERVER_NAME: &str = "cloud.tributary";
@@ -137,6 +149,8 @@ pub enum TlsError {
     NoIdentity,
     #[error("the certificate names several nodes ({names:?}): expected exactly one")]
     AmbiguousIdentity { names: Vec<String> },
+    #[error("invalid label {label:?}: {rule}")]
+    InvalidLabel { label: String, rule: String },
 }
 
 /// A node's id: one lowercase DNS label, so it can sit inside a certificate
@@ -344,6 +358,18 @@ pub fn issue(
     role: Role,
     validity_days: u32,
 ) -> Result<NodePaths, TlsError> {
+    issue_labelled(dir, id, role, &[], validity_days)
+}
+
+/// [`issue`], the certificate carrying `labels` (at most [`LABELS_MAX`], each
+/// one lowercase DNS label, like a node id).
+pub fn issue_labelled(
+    dir: &Path,
+    id: &NodeId,
+    role: Role,
+    labels: &[String],
+    validity_days: u32,
+) -> Result<NodePaths, TlsError> {
     if validity_days == 0 {
         return Err(TlsError::InvalidValidity {
             subject: id.to_string(),
@@ -353,7 +379,7 @@ pub fn issue(
     let now = SystemTime::now();
     let not_before = now - Duration::from_secs(NOT_BEFORE_BACKDATE_SECS);
     let not_after = now + Duration::from_secs(u64::from(validity_days) * SECS_PER_DAY);
-    issue_with_validity(dir, id, role, not_before, not_after)
+    issue_inner(dir, id, role, labels, not_before, not_after)
 }
 
 /// [`issue`] with an explicit validity window, for tests of expired or
@@ -365,6 +391,45 @@ pub fn issue_with_validity(
     not_before: SystemTime,
     not_after: SystemTime,
 ) -> Result<NodePaths, TlsError> {
+    issue_inner(dir, id, role, &[], not_before, not_after)
+}
+
+/// Checks labels for a certificate: the rules of a node id, at most
+/// [`LABELS_MAX`], no repeats.
+pub fn check_labels(labels: &[String]) -> Result<(), TlsError> {
+    if labels.len() > LABELS_MAX {
+        return Err(TlsError::InvalidLabel {
+            label: labels.join(","),
+            rule: format!("at most {LABELS_MAX} labels per certificate"),
+        });
+    }
+    for (i, label) in labels.iter().enumerate() {
+        NodeId::new(label.clone()).map_err(|e| TlsError::InvalidLabel {
+            label: label.clone(),
+            rule: match e {
+                TlsError::InvalidNodeId { rule, .. } => rule.to_string(),
+                other => other.to_string(),
+            },
+        })?;
+        if labels[..i].contains(label) {
+            return Err(TlsError::InvalidLabel {
+                label: label.clone(),
+                rule: "given twice".into(),
+            });
+        }
+    }
+    Ok(())
+}
+
+fn issue_inner(
+    dir: &Path,
+    id: &NodeId,
+    role: Role,
+    labels: &[String],
+    not_before: SystemTime,
+    not_after: SystemTime,
+) -> Result<NodePaths, TlsError> {
+    check_labels(labels)?;
     let subject = id.dns_name(role);
     if not_after <= not_before {
         return Err(TlsError::InvalidValidity {
@@ -385,6 +450,7 @@ pub fn issue_with_validity(
     if role == Role::Cloud {
         names.push(CLOUD_SERVER_NAME.to_string());
     }
+    names.extend(labels.iter().map(|l| format!("{l}.{LABEL_ZONE}")));
     let mut params = CertificateParams::new(names).map_err(|source| TlsError::Params {
         subject: subject.clone(),
         source,
@@ -578,6 +644,7 @@ fn read_key(path: &Path) -> Result<PrivateKeyDer<'static>, TlsError> {
 pub struct NodeIdentity {
     id: NodeId,
     role: Role,
+    labels: Vec<String>,
     chain: Vec<CertificateDer<'static>>,
     key: PrivateKeyDer<'static>,
     ca: Vec<CertificateDer<'static>>,
@@ -589,6 +656,7 @@ impl Clone for NodeIdentity {
         Self {
             id: self.id.clone(),
             role: self.role,
+            labels: self.labels.clone(),
             chain: self.chain.clone(),
             key: self.key.clone_key(),
             ca: self.ca.clone(),
@@ -623,9 +691,11 @@ impl NodeIdentity {
             },
             other => other,
         })?;
+        let labels = peer_labels(&chain)?;
         Ok(Self {
             id,
             role,
+            labels,
             chain,
             key: key_der,
             ca: ca_certs,
@@ -656,6 +726,11 @@ impl NodeIdentity {
 
     pub fn role(&self) -> Role {
         self.role
+    }
+
+    /// The labels the certificate carries, sorted.
+    pub fn labels(&self) -> &[String] {
+        &self.labels
     }
 
     pub fn certificate_chain(&self) -> &[CertificateDer<'static>] {
@@ -780,9 +855,67 @@ pub fn peer_identity(peer_certs_der: &[CertificateDer<'_>]) -> Result<(NodeId, R
     }
 }
 
+/// The labels a certificate carries (its SANs `<label>.label.tributary`),
+/// sorted. Each is re-checked with the certificate's own name validation.
+pub fn peer_labels(peer_certs_der: &[CertificateDer<'_>]) -> Result<Vec<String>, TlsError> {
+    let leaf = parse_end_entity(peer_certs_der)?;
+    let mut labels: Vec<String> = leaf
+        .valid_dns_names()
+        .filter_map(|name| {
+            let label = name.strip_suffix(LABEL_ZONE)?.strip_suffix('.')?;
+            NodeId::new(label).ok()?;
+            let dns = ServerName::try_from(name.to_string()).ok()?;
+            leaf.verify_is_valid_for_subject_name(&dns).ok()?;
+            Some(label.to_string())
+        })
+        .take(LABELS_MAX)
+        .collect();
+    labels.sort();
+    labels.dedup();
+    Ok(labels)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn labels_travel_in_the_certificate() {
+        let dir = tempfile::tempdir().unwrap();
+        init_ca(dir.path()).unwrap();
+        let id = NodeId::new("edge-1").unwrap();
+        let labels = vec!["plant-b".to_string(), "line-2".to_string()];
+        let paths = issue_labelled(dir.path(), &id, Role::Edge, &labels, 30).unwrap();
+        let ident = NodeIdentity::load(&paths.cert, &paths.key, &paths.ca).unwrap();
+        assert_eq!(
+            ident.id(),
+            &id,
+            "a label SAN is not mistaken for the node's name"
+        );
+        assert_eq!(ident.role(), Role::Edge);
+        assert_eq!(ident.labels(), ["line-2", "plant-b"]);
+        assert_eq!(
+            peer_labels(ident.certificate_chain()).unwrap(),
+            ident.labels()
+        );
+
+        let plain = issue(dir.path(), &NodeId::new("edge-2").unwrap(), Role::Edge, 30).unwrap();
+        let ident = NodeIdentity::load(&plain.cert, &plain.key, &plain.ca).unwrap();
+        assert!(ident.labels().is_empty());
+
+        for (bad, rule) in [
+            (vec!["Plant".to_string()], "a-z"),
+            (vec!["a.b".to_string()], "a-z"),
+            (vec!["x".to_string(), "x".to_string()], "twice"),
+            (
+                (0..=LABELS_MAX).map(|i| format!("l{i}")).collect(),
+                "at most",
+            ),
+        ] {
+            let err = issue_labelled(dir.path(), &id, Role::Edge, &bad, 30).unwrap_err();
+            assert!(err.to_string().contains(rule), "{bad:?}: {err}");
+        }
+    }
 
     #[test]
     fn node_id_rules() {

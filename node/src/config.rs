@@ -113,6 +113,8 @@ settings! {
     readings_partitions: i32 = 3, "TRIBUTARY_READINGS_PARTITIONS";
     /// Cloud: the compacted topic of per-edge high-water marks [default: tributary.hwm].
     hwm_topic: String = "tributary.hwm".into(), "TRIBUTARY_HWM_TOPIC";
+    /// Cloud: where readings the cloud refuses (invalid, or of a stream the topology does not place on their edge) are kept, with the reason [default: tributary.refused].
+    refused_topic: String = "tributary.refused".into(), "TRIBUTARY_REFUSED_TOPIC";
     /// Cloud: prefix of the transactional.ids; empty derives it from the cluster's CA, so that every cloud node of a cluster has the same and fences the others (set it only for Kafka ACLs, and then the same on every cloud node) [default: tributary-<CA fingerprint>].
     transactional_id_prefix: String = String::new(), "TRIBUTARY_TRANSACTIONAL_ID_PREFIX";
     /// Cloud: the broker aborts a transaction left open this long; it bounds how long a crashed cloud node delays every edge's recovery [default: 15000].

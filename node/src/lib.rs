@@ -98,6 +98,11 @@ enum CertsCommand {
         /// and key, without the CA's key (an edge must not hold it).
         #[arg(long)]
         out: Option<PathBuf>,
+        /// Labels the topology places the node by (comma separated). They
+        /// are part of the certificate, so the cloud accepts from an edge
+        /// only the streams of the edge blocks its labels select.
+        #[arg(long, value_delimiter = ',')]
+        labels: Vec<String>,
     },
 }
 
@@ -179,9 +184,10 @@ fn certs(command: CertsCommand) -> anyhow::Result<()> {
             role,
             days,
             out,
+            labels,
         } => {
             let id = NodeId::new(id)?;
-            let paths = tls::issue(&dir, &id, role, days)?;
+            let paths = tls::issue_labelled(&dir, &id, role, &labels, days)?;
             println!(
                 "issued {role} certificate for {id}: {}",
                 paths.cert.display()
@@ -229,7 +235,30 @@ fn check_no_ca_key(tls_dir: &std::path::Path, role: Role) -> anyhow::Result<()> 
     }
 }
 
-async fn run(role: Role, s: config::Resolved, topology: Option<Topology>) -> anyhow::Result<()> {
+/// The node's labels are its certificate's: the cloud places an edge, and
+/// admits its streams, by what the CA signed. A `labels` setting may restate
+/// them, but not differ.
+fn certified_labels(s: &config::Resolved, identity: &NodeIdentity) -> anyhow::Result<String> {
+    let mut set: Vec<&str> = s.labels();
+    set.sort_unstable();
+    set.dedup();
+    let certified: Vec<&str> = identity.labels().iter().map(String::as_str).collect();
+    if !set.is_empty() && set != certified {
+        bail!(
+            "labels is {:?}, but the certificate of {} carries {:?}: labels are part of a node's certificate (node certs issue --labels), so the cloud can trust them; reissue the certificate or drop the setting",
+            s.labels,
+            identity.id(),
+            identity.labels().join(",")
+        );
+    }
+    Ok(certified.join(","))
+}
+
+async fn run(
+    role: Role,
+    mut s: config::Resolved,
+    topology: Option<Topology>,
+) -> anyhow::Result<()> {
     let id = NodeId::new(s.node_id.clone())?;
     let identity = NodeIdentity::load_from_dir(&s.tls_dir, &id).with_context(|| {
         format!(
@@ -251,6 +280,7 @@ async fn run(role: Role, s: config::Resolved, topology: Option<Topology>) -> any
         );
     }
     check_no_ca_key(&s.tls_dir, role)?;
+    s.labels = certified_labels(&s, &identity)?;
     if let Some(t) = &topology {
         let labels = s.labels();
         let part = t.part_for(id.as_str(), &labels, role);
@@ -485,6 +515,7 @@ async fn report_edge(every: std::time::Duration) {
             sealed_through = gs.sealed_through,
             acked_through = us.acked_through,
             segments_quarantined = gs.stats.segments_quarantined,
+            quarantined_evicted = gs.stats.quarantined_evicted,
             readings_future = gs.readings_future,
             commits = gs.commits,
             stage_input_log = gs.stage_input_log_entries,
@@ -564,6 +595,7 @@ async fn run_cloud(
         readings_topic: s.readings_topic.clone(),
         readings_partitions: s.readings_partitions,
         hwm_topic: s.hwm_topic.clone(),
+        refused_topic: s.refused_topic.clone(),
         transactional_id_prefix: s.transactional_id_prefix.clone(),
         transaction_timeout_ms: s.transaction_timeout_ms,
         commit_timeout_ms: s.commit_timeout_ms,
@@ -579,6 +611,22 @@ async fn run_cloud(
     let counters = Arc::new(tributary_actors::cloud::CloudCounters::default());
     let alerts = tributary_actors::cloud::stages::AlertFeed::default();
     let members = cluster.members.clone();
+    let hub = Arc::new(std::sync::Mutex::new(dashboard::Hub::new(&s.node_id)));
+    // Reports travel on a stream of the sender's own connection, so the hub
+    // knows whose they are; without a dashboard they are not read.
+    let on_report: Option<tributary_actors::cloud::ReportHook> =
+        config::Resolved::addr(&s.dashboard_addr).map(|_| {
+            let hub = hub.clone();
+            Arc::new(
+                move |reader: Box<tributary_cluster::reports::ReportReader>| {
+                    tokio::spawn(dashboard::reports::serve(*reader, hub.clone()));
+                },
+            ) as tributary_actors::cloud::ReportHook
+        });
+    let admission = match topology {
+        Some(t) => tributary_actors::cloud::admit::Admission::by_topology(Arc::new(t.clone())),
+        None => tributary_actors::cloud::admit::Admission::any(),
+    };
     let args = CloudArgs {
         listen_addr: s.listen_addr,
         identity,
@@ -592,6 +640,8 @@ async fn run_cloud(
         sink: Arc::new(log),
         report_interval_ms: s.report_interval_ms,
         on_session: cluster.on_session,
+        on_report,
+        admission,
         names_prefix: String::new(),
         network: tributary_cluster::net::os(),
         counters: counters.clone(),
@@ -604,7 +654,7 @@ async fn run_cloud(
         Some(t) => start_cloud_stages(t, &s, stages_sink_cfg, alerts.clone()).await?,
         None => None,
     };
-    let _dashboard = start_dashboard(&s, counters, alerts, members).await?;
+    let _dashboard = start_dashboard(&s, hub, counters, alerts, members).await?;
     wait_for_stop(listener.get_cell(), handle, stages).await
 }
 
@@ -612,6 +662,7 @@ async fn run_cloud(
 /// either; the ticker runs whenever one of them does.
 async fn start_dashboard(
     s: &config::Resolved,
+    hub: Arc<std::sync::Mutex<dashboard::Hub>>,
     counters: Arc<tributary_actors::cloud::CloudCounters>,
     alerts: tributary_actors::cloud::stages::AlertFeed,
     members: tokio::sync::watch::Receiver<Vec<cluster::Member>>,
@@ -624,7 +675,6 @@ async fn start_dashboard(
     if dashboard_addr.is_none() && metrics_addr.is_none() {
         return Ok(Vec::new());
     }
-    let hub = Arc::new(std::sync::Mutex::new(dashboard::Hub::new(&s.node_id)));
     let latest = dashboard::metrics::LatestReport::default();
     let mut tasks = Vec::new();
     let mut updates = None;

@@ -136,6 +136,8 @@ pub struct Fixture {
     pub dir: tempfile::TempDir,
     pub bootstrap: String,
     pub topic: String,
+    /// Where the cloud writes the readings it refuses.
+    pub refused_topic: String,
     /// The cloud's `transactional_id_prefix`, which also names its stages' group.
     pub txn_prefix: String,
     pub cloud_addr: SocketAddr,
@@ -182,6 +184,28 @@ pub fn make_pki(dir: &Path, edges: &[&str]) {
     }
 }
 
+/// Issues `edge`'s certificate again, carrying `labels`, into the PKI that
+/// [`make_pki`] laid out in `dir` (and the edge's own tls_dir).
+pub fn label_edge(dir: &Path, edge: &str, labels: &[&str]) {
+    let d = dir.to_str().expect("utf-8 path");
+    let out = edge_tls_dir(dir, edge);
+    let labels = labels.join(",");
+    node(&[
+        "certs",
+        "issue",
+        "--dir",
+        d,
+        "--id",
+        edge,
+        "--role",
+        "edge",
+        "--labels",
+        &labels,
+        "--out",
+        out.to_str().expect("utf-8 path"),
+    ]);
+}
+
 /// An edge's tls_dir as [`make_pki`] lays it out.
 pub fn edge_tls_dir(pki: &Path, edge: &str) -> PathBuf {
     pki.join(edge)
@@ -198,6 +222,7 @@ impl Fixture {
         make_pki(&pki, edge_ids);
         let topic = unique_topic(&format!("{name}-readings"));
         let hwm = unique_topic(&format!("{name}-hwm"));
+        let refused_topic = unique_topic(&format!("{name}-refused"));
         let txn_prefix = unique_topic(&format!("{name}-txn"));
         let cloud_addr = free_udp_addr();
         let cloud_args: Vec<String> = [
@@ -215,6 +240,8 @@ impl Fixture {
             &topic,
             "--hwm-topic",
             &hwm,
+            "--refused-topic",
+            &refused_topic,
             "--transactional-id-prefix",
             &txn_prefix,
             "--transaction-timeout-ms",
@@ -275,6 +302,7 @@ impl Fixture {
             dir,
             bootstrap: bootstrap.to_string(),
             topic,
+            refused_topic,
             txn_prefix,
             cloud_addr,
             cloud: None,
@@ -298,6 +326,16 @@ impl Fixture {
         }
         self.program = program;
         self
+    }
+
+    /// The PKI's directory (the cloud's tls_dir; edge `e`'s is `pki/<e>`).
+    pub fn pki(&self) -> PathBuf {
+        self.dir.path().join("pki")
+    }
+
+    /// Gives edge `i` a certificate carrying `labels` (before its start).
+    pub fn label_edge(&self, i: usize, labels: &[&str]) {
+        label_edge(&self.pki(), &self.edges[i].id, labels);
     }
 
     /// Adds `--<flag> <value>` to the cloud's arguments (before its start).

@@ -380,16 +380,16 @@ async fn edges_certified_by_another_ca_are_refused_and_the_good_edge_flows() {
     let foreign = f.dir.path().join("pki-foreign");
     make_pki(&foreign, &["edge-2"]);
     let foreign_edge = edge_tls_dir(&foreign, "edge-2");
-    std::fs::copy(
-        f.dir.path().join("pki/ca.pem"),
-        foreign_edge.join("ca.pem"),
-    )
-    .expect("trusting the real CA");
+    std::fs::copy(f.dir.path().join("pki/ca.pem"), foreign_edge.join("ca.pem"))
+        .expect("trusting the real CA");
     f.edges[1].set("tls-dir", foreign_edge.to_str().expect("utf-8"));
     // edge-3 lives wholly in another PKI: it refuses the cloud as well.
     let stranger = f.dir.path().join("pki-stranger");
     make_pki(&stranger, &["edge-3"]);
-    f.edges[2].set("tls-dir", edge_tls_dir(&stranger, "edge-3").to_str().expect("utf-8"));
+    f.edges[2].set(
+        "tls-dir",
+        edge_tls_dir(&stranger, "edge-3").to_str().expect("utf-8"),
+    );
     f.start_cloud().await;
     for i in 0..3 {
         f.workload(i, &w);

@@ -19,7 +19,9 @@ use tributary_cluster::uplink::{CommitBatch, Frame, Ingest, IngestConfig, Refuse
 use super::{CloudCounters, WriterPool};
 use crate::clock::Clock;
 use crate::outbox::segment;
-use crate::sink::{EdgeLogWriter, Hwm, LogSink, SegmentBatch, SinkCalls, SinkError};
+use crate::sink::{
+    EdgeLogWriter, Hwm, LogSink, RefusedReading, SegmentBatch, SinkCalls, SinkError,
+};
 
 /// Close code when the cloud gives up on a link (protocol error or log down).
 const CLOSE_PROTOCOL: u32 = 1;
@@ -30,6 +32,8 @@ const CLOSE_DRAIN: std::time::Duration = std::time::Duration::from_secs(1);
 
 pub struct IngestArgs {
     pub uplink: Box<AcceptedUplink>,
+    /// What this edge may send.
+    pub admission: super::admit::EdgeAdmission,
     pub sink: Arc<dyn LogSink>,
     pub pool: WriterPool,
     pub core: IngestConfig,
@@ -66,7 +70,14 @@ pub struct IngestState {
     closing: Option<(u32, String)>,
     pool: WriterPool,
     counters: Arc<CloudCounters>,
+    admission: super::admit::EdgeAdmission,
+    /// When a refusal was last logged, so a flood logs once per interval.
+    refused_logged_at: Option<std::time::Instant>,
 }
+
+/// At most one log line per interval about refused readings; the counter
+/// has every one.
+const REFUSED_LOG_INTERVAL: std::time::Duration = std::time::Duration::from_secs(10);
 
 impl IngestState {
     /// Closes the link after the frames already queued (a Refuse, most
@@ -89,6 +100,31 @@ impl IngestState {
         }
     }
 
+    /// Splits a segment's readings into those admitted and those refused.
+    fn admit(&mut self, seq: u64, readings: Vec<crate::reading::Reading>) -> SegmentBatch {
+        let mut batch = SegmentBatch::new(seq, Vec::with_capacity(readings.len()));
+        for reading in readings {
+            match self.admission.check(&reading) {
+                Ok(()) => batch.readings.push(reading),
+                Err(reason) => batch.refused.push(RefusedReading { reading, reason }),
+            }
+        }
+        if let Some(first) = batch.refused.first() {
+            let total = self.counters.readings_refused.fetch_add(
+                batch.refused.len() as u64,
+                std::sync::atomic::Ordering::Relaxed,
+            ) + batch.refused.len() as u64;
+            let due = self
+                .refused_logged_at
+                .is_none_or(|t| t.elapsed() >= REFUSED_LOG_INTERVAL);
+            if due {
+                self.refused_logged_at = Some(std::time::Instant::now());
+                tracing::warn!(edge = %self.edge_id, seq, refused = batch.refused.len(), total, reason = %first.reason, "readings refused; they go to the refused topic");
+            }
+        }
+        batch
+    }
+
     fn pump(&mut self, myself: &ActorRef<IngestMsg>) {
         self.flush_transmit();
         if self.committing || self.writer.is_none() {
@@ -100,10 +136,7 @@ impl IngestState {
         let mut batches = Vec::with_capacity(batch.segments.len());
         for seg in &batch.segments {
             match segment::decode_payload(&seg.bytes, seg.readings_count) {
-                Ok(readings) => batches.push(SegmentBatch {
-                    seq: seg.seq,
-                    readings,
-                }),
+                Ok(readings) => batches.push(self.admit(seg.seq, readings)),
                 Err(e) => {
                     self.counters
                         .segments_malformed
@@ -234,6 +267,7 @@ impl Actor for IngestActor {
             IngestMsg::Recovered(result)
         });
         tracing::info!(edge = %edge_id, epoch = up.epoch, next_seq = up.next_seq, peer = %up.handle.remote_address(), "edge connected");
+        tracing::debug!(edge = %edge_id, labels = ?up.labels, streams = ?args.admission.streams(), "what this edge may send");
         Ok(IngestState {
             edge_id,
             core,
@@ -247,6 +281,8 @@ impl Actor for IngestActor {
             closing: None,
             pool: args.pool,
             counters: args.counters,
+            admission: args.admission,
+            refused_logged_at: None,
         })
     }
 

@@ -7,6 +7,7 @@
 //!                              the edge reconnects, which starts a new one)
 //! ```
 
+pub mod admit;
 pub mod ingest;
 pub mod stages;
 
@@ -51,6 +52,9 @@ pub struct CloudCounters {
     pub segments_committed: AtomicU64,
     pub segments_duplicate: AtomicU64,
     pub segments_malformed: AtomicU64,
+    /// Readings not admitted (invalid, or of a stream the edge may not send),
+    /// written to the refused topic instead.
+    pub readings_refused: AtomicU64,
     pub transactions: AtomicU64,
     pub protocol_errors: AtomicU64,
     pub log_errors: AtomicU64,
@@ -146,6 +150,11 @@ pub struct CloudArgs {
     /// Serves a cluster session stream an edge opened; without it, session
     /// streams are dropped.
     pub on_session: Option<SessionHook>,
+    /// Serves a report stream an edge opened (its dashboard reports, bound
+    /// to its certificate); without it, report streams are dropped.
+    pub on_report: Option<ReportHook>,
+    /// Which readings the cloud admits from each edge.
+    pub admission: admit::Admission,
     /// Prefixes the names the ingest actors register under; empty in a node
     /// process, unique per incarnation in a simulation that runs several
     /// clouds (or restarts one) in one process.
@@ -158,6 +167,16 @@ pub struct CloudArgs {
 
 /// Takes over a session stream, with a handle on its connection.
 pub type SessionHook = Arc<dyn Fn(LinkHandle, SessionStreams) + Send + Sync>;
+
+/// Takes over a report stream; its reader knows the certified sender.
+pub type ReportHook = Arc<dyn Fn(Box<tributary_cluster::reports::ReportReader>) + Send + Sync>;
+
+/// What a connection's streams other than the uplink are handed to.
+#[derive(Clone, Default)]
+struct StreamHooks {
+    on_session: Option<SessionHook>,
+    on_report: Option<ReportHook>,
+}
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct CloudStatus {
@@ -235,7 +254,7 @@ async fn serve_connection(
     conn: IncomingConnection,
     listener: ActorRef<ListenerMsg>,
     counters: Arc<CloudCounters>,
-    on_session: Option<SessionHook>,
+    hooks: StreamHooks,
     permit: tokio::sync::OwnedSemaphorePermit,
     per_peer: PerPeer,
 ) {
@@ -271,10 +290,13 @@ async fn serve_connection(
                     return;
                 }
             }
-            Ok(IncomingStream::Report(reports)) => {
-                tracing::debug!(peer = %reports.peer, "no report stream served here; dropped");
-            }
-            Ok(IncomingStream::Session(streams)) => match &on_session {
+            Ok(IncomingStream::Report(reports)) => match &hooks.on_report {
+                Some(hook) => hook(reports),
+                None => {
+                    tracing::debug!(peer = %reports.peer, "no report stream served here; dropped")
+                }
+            },
+            Ok(IncomingStream::Session(streams)) => match &hooks.on_session {
                 Some(hook) => hook(conn.handle(), streams),
                 None => {
                     tracing::debug!(peer = %conn.remote_address(), "no cluster session served here; stream dropped")
@@ -332,7 +354,10 @@ impl Actor for Listener {
         let me = myself.clone();
         let c = counters.clone();
         let setting_up = Arc::new(tokio::sync::Semaphore::new(CONNECTIONS_SETTING_UP_MAX));
-        let on_session = args.on_session.clone();
+        let hooks = StreamHooks {
+            on_session: args.on_session.clone(),
+            on_report: args.on_report.clone(),
+        };
         let per_peer = PerPeer::default();
         let accept_task = tokio::spawn(async move {
             while let Some(pending) = ep.accept().await {
@@ -354,11 +379,10 @@ impl Actor for Listener {
                     pending.refuse();
                     continue;
                 };
-                let (me, c, hook, pp) =
-                    (me.clone(), c.clone(), on_session.clone(), per_peer.clone());
+                let (me, c, hooks, pp) = (me.clone(), c.clone(), hooks.clone(), per_peer.clone());
                 tokio::spawn(async move {
                     match pending.complete().await {
-                        Ok(conn) => serve_connection(conn, me, c, hook, permit, pp).await,
+                        Ok(conn) => serve_connection(conn, me, c, hooks, permit, pp).await,
                         Err(e) => {
                             c.connections_refused.fetch_add(1, Relaxed);
                             tracing::warn!(error = %e, "handshake refused");
@@ -404,7 +428,12 @@ impl Actor for Listener {
                         )
                         .await;
                 }
+                let admission = state
+                    .args
+                    .admission
+                    .for_edge(up.edge_id.as_str(), &up.labels);
                 let args = IngestArgs {
+                    admission,
                     uplink: up,
                     sink: state.args.sink.clone(),
                     pool: state.pool.clone(),

@@ -5,6 +5,10 @@
 //! with the batch's offsets. When the log is quiet, the watermark follows the
 //! wall clock (minus `watermark_lag_ms`) so that the last windows close.
 //!
+//! Per-device state is keyed by edge and device: a reading of `press-0`
+//! through `edge-1` enters the stages as device `edge-1/press-0`, and so
+//! leaves them in alerts and sink records.
+//!
 //! Any error of the log fails the actor: the stages' state has absorbed a
 //! batch whose commit did not happen, so only a fresh start from the
 //! committed offsets is consistent. Its supervisor restarts it with backoff.
@@ -188,16 +192,22 @@ impl CloudStagesState {
             let Some(stream) = lr.reading.stream.clone() else {
                 continue;
             };
+            let mut reading = lr.reading;
+            // Devices are named by their edges, which do not coordinate: two
+            // edges may both have a `press-0`. On the cloud a device is
+            // `<edge>/<device>` (an edge id holds no '/'), so their state
+            // never mixes, and one edge cannot touch another's.
+            reading.device_id = format!("{}/{}", lr.edge, reading.device_id);
             if self.pipeline.exits(&stream) {
                 // A sink that reads an edge stream as it is.
                 self.out.push(Emitted {
                     stream: stream.clone(),
-                    output: Output::Reading(lr.reading.clone()),
+                    output: Output::Reading(reading.clone()),
                 });
             }
             if self.pipeline.reads(&stream) {
                 self.pipeline
-                    .handle(now_ms, &stream, lr.reading, &mut self.out)?;
+                    .handle(now_ms, &stream, reading, &mut self.out)?;
             }
         }
         if !polled {

@@ -267,6 +267,9 @@ pub enum GatewayMsg {
     StagesTick,
     Read(ReadRequest, RpcReplyPort<Result<Vec<SegmentFrame>, String>>),
     Acked(u64),
+    /// The cloud refused the outbox's epoch, the log holding the one given:
+    /// answers the outbox's new epoch, or why it cannot move.
+    StaleEpoch(u64, RpcReplyPort<Result<u64, String>>),
     Status(RpcReplyPort<GatewayStatus>),
     /// The durable state entries whose keys start with the prefix (a source
     /// reading back its bookkeeping at start).
@@ -1236,6 +1239,13 @@ impl Actor for Gateway {
                 if let Err(e) = state.outbox.handle_acked(seq) {
                     tracing::error!(seq, error = %e, "deleting acknowledged segments failed; they will be resent and deduplicated");
                 }
+            }
+            GatewayMsg::StaleEpoch(log_epoch, reply) => {
+                let result = state
+                    .outbox
+                    .handle_stale_epoch(log_epoch)
+                    .map_err(|e| e.to_string());
+                let _ = reply.send(result);
             }
             GatewayMsg::Status(reply) => {
                 let _ = reply.send(state.status());

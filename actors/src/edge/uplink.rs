@@ -11,7 +11,9 @@ use tokio::task::JoinHandle;
 
 use tributary_cluster::backoff::Backoff;
 use tributary_cluster::uplink::link::{EdgeConnector, LinkHandle};
-use tributary_cluster::uplink::{EdgeUplink, EdgeUplinkConfig, Frame, ReadRequest, SegmentFrame};
+use tributary_cluster::uplink::{
+    EdgeUplink, EdgeUplinkConfig, Frame, ReadRequest, RefuseCode, SegmentFrame, UplinkError,
+};
 
 use super::gateway::{GatewayMsg, GatewayStatus};
 use super::EdgeNames;
@@ -150,6 +152,24 @@ impl UplinkState {
                 deadline.saturating_duration_since(tokio::time::Instant::now().into_std()),
                 || UplinkMsg::Timer,
             );
+        }
+    }
+
+    /// The cloud refused the outbox's epoch as older than the log's: the
+    /// outbox moves above it if it never sent anything; otherwise the edge
+    /// keeps being refused, and says why, until an operator steps in.
+    async fn stale_epoch(&mut self, log_epoch: u64) {
+        let Some(g) = self.gateway() else { return };
+        match ractor::call_t!(
+            g,
+            GatewayMsg::StaleEpoch,
+            GATEWAY_CALL_TIMEOUT_MS,
+            log_epoch
+        ) {
+            Ok(Ok(epoch)) if epoch > self.core.epoch() => self.core.handle_epoch_moved(epoch),
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => tracing::error!(error = %e, "the cloud refuses this edge's outbox"),
+            Err(e) => tracing::warn!(error = %e, "the gateway did not answer about the epoch"),
         }
     }
 
@@ -318,8 +338,16 @@ impl Actor for Uplink {
                 }
                 let was_up = state.core.is_up();
                 if let Err(e) = state.core.handle_frame(frame) {
-                    tracing::error!(error = %e, "uplink protocol error; reconnecting");
                     state.drop_link(&e.to_string());
+                    if let UplinkError::Refused {
+                        code: RefuseCode::StaleEpoch { log_epoch },
+                        ..
+                    } = e
+                    {
+                        state.stale_epoch(log_epoch).await;
+                    } else {
+                        tracing::error!(error = %e, "uplink protocol error; reconnecting");
+                    }
                     state.schedule_connect(&myself);
                     return Ok(());
                 }

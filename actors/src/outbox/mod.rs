@@ -11,6 +11,15 @@
 //!   first reading, whichever comes first.
 //! - **Identity.** A sealed segment gets the next `seq` of this outbox's
 //!   `epoch`. Seqs only grow and are never reused, even across crashes.
+//! - **Epochs that the clock cannot strand.** A new outbox is dated by the
+//!   edge's clock, which may be behind (a device whose clock reset). The
+//!   cloud refuses an epoch below the log's, as it would a restored backup.
+//!   An outbox that has never sent a segment cannot be a backup whose data
+//!   is in the log, so it moves its epoch above the log's
+//!   ([`Outbox::handle_stale_epoch`]). Whether it ever sent is durable: the
+//!   first read for sending records it, with one fsync per outbox. The epoch
+//!   written in segment headers stays the one the outbox was created with;
+//!   segments travel under the moved one.
 //! - **Deletion only on ack.** A segment leaves the outbox only when the
 //!   cloud confirms it is in the log, or when `drop-oldest` evicts it (counted).
 //! - **Bounded.** Stored and open bytes stay within `outbox_bytes_max`; when
@@ -18,6 +27,11 @@
 //!   evicts the oldest segments.
 //! - **Damage is contained.** Every segment carries a checksum verified when
 //!   read. A damaged segment is quarantined and counted; the rest keeps flowing.
+//!   Quarantined segments are kept for inspection within the budget: they
+//!   count against `outbox_bytes_max`, at most [`QUARANTINED_SEGMENTS_MAX`]
+//!   are kept, and they are the first to go (oldest first, counted as
+//!   `quarantined_evicted`) when room is needed, before any policy applies:
+//!   they can never be sent, and must not hold back readings that can.
 //! - **State rides with the data.** A small state table (key to value) is
 //!   changed only in the same atomic batch as the segment it describes (or in
 //!   a batch of its own), and made durable by the same fsync. Sources keep
@@ -76,6 +90,15 @@ pub const SEGMENT_BYTES_LIMIT: usize = 1024 * 1024;
 pub const STATE_VALUE_BYTES_MAX: usize = SEGMENT_BYTES_LIMIT;
 /// The longest state key.
 pub const STATE_KEY_BYTES_MAX: usize = 1024;
+/// Quarantined segments kept at most; past it, the oldest is deleted.
+pub const QUARANTINED_SEGMENTS_MAX: usize = 64;
+/// State keys under this prefix are the outbox's own; callers' keys never
+/// start with a zero byte.
+pub const RESERVED_STATE_PREFIX: &[u8] = b"\0outbox/";
+/// The epoch the outbox's segments travel under, when it moved (u64 LE).
+const WIRE_EPOCH_KEY: &[u8] = b"\0outbox/wire-epoch";
+/// Present once a segment was read for sending under the current epoch.
+const SENT_KEY: &[u8] = b"\0outbox/sent";
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct OutboxConfig {
@@ -144,6 +167,10 @@ pub enum OutboxError {
     Store(#[from] StoreError),
     #[error("invalid outbox config: {0}")]
     Config(#[from] OutboxConfigError),
+    #[error("the log holds epoch {log_epoch} of this edge, above this outbox's {epoch}, and this outbox has sent segments under its epoch: it is a restored backup or a cloned disk, and resending could write stale readings twice. Move its outbox_dir aside (it holds the unsent readings) and start with an empty one")]
+    StaleAfterSending { epoch: u64, log_epoch: u64 },
+    #[error("the outbox's state entry {key} is damaged: {reason}")]
+    ReservedState { key: &'static str, reason: String },
 }
 
 /// Why a reading was not admitted. The ticket comes back so the caller can
@@ -218,18 +245,28 @@ pub struct OutboxStats {
     pub segments_dropped: u64,
     pub readings_dropped: u64,
     pub segments_quarantined: u64,
+    /// Quarantined segments deleted to make room or past the bound.
+    pub quarantined_evicted: u64,
     pub commit_errors: u64,
 }
 
 pub struct Outbox<T> {
     store: Box<dyn OutboxStore>,
     cfg: OutboxConfig,
-    epoch: u64,
+    /// The epoch in segment headers: the one the store was created with.
+    header_epoch: u64,
+    /// The epoch segments travel under; above `epoch` once it moved.
+    wire_epoch: u64,
+    /// Whether a segment was read for sending under `wire_epoch` (durable).
+    sent: bool,
     sealed_through: u64,
     acked_through: u64,
     /// Durable, unacknowledged segments: seq to stored bytes.
     segments: BTreeMap<u64, u64>,
     stored_bytes: u64,
+    /// Quarantined segments kept: seq to stored bytes.
+    quarantined: BTreeMap<u64, u64>,
+    quarantined_bytes: u64,
     open_payload: Vec<u8>,
     open_tickets: Vec<T>,
     open_keys: Vec<(String, i64)>,
@@ -284,11 +321,26 @@ impl<T> Outbox<T> {
             .keys()
             .next()
             .map_or(sealed_through, |first| first - 1);
-        let quarantined = store.quarantined()?.len();
+        let quarantined_list: BTreeMap<u64, u64> = store.quarantined()?.into_iter().collect();
+        let quarantined_bytes = quarantined_list.values().sum();
+        let quarantined = quarantined_list.len();
         let state: BTreeMap<Vec<u8>, Vec<u8>> = store.load_state()?.into_iter().collect();
         let state_bytes = state.iter().map(|(k, v)| entry_bytes(k, Some(v))).sum();
+        let wire_epoch = match state.get(WIRE_EPOCH_KEY) {
+            None => meta.epoch,
+            Some(v) => match <[u8; 8]>::try_from(v.as_slice()).map(u64::from_le_bytes) {
+                Ok(e) if e > meta.epoch => e,
+                _ => {
+                    return Err(OutboxError::ReservedState {
+                        key: "wire-epoch",
+                        reason: format!("{} bytes, not an epoch above {}", v.len(), meta.epoch),
+                    })
+                }
+            },
+        };
+        let sent = state.contains_key(SENT_KEY);
         let recovery = Recovery {
-            epoch: meta.epoch,
+            epoch: wire_epoch,
             sealed_through,
             acked_through,
             segments: segments.len(),
@@ -298,11 +350,15 @@ impl<T> Outbox<T> {
         let outbox = Self {
             store,
             cfg,
-            epoch: meta.epoch,
+            header_epoch: meta.epoch,
+            wire_epoch,
+            sent,
             sealed_through,
             acked_through,
             segments,
             stored_bytes,
+            quarantined: quarantined_list,
+            quarantined_bytes,
             open_payload: Vec::new(),
             open_tickets: Vec::new(),
             open_keys: Vec::new(),
@@ -317,8 +373,54 @@ impl<T> Outbox<T> {
         Ok((outbox, recovery))
     }
 
+    /// The epoch this outbox's segments travel under.
     pub fn epoch(&self) -> u64 {
-        self.epoch
+        self.wire_epoch
+    }
+
+    /// The cloud refused this outbox's epoch: the log holds `log_epoch`,
+    /// above it. An outbox that never sent a segment moves its epoch above
+    /// the log's (durably, before answering) and returns the new one; one
+    /// that did is a backup or a clone, and stays refused.
+    pub fn handle_stale_epoch(&mut self, log_epoch: u64) -> Result<u64, OutboxError> {
+        if log_epoch < self.wire_epoch {
+            // A refusal from before an earlier move: nothing to do.
+            return Ok(self.wire_epoch);
+        }
+        if self.sent {
+            return Err(OutboxError::StaleAfterSending {
+                epoch: self.wire_epoch,
+                log_epoch,
+            });
+        }
+        let moved = log_epoch
+            .checked_add(1)
+            .ok_or_else(|| OutboxError::ReservedState {
+                key: "wire-epoch",
+                reason: format!("the log's epoch {log_epoch} leaves no room above it"),
+            })?;
+        self.write_own_state(WIRE_EPOCH_KEY, moved.to_le_bytes().to_vec())?;
+        tracing::warn!(
+            created = self.header_epoch,
+            was = self.wire_epoch,
+            log_epoch,
+            now = moved,
+            "the outbox's epoch was below the log's (the clock was behind when it was created); it never sent anything, so it moves above"
+        );
+        self.wire_epoch = moved;
+        Ok(moved)
+    }
+
+    /// Writes one of the outbox's own state entries at once, durably.
+    fn write_own_state(&mut self, key: &[u8], value: Vec<u8>) -> Result<(), OutboxError> {
+        debug_assert!(key.starts_with(RESERVED_STATE_PREFIX));
+        self.store
+            .write_batch(None, &[(key.to_vec(), Some(value.clone()))])?;
+        self.store.sync()?;
+        let before = entry_bytes(key, self.state.get(key).map(Vec::as_slice));
+        self.state_bytes = self.state_bytes + entry_bytes(key, Some(&value)) - before;
+        self.state.insert(key.to_vec(), value);
+        Ok(())
     }
 
     pub fn config(&self) -> &OutboxConfig {
@@ -336,7 +438,29 @@ impl<T> Outbox<T> {
     /// Stored plus open bytes and the state table, the figure bounded by
     /// `outbox_bytes_max`.
     pub fn bytes_used(&self) -> u64 {
-        self.stored_bytes + self.open_bytes() + self.state_bytes
+        self.stored_bytes + self.open_bytes() + self.state_bytes + self.quarantined_bytes
+    }
+
+    /// Quarantined segments kept, and their bytes.
+    pub fn quarantined(&self) -> (usize, u64) {
+        (self.quarantined.len(), self.quarantined_bytes)
+    }
+
+    /// Deletes the oldest quarantined segment; false when none is left or
+    /// the store failed.
+    fn evict_quarantined(&mut self, why: &str) -> bool {
+        let Some((&seq, &bytes)) = self.quarantined.iter().next() else {
+            return false;
+        };
+        if let Err(e) = self.store.remove_quarantined(seq) {
+            tracing::error!(seq, error = %e, "deleting a quarantined segment failed");
+            return false;
+        }
+        tracing::warn!(seq, bytes, why, "a quarantined segment was deleted");
+        self.quarantined.remove(&seq);
+        self.quarantined_bytes -= bytes;
+        self.stats.quarantined_evicted += 1;
+        true
     }
 
     /// Bytes of the state table (keys and values), pending changes included.
@@ -405,6 +529,9 @@ impl<T> Outbox<T> {
     /// outbox cannot (`block`, or nothing left to evict).
     fn make_room(&mut self, extra: u64) -> bool {
         while self.bytes_used() + extra > self.cfg.outbox_bytes_max {
+            if self.evict_quarantined("room was needed for new readings") {
+                continue;
+            }
             match self.cfg.full_policy {
                 FullPolicy::Block => return false,
                 FullPolicy::DropOldest => {
@@ -601,7 +728,7 @@ impl<T> Outbox<T> {
         let count = self.open_tickets.len() as u32;
         let seq = self.sealed_through + 1;
         let bytes =
-            (count > 0).then(|| segment::encode(self.epoch, seq, count, &self.open_payload));
+            (count > 0).then(|| segment::encode(self.header_epoch, seq, count, &self.open_payload));
         let changes: Vec<StateChange> = self
             .pending_state
             .iter()
@@ -668,20 +795,28 @@ impl<T> Outbox<T> {
             for (seq, bytes) in batch {
                 from = seq + 1;
                 match segment::verify(&bytes, seq) {
-                    Ok(s) if s.epoch == self.epoch => out.push(SegmentFrame::new(
-                        s.epoch,
+                    Ok(s) if s.epoch == self.header_epoch => out.push(SegmentFrame::new(
+                        self.wire_epoch,
                         s.seq,
                         s.readings_count,
                         s.payload.to_vec(),
                     )),
                     Ok(s) => {
-                        let reason =
-                            format!("epoch {} in an outbox of epoch {}", s.epoch, self.epoch);
+                        let reason = format!(
+                            "epoch {} in an outbox of epoch {}",
+                            s.epoch, self.header_epoch
+                        );
                         self.quarantine(seq, &reason)?;
                     }
                     Err(e) => self.quarantine(seq, &e.to_string())?,
                 }
             }
+        }
+        if !out.is_empty() && !self.sent {
+            // Before the first segment leaves: from now on this outbox may
+            // have readings in the log, and its epoch must not move.
+            self.write_own_state(SENT_KEY, vec![1])?;
+            self.sent = true;
         }
         Ok(out)
     }
@@ -695,8 +830,15 @@ impl<T> Outbox<T> {
         self.store.quarantine(seq)?;
         if let Some(bytes) = self.segments.remove(&seq) {
             self.stored_bytes -= bytes;
+            self.quarantined.insert(seq, bytes);
+            self.quarantined_bytes += bytes;
         }
         self.stats.segments_quarantined += 1;
+        while self.quarantined.len() > QUARANTINED_SEGMENTS_MAX {
+            if !self.evict_quarantined("more than QUARANTINED_SEGMENTS_MAX are kept") {
+                break;
+            }
+        }
         Ok(())
     }
 

@@ -438,12 +438,19 @@ impl OutboxStore for SledStore {
             .map_err(|e| StoreError::Remove(e.to_string()))
     }
 
-    fn quarantined(&self) -> Result<Vec<u64>, StoreError> {
+    fn quarantined(&self) -> Result<Vec<(u64, u64)>, StoreError> {
         let mut out = Vec::new();
         for kv in self.db.scan_prefix([QUAR, b'/']) {
-            let (k, _) = kv.map_err(|e| StoreError::Read(e.to_string()))?;
-            out.push(key_seq(&k)?);
+            let (k, v) = kv.map_err(|e| StoreError::Read(e.to_string()))?;
+            out.push((key_seq(&k)?, v.len() as u64));
         }
         Ok(out)
+    }
+
+    fn remove_quarantined(&mut self, seq: u64) -> Result<(), StoreError> {
+        self.db
+            .remove(seg_key(QUAR, seq))
+            .map(|_| ())
+            .map_err(|e| StoreError::Remove(e.to_string()))
     }
 }

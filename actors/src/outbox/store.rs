@@ -83,8 +83,10 @@ pub trait OutboxStore: Send + 'static {
     fn remove(&mut self, seq: u64) -> Result<(), StoreError>;
     /// Moves a segment aside so that it is kept for inspection but never sent.
     fn quarantine(&mut self, seq: u64) -> Result<(), StoreError>;
-    /// Segments in quarantine.
-    fn quarantined(&self) -> Result<Vec<u64>, StoreError>;
+    /// Seqs and sizes of the segments in quarantine, in seq order.
+    fn quarantined(&self) -> Result<Vec<(u64, u64)>, StoreError>;
+    /// Deletes a quarantined segment; no-op when absent.
+    fn remove_quarantined(&mut self, seq: u64) -> Result<(), StoreError>;
 }
 
 #[derive(Debug, Clone)]
@@ -94,6 +96,7 @@ enum Op {
     Batch(Option<(u64, Vec<u8>)>, Vec<StateChange>),
     Remove(u64),
     Quarantine(u64),
+    RemoveQuarantined(u64),
 }
 
 #[derive(Debug, Default)]
@@ -129,6 +132,9 @@ impl Disk {
                 if let Some(b) = self.segments.remove(seq) {
                     self.quarantine.insert(*seq, b);
                 }
+            }
+            Op::RemoveQuarantined(seq) => {
+                self.quarantine.remove(seq);
             }
         }
     }
@@ -285,15 +291,20 @@ impl OutboxStore for MemoryStore {
         Ok(())
     }
 
-    fn quarantined(&self) -> Result<Vec<u64>, StoreError> {
+    fn quarantined(&self) -> Result<Vec<(u64, u64)>, StoreError> {
         Ok(self
             .state
             .lock()
             .expect("sim disk lock")
             .visible
             .quarantine
-            .keys()
-            .copied()
+            .iter()
+            .map(|(&seq, b)| (seq, b.len() as u64))
             .collect())
+    }
+
+    fn remove_quarantined(&mut self, seq: u64) -> Result<(), StoreError> {
+        self.write(Op::RemoveQuarantined(seq));
+        Ok(())
     }
 }

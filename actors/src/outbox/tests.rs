@@ -164,7 +164,15 @@ fn a_damaged_segment_is_quarantined_and_the_rest_flows() {
     let segs = o.read(1, 3, 10).unwrap();
     assert_eq!(segs.iter().map(|s| s.seq).collect::<Vec<_>>(), vec![1, 3]);
     assert_eq!(o.stats().segments_quarantined, 1);
-    assert_eq!(store.quarantined().unwrap(), vec![2]);
+    assert_eq!(
+        store
+            .quarantined()
+            .unwrap()
+            .iter()
+            .map(|q| q.0)
+            .collect::<Vec<_>>(),
+        vec![2]
+    );
     store.corrupt(3, |b| b.truncate(20));
     assert_eq!(o.read(3, 3, 10).unwrap(), vec![]);
 }
@@ -474,4 +482,137 @@ fn sled_store_keeps_state_in_the_segments_batch() {
     let (o, rec) = Outbox::<i64>::open(Box::new(store), cfg(10), 8).unwrap();
     assert_eq!((rec.epoch, rec.sealed_through), (7, 1));
     assert_eq!(o.durable_state(b""), vec![(b"b".to_vec(), b"y".to_vec())]);
+}
+
+#[test]
+fn an_outbox_that_never_sent_moves_its_epoch_above_the_logs_and_keeps_it() {
+    let store = MemoryStore::new();
+    let (mut o, rec) = open(&store, cfg(1));
+    assert_eq!(rec.epoch, 1000);
+    let now = Instant::now();
+    add(&mut o, now, 1);
+    o.commit().unwrap().unwrap();
+    // The clock was behind when this outbox was created: the log holds 5000.
+    assert_eq!(o.handle_stale_epoch(5000).unwrap(), 5001);
+    assert_eq!(o.epoch(), 5001);
+    // A late refusal from before the move changes nothing.
+    assert_eq!(o.handle_stale_epoch(4000).unwrap(), 5001);
+    // The move is durable before it is answered, and survives a crash.
+    store.crash(None, false);
+    let (mut o, rec) = open(&store, cfg(1));
+    assert_eq!(rec.epoch, 5001);
+    let frames = o.read(1, 1, 10).unwrap();
+    assert_eq!(frames.len(), 1);
+    assert_eq!(
+        frames[0].epoch, 5001,
+        "segments travel under the moved epoch"
+    );
+    // Once a segment was read for sending, the outbox may have readings in
+    // the log: a later stale refusal means a backup or a clone, for good.
+    let err = o.handle_stale_epoch(9000).unwrap_err();
+    assert!(
+        matches!(
+            err,
+            OutboxError::StaleAfterSending {
+                epoch: 5001,
+                log_epoch: 9000
+            }
+        ),
+        "{err}"
+    );
+    store.crash(None, false);
+    let (mut o, _) = open(&store, cfg(1));
+    assert!(
+        o.handle_stale_epoch(9000).is_err(),
+        "having sent is durable"
+    );
+    assert_eq!(o.epoch(), 5001);
+}
+
+#[test]
+fn a_damaged_moved_epoch_is_refused_by_name() {
+    let store = MemoryStore::new();
+    {
+        let (mut o, _) = open(&store, cfg(1));
+        o.write_own_state(WIRE_EPOCH_KEY, vec![1, 2, 3]).unwrap();
+    }
+    let err = Outbox::<i64>::open(Box::new(store.clone()), cfg(1), 1000)
+        .err()
+        .expect("a damaged entry is refused");
+    assert!(err.to_string().contains("wire-epoch"), "{err}");
+}
+
+#[test]
+fn quarantined_segments_count_against_the_budget_and_go_first_when_room_is_needed() {
+    let store = MemoryStore::new();
+    let mut c = cfg(100);
+    c.outbox_bytes_max = 4 * (c.segment_bytes_max + segment::HEADER_BYTES) as u64;
+    let (mut o, _) = open(&store, c.clone());
+    let now = Instant::now();
+    let mut ts = 0;
+    // Fill the outbox to refusal under `block`.
+    loop {
+        ts += 1;
+        match o.handle_reading(now, reading("d", ts), ts) {
+            Ok(()) => {
+                if o.commit_due(now) {
+                    o.commit().unwrap();
+                }
+            }
+            Err(Refusal::Full(..)) => break,
+            Err(_) => panic!("unexpected refusal"),
+        }
+    }
+    o.commit().unwrap();
+    let used = o.bytes_used();
+    // Every stored segment is damaged: all go to quarantine, and still count.
+    let sealed = o.sealed_through();
+    for seq in 1..=sealed {
+        store.corrupt(seq, |b| b[40] ^= 0x10);
+    }
+    assert!(sealed as usize <= QUARANTINED_SEGMENTS_MAX);
+    assert!(o.read(1, sealed, 1000).unwrap().is_empty());
+    assert_eq!(o.quarantined().0 as u64, sealed);
+    assert_eq!(o.bytes_used(), used, "quarantined bytes stay in the budget");
+    // New readings are not held back by what can never be sent: the oldest
+    // quarantined segments make room, counted.
+    for _ in 0..200 {
+        ts += 1;
+        add(&mut o, now, ts);
+        if o.commit_due(now) {
+            o.commit().unwrap();
+        }
+        assert!(o.bytes_used() <= c.outbox_bytes_max);
+    }
+    let evicted = o.stats().quarantined_evicted;
+    assert!(evicted > 0);
+    assert_eq!(o.quarantined().0 as u64, sealed - evicted);
+    assert_eq!(
+        store.quarantined().unwrap().first().unwrap().0,
+        evicted + 1,
+        "oldest first"
+    );
+    // The bookkeeping survives a reopen.
+    let (o, rec) = open(&store, c);
+    assert_eq!(rec.quarantined as u64, sealed - evicted);
+    assert_eq!(o.quarantined().0 as u64, sealed - evicted);
+}
+
+#[test]
+fn at_most_quarantined_segments_max_are_kept() {
+    let store = MemoryStore::new();
+    let mut c = cfg(1);
+    c.outbox_bytes_max = 1 << 30;
+    let (mut o, _) = open(&store, c);
+    let now = Instant::now();
+    let n = QUARANTINED_SEGMENTS_MAX as i64 + 5;
+    for ts in 1..=n {
+        add(&mut o, now, ts);
+        o.commit().unwrap();
+        store.corrupt(ts as u64, |b| b[40] ^= 0x10);
+    }
+    assert!(o.read(1, n as u64, 1000).unwrap().is_empty());
+    assert_eq!(o.quarantined().0, QUARANTINED_SEGMENTS_MAX);
+    assert_eq!(o.stats().quarantined_evicted, 5);
+    assert_eq!(store.quarantined().unwrap().len(), QUARANTINED_SEGMENTS_MAX);
 }

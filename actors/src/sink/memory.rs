@@ -15,9 +15,19 @@ pub struct MemoryRecord {
     pub reading: Reading,
 }
 
+/// A refused reading, as the refused topic would hold it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct MemoryRefused {
+    pub edge_id: String,
+    pub seq: u64,
+    pub reading: Reading,
+    pub reason: String,
+}
+
 #[derive(Debug, Default)]
 struct Inner {
     records: Vec<MemoryRecord>,
+    refused: Vec<MemoryRefused>,
     hwms: HashMap<String, Hwm>,
     /// The generation of the newest writer per edge: older ones are fenced.
     generations: HashMap<String, u64>,
@@ -39,6 +49,11 @@ impl MemoryLog {
     /// Everything committed so far, in log order.
     pub fn records(&self) -> Vec<MemoryRecord> {
         self.inner.lock().expect("memory log lock").records.clone()
+    }
+
+    /// Every refused reading committed so far.
+    pub fn refused(&self) -> Vec<MemoryRefused> {
+        self.inner.lock().expect("memory log lock").refused.clone()
     }
 
     /// How many records are committed.
@@ -118,6 +133,14 @@ impl EdgeLogWriter for MemoryWriter {
                     reading: reading.clone(),
                 });
             }
+            for r in &batch.refused {
+                inner.refused.push(MemoryRefused {
+                    edge_id: edge_id.to_string(),
+                    seq: batch.seq,
+                    reading: r.reading.clone(),
+                    reason: r.reason.clone(),
+                });
+            }
         }
         inner.hwms.insert(edge_id.to_string(), hwm);
         Ok(())
@@ -154,7 +177,8 @@ pub struct MemoryStageLog {
 
 #[derive(Debug, Default)]
 struct StageInner {
-    readings: Vec<Reading>,
+    /// Each with the edge it came through.
+    readings: Vec<(String, Reading)>,
     committed_offset: usize,
     outputs: Vec<super::SinkRecord>,
     /// Commits that fail before any effect, as a broker outage would.
@@ -176,9 +200,11 @@ impl MemoryStageLog {
         self.inner.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Appends committed readings, as the ingest would.
-    pub fn append(&self, readings: impl IntoIterator<Item = Reading>) {
-        self.lock().readings.extend(readings);
+    /// Appends committed readings of `edge`, as its ingest would.
+    pub fn append(&self, edge: &str, readings: impl IntoIterator<Item = Reading>) {
+        self.lock()
+            .readings
+            .extend(readings.into_iter().map(|r| (edge.to_owned(), r)));
     }
 
     /// A consumer at the group's committed offset.
@@ -229,9 +255,10 @@ impl super::StageLog for MemoryStageConsumer {
         let batch = inner.readings[self.position..end]
             .iter()
             .enumerate()
-            .map(|(i, r)| super::LogReading {
+            .map(|(i, (edge, r))| super::LogReading {
                 partition: 0,
                 offset: (self.position + i) as i64,
+                edge: edge.clone(),
                 reading: r.clone(),
             })
             .collect();

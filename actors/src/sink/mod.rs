@@ -28,7 +28,31 @@ pub struct Hwm {
 #[derive(Debug, Clone, PartialEq)]
 pub struct SegmentBatch {
     pub seq: u64,
+    /// The readings the cloud admitted, for the readings topic.
     pub readings: Vec<Reading>,
+    /// The readings the cloud refused (invalid, or of a stream this edge may
+    /// not send), for the refused topic, in the same transaction: the edge's
+    /// mark moves past them, so they are kept, not lost, and never reach the
+    /// streams they claim.
+    pub refused: Vec<RefusedReading>,
+}
+
+impl SegmentBatch {
+    /// A batch of admitted readings only.
+    pub fn new(seq: u64, readings: Vec<Reading>) -> Self {
+        Self {
+            seq,
+            readings,
+            refused: Vec::new(),
+        }
+    }
+}
+
+/// A reading the cloud would not admit, and why.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RefusedReading {
+    pub reading: Reading,
+    pub reason: String,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -104,6 +128,8 @@ pub trait EdgeLogWriter: Send + 'static {
 pub struct LogReading {
     pub partition: i32,
     pub offset: i64,
+    /// The edge it came through, as the cloud certified it at ingest.
+    pub edge: String,
     pub reading: Reading,
 }
 

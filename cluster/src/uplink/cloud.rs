@@ -52,7 +52,7 @@ impl IngestError {
     /// The refusal the edge is told before the link closes.
     pub fn refuse_code(&self) -> RefuseCode {
         match self {
-            IngestError::StaleEpoch { .. } => RefuseCode::StaleEpoch,
+            IngestError::StaleEpoch { log, .. } => RefuseCode::StaleEpoch { log_epoch: *log },
             IngestError::Checksum { .. } => RefuseCode::MalformedSegment,
             _ => RefuseCode::ProtocolViolation,
         }
@@ -339,7 +339,7 @@ mod tests {
         assert!(matches!(
             i.poll_transmit(),
             Some(Frame::Refuse {
-                code: RefuseCode::StaleEpoch,
+                code: RefuseCode::StaleEpoch { log_epoch: 6 },
                 ..
             })
         ));

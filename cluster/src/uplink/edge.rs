@@ -165,6 +165,25 @@ impl EdgeUplink {
         self.next_send = self.acked_through + 1;
     }
 
+    pub fn epoch(&self) -> u64 {
+        self.epoch
+    }
+
+    /// The outbox moved its epoch above the log's after a stale-epoch
+    /// refusal (it had never sent a segment). The next Hello carries it.
+    pub fn handle_epoch_moved(&mut self, epoch: u64) {
+        assert!(
+            epoch > self.epoch,
+            "epochs only grow: {epoch} after {}",
+            self.epoch
+        );
+        assert!(
+            self.link == Link::Down,
+            "an epoch moves between links, not during one"
+        );
+        self.epoch = epoch;
+    }
+
     pub fn handle_segment_sealed(&mut self, seq: u64) {
         assert!(
             seq > self.sealed_through,
@@ -355,6 +374,50 @@ mod tests {
         assert_eq!(u.poll_delete(), Some(1));
         let req = u.poll_read().unwrap();
         assert_eq!(req.from_seq, 3);
+    }
+
+    #[test]
+    fn a_stale_epoch_refusal_then_a_moved_epoch_says_hello_with_it() {
+        let mut u = EdgeUplink::new(EdgeUplinkConfig::default(), "e".into(), 9, 0, 2);
+        u.handle_link_up(Instant::now());
+        assert!(matches!(
+            u.poll_transmit(),
+            Some(Frame::Hello { epoch: 9, .. })
+        ));
+        let err = u
+            .handle_frame(Frame::Refuse {
+                code: RefuseCode::StaleEpoch { log_epoch: 20 },
+                reason: "stale".into(),
+            })
+            .unwrap_err();
+        assert!(matches!(
+            err,
+            UplinkError::Refused {
+                code: RefuseCode::StaleEpoch { log_epoch: 20 },
+                ..
+            }
+        ));
+        u.handle_epoch_moved(21);
+        u.handle_link_up(Instant::now());
+        assert!(matches!(
+            u.poll_transmit(),
+            Some(Frame::Hello {
+                epoch: 21,
+                next_seq: 1,
+                ..
+            })
+        ));
+        // The log's mark is of another epoch: everything is sent again.
+        u.handle_frame(Frame::Welcome { hwm: Some((20, 7)) })
+            .unwrap();
+        assert_eq!(u.poll_read().unwrap().from_seq, 1);
+    }
+
+    #[test]
+    #[should_panic(expected = "epochs only grow")]
+    fn an_epoch_never_moves_back() {
+        let mut u = EdgeUplink::new(EdgeUplinkConfig::default(), "e".into(), 9, 0, 0);
+        u.handle_epoch_moved(8);
     }
 
     #[test]

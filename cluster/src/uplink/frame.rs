@@ -14,7 +14,9 @@
 
 use bincode::{Decode, Encode};
 
-pub const PROTOCOL_VERSION: u8 = 1;
+/// 2: a stale-epoch refusal carries the log's epoch, so that an edge whose
+/// outbox never sent anything can move above it (see `RefuseCode`).
+pub const PROTOCOL_VERSION: u8 = 2;
 /// The default bound on one frame. A segment of 1,000 small readings is about
 /// 100 KiB, so this leaves room for large segments without letting one frame
 /// hold much memory.
@@ -70,8 +72,10 @@ impl SegmentFrame {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Encode, Decode)]
 pub enum RefuseCode {
     /// The edge's epoch is older than the one in the log: a restored backup or
-    /// a cloned disk. Resending would write stale data.
-    StaleEpoch,
+    /// a cloned disk, whose resends could write stale data; or a fresh outbox
+    /// dated by a clock that was behind. An outbox that never sent a segment
+    /// cannot be the former, and moves its epoch above `log_epoch`.
+    StaleEpoch { log_epoch: u64 },
     /// A segment's body could not be decoded although its checksum held.
     MalformedSegment,
     /// The frame sequence broke the protocol.

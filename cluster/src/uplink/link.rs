@@ -177,6 +177,8 @@ pub async fn dial_uplink(
 /// id was checked against the peer's certificate.
 pub struct AcceptedUplink {
     pub edge_id: crate::tls::NodeId,
+    /// The labels the edge's certificate carries, sorted.
+    pub labels: Vec<String>,
     pub epoch: u64,
     pub next_seq: u64,
     pub reader: FrameReader,
@@ -216,8 +218,14 @@ pub async fn accept_uplink(
             reason: e.to_string(),
         }
     })?;
+    let labels =
+        crate::tls::peer_labels(&certs).map_err(|e| UplinkSetupError::IdentityMismatch {
+            claimed: edge_id.clone(),
+            reason: e.to_string(),
+        })?;
     Ok(AcceptedUplink {
         edge_id: id,
+        labels,
         epoch,
         next_seq,
         reader,

@@ -322,6 +322,9 @@ pub(crate) async fn restart_supervised(name: &str) -> Result<(), String> {
     }
 }
 
+/// How much of a cast the cloud's control actor logs.
+const CAST_SHOWN_CHARS_MAX: usize = 120;
+
 /// The cloud's control actor: edges find it through [`CLOUD_CONTROL_GROUP`]
 /// and greet it once their session is ready, which proves the edge-to-cloud
 /// direction of the path control calls take.
@@ -344,7 +347,9 @@ impl Actor for CloudControl {
         msg: String,
         _: &mut (),
     ) -> Result<(), ActorProcessingErr> {
-        tracing::info!(%msg, "control message over the cluster session");
+        // Any edge can cast here: never log its text at info, nor all of it.
+        let shown: String = msg.chars().take(CAST_SHOWN_CHARS_MAX).collect();
+        tracing::debug!(msg = %shown.escape_debug(), bytes = msg.len(), "control message over the cluster session");
         Ok(())
     }
 }

@@ -292,7 +292,11 @@ pub async fn collect_edge(node_id: &str) -> NodeReport {
             component: "gateway".into(),
             received: s.readings_received,
             sent: s.readings_committed,
-            errors: s.commit_errors + s.readings_invalid + g.readings_future,
+            // A quarantined segment is damage found on disk: an error.
+            errors: s.commit_errors
+                + s.readings_invalid
+                + g.readings_future
+                + s.segments_quarantined,
             dropped: s.readings_dropped + g.stage_outputs_dropped,
         });
     }
@@ -402,11 +406,15 @@ pub async fn collect_cloud(node_id: &str, listener: &str, counters: &CloudCounte
     }
     r.components.push(ComponentFigures {
         component: "ingest".into(),
-        received: counters.readings_committed.load(Relaxed),
+        // A refused reading was received, and written to the refused topic
+        // rather than sent on: an error of its edge.
+        received: counters.readings_committed.load(Relaxed)
+            + counters.readings_refused.load(Relaxed),
         sent: counters.readings_committed.load(Relaxed),
         errors: counters.protocol_errors.load(Relaxed)
             + counters.log_errors.load(Relaxed)
-            + counters.segments_malformed.load(Relaxed),
+            + counters.segments_malformed.load(Relaxed)
+            + counters.readings_refused.load(Relaxed),
         dropped: counters.segments_duplicate.load(Relaxed),
     });
     let (buckets, sum) = counters.latency.counts();

@@ -12,6 +12,11 @@
 //! `mqtt-window`: an MQTT source on `TRIBUTARY_TEST_MQTT_TOPIC` that only an
 //! edge window reads (10 s tumbling: the count of `v`, the largest `n`); the
 //! windows go to `TRIBUTARY_TEST_WINDOWS_TOPIC`, the raw readings nowhere.
+//!
+//! `two-plants`: edges labelled `plant-a` run source `a-presses`, edges
+//! labelled `plant-b` run `b-presses` (simulated devices, steady at 20 °C);
+//! the cloud raises `a-hot` when a plant-a press passes 100 °C, into
+//! `TRIBUTARY_TEST_ALERTS_TOPIC`. For the tests of what one edge may send.
 
 use anyhow::{bail, Context};
 use tributary_actors::edge::device::Signal;
@@ -80,10 +85,42 @@ fn mqtt_window() -> anyhow::Result<Topology> {
         .build()?)
 }
 
+fn two_plants() -> anyhow::Result<Topology> {
+    let alerts = var("TRIBUTARY_TEST_ALERTS_TOPIC")?;
+    let steady = Signal {
+        base: 20.0,
+        amplitude: 0.0,
+        period_s: 60.0,
+        noise: 0.5,
+        spike_probability: 0.0,
+        spike_magnitude: 0.0,
+        spike_at_reading: 0,
+    };
+    Ok(Topology::builder("two-plants")
+        .edge(EdgeSelector::label("plant-a"), |e| {
+            e.source(
+                "a-presses",
+                Simulated::devices(1).rate_hz(50.0).signal(steady.clone()),
+            )
+        })
+        .edge(EdgeSelector::label("plant-b"), |e| {
+            e.source(
+                "b-presses",
+                Simulated::devices(1).rate_hz(50.0).signal(steady.clone()),
+            )
+        })
+        .cloud(|c| {
+            c.stage("a-hot", "a-presses", Threshold::above("temperature", 100.0))
+                .sink("alerts", "a-hot", Kafka::topic(alerts))
+        })
+        .build()?)
+}
+
 fn main() -> anyhow::Result<()> {
     let topology = match var("TRIBUTARY_TEST_TOPOLOGY")?.as_str() {
         "anomaly" => anomaly()?,
         "mqtt-window" => mqtt_window()?,
+        "two-plants" => two_plants()?,
         other => bail!("no test topology named {other:?}"),
     };
     tributary_node::run_cli(Some(topology))

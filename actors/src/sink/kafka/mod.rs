@@ -5,6 +5,10 @@
 //! - Readings go to `readings_topic`, keyed by device id, with the headers
 //!   `tributary-edge`, `tributary-epoch` and `tributary-seq`, and
 //!   `tributary-stream` when the reading belongs to a topology stream.
+//! - Readings the cloud refused (invalid, or of a stream the edge may not
+//!   send) go to `refused_topic` in the same transaction, with the same
+//!   headers and `tributary-refused`, the reason: kept for an operator, never
+//!   in a stream they claim.
 //! - Marks go to `hwm_topic`: compacted, one partition, keyed by edge id, with
 //!   the JSON of [`Hwm`] as value.
 //! - Each edge has its own transactional producer, `transactional.id =
@@ -45,6 +49,7 @@ pub use stages::{KafkaStageLog, KafkaStageLogConfig};
 
 pub const DEFAULT_READINGS_TOPIC: &str = "tributary.readings";
 pub const DEFAULT_HWM_TOPIC: &str = "tributary.hwm";
+pub const DEFAULT_REFUSED_TOPIC: &str = "tributary.refused";
 pub const DEFAULT_TRANSACTIONAL_ID_PREFIX: &str = "tributary-ingest";
 
 /// The header that names the edge a reading came through.
@@ -55,6 +60,8 @@ pub const HEADER_EPOCH: &str = "tributary-epoch";
 pub const HEADER_SEQ: &str = "tributary-seq";
 /// The topology stream of a reading, when it has one.
 pub const HEADER_STREAM: &str = "tributary-stream";
+/// Why the cloud refused a reading (records of the refused topic only).
+pub const HEADER_REFUSED: &str = "tributary-refused";
 
 /// The hwm topic has exactly one partition, so that one ordered read finds the
 /// latest mark of every edge.
@@ -142,6 +149,8 @@ pub struct KafkaSinkConfig {
     pub replication_factor: i32,
     /// Default `tributary.hwm`.
     pub hwm_topic: String,
+    /// Where refused readings go. Default `tributary.refused`.
+    pub refused_topic: String,
     /// Each edge's producer has `transactional.id = <prefix>-<edge id>`.
     /// Default `tributary-ingest`.
     pub transactional_id_prefix: String,
@@ -172,6 +181,7 @@ impl Default for KafkaSinkConfig {
             readings_partitions: 3,
             replication_factor: -1,
             hwm_topic: DEFAULT_HWM_TOPIC.to_string(),
+            refused_topic: DEFAULT_REFUSED_TOPIC.to_string(),
             transactional_id_prefix: DEFAULT_TRANSACTIONAL_ID_PREFIX.to_string(),
             transaction_timeout_ms: 60_000,
             commit_timeout_ms: 30_000,
@@ -202,6 +212,13 @@ impl KafkaSinkConfig {
         check_topic_name("hwm_topic", &self.hwm_topic)?;
         if self.readings_topic == self.hwm_topic {
             return bad("hwm_topic", "must differ from readings_topic".into());
+        }
+        check_topic_name("refused_topic", &self.refused_topic)?;
+        if self.refused_topic == self.readings_topic || self.refused_topic == self.hwm_topic {
+            return bad(
+                "refused_topic",
+                "must differ from readings_topic and hwm_topic".into(),
+            );
         }
         if self.readings_partitions < 1 {
             return bad(
@@ -515,8 +532,11 @@ fn ensure_topics(config: &KafkaSinkConfig, deadline: Instant) -> Result<(), Sink
     let hwm = NewTopic::new(&config.hwm_topic, 1, replication())
         .set("cleanup.policy", "compact")
         .set("segment.bytes", HWM_SEGMENT_BYTES);
-    let results = futures::executor::block_on(admin.create_topics([&readings, &hwm], &options))
-        .map_err(|e| SinkError::Config(format!("creating the topics: {e}")))?;
+    let refused = NewTopic::new(&config.refused_topic, 1, replication())
+        .set("max.message.bytes", &topic_message_bytes);
+    let results =
+        futures::executor::block_on(admin.create_topics([&readings, &hwm, &refused], &options))
+            .map_err(|e| SinkError::Config(format!("creating the topics: {e}")))?;
     for result in results {
         match result {
             Ok(_) | Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
@@ -924,6 +944,37 @@ impl KafkaEdgeWriter {
                     .headers(headers);
                 self.send(record, deadline).map_err(|e| {
                     self.classify(&format!("producing a reading of {}", reading.device_id), e)
+                })?;
+            }
+            for refused in &batch.refused {
+                let reading = &refused.reading;
+                let value = reading.to_json();
+                let headers = OwnedHeaders::new_with_capacity(4)
+                    .insert(Header {
+                        key: HEADER_EDGE,
+                        value: Some(&self.edge_id),
+                    })
+                    .insert(Header {
+                        key: HEADER_EPOCH,
+                        value: Some(&epoch),
+                    })
+                    .insert(Header {
+                        key: HEADER_SEQ,
+                        value: Some(&seq),
+                    })
+                    .insert(Header {
+                        key: HEADER_REFUSED,
+                        value: Some(&refused.reason),
+                    });
+                let record = BaseRecord::to(&config.refused_topic)
+                    .key(reading.device_id.as_str())
+                    .payload(value.as_slice())
+                    .headers(headers);
+                self.send(record, deadline).map_err(|e| {
+                    self.classify(
+                        &format!("producing a refused reading of {}", reading.device_id),
+                        e,
+                    )
                 })?;
             }
         }

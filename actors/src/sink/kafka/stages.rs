@@ -190,13 +190,21 @@ impl StageLog for KafkaStageLog {
             };
             let m = next.map_err(stages_error("polling the readings topic"))?;
             self.positions.insert(m.partition(), m.offset() + 1);
-            match m.payload().map(serde_json::from_slice::<Reading>) {
-                Some(Ok(reading)) => out.push(LogReading {
+            let edge = m.headers().and_then(|h| {
+                rdkafka::message::Headers::iter(h)
+                    .find(|h| h.key == super::HEADER_EDGE)
+                    .and_then(|h| h.value)
+                    .and_then(|v| std::str::from_utf8(v).ok())
+                    .map(str::to_owned)
+            });
+            match (m.payload().map(serde_json::from_slice::<Reading>), edge) {
+                (Some(Ok(reading)), Some(edge)) => out.push(LogReading {
                     partition: m.partition(),
                     offset: m.offset(),
+                    edge,
                     reading,
                 }),
-                other => {
+                (other, _) => {
                     self.malformed += 1;
                     let due = self
                         .malformed_logged
@@ -205,7 +213,8 @@ impl StageLog for KafkaStageLog {
                         self.malformed_logged = Some(Instant::now());
                         let reason = match other {
                             Some(Err(e)) => e.to_string(),
-                            _ => "no payload".into(),
+                            Some(Ok(_)) => format!("no {} header", super::HEADER_EDGE),
+                            None => "no payload".into(),
                         };
                         tracing::warn!(partition = m.partition(), offset = m.offset(), %reason, malformed = self.malformed, "a record of the readings topic is not a reading; skipped");
                     }
