@@ -14,13 +14,13 @@ use tributary_actors::outbox::FullPolicy;
 /// Declares the settings once: the clap flags with their env vars, the TOML
 /// keys, the defaults and the merge, so the three can never drift apart.
 macro_rules! settings {
-    ($( $(#[doc = $doc:expr])* $name:ident : $ty:ty = $default:expr, $env:literal; )*) => {
+    ($( $(#[doc = $doc:expr])* $name:ident : $ty:ty = $default:expr, $env:literal, $heading:literal; )*) => {
         #[derive(Debug, Clone, Default, clap::Args, Deserialize)]
         #[serde(deny_unknown_fields)]
         pub struct Settings {
             $(
                 $(#[doc = $doc])*
-                #[arg(long, env = $env)]
+                #[arg(long, env = $env, help_heading = $heading)]
                 #[serde(default)]
                 pub $name: Option<$ty>,
             )*
@@ -46,153 +46,153 @@ macro_rules! settings {
 
 settings! {
     /// This node's id; its certificate must name it. [required]
-    node_id: String = String::new(), "TRIBUTARY_NODE_ID";
+    node_id: String = String::new(), "TRIBUTARY_NODE_ID", "Every node";
     /// Directory with ca.pem, <node_id>.pem and <node_id>.key.
-    tls_dir: PathBuf = PathBuf::from("pki"), "TRIBUTARY_TLS_DIR";
+    tls_dir: PathBuf = PathBuf::from("pki"), "TRIBUTARY_TLS_DIR", "Every node";
     /// Edge: the cloud node's QUIC address.
-    cloud_addr: SocketAddr = "127.0.0.1:7400".parse().expect("valid"), "TRIBUTARY_CLOUD_ADDR";
+    cloud_addr: SocketAddr = "127.0.0.1:7400".parse().expect("valid"), "TRIBUTARY_CLOUD_ADDR", "Edge";
     /// Cloud: the UDP address to accept edges on.
-    listen_addr: SocketAddr = "127.0.0.1:7400".parse().expect("valid"), "TRIBUTARY_LISTEN_ADDR";
+    listen_addr: SocketAddr = "127.0.0.1:7400".parse().expect("valid"), "TRIBUTARY_LISTEN_ADDR", "Cloud";
     /// Edge: the outbox directory [default: data/<node_id>/outbox].
-    outbox_dir: PathBuf = PathBuf::new(), "TRIBUTARY_OUTBOX_DIR";
+    outbox_dir: PathBuf = PathBuf::new(), "TRIBUTARY_OUTBOX_DIR", "Edge";
     /// Edge: the most bytes the outbox may hold [default: 268435456].
-    outbox_bytes_max: u64 = 256 * 1024 * 1024, "TRIBUTARY_OUTBOX_BYTES_MAX";
+    outbox_bytes_max: u64 = 256 * 1024 * 1024, "TRIBUTARY_OUTBOX_BYTES_MAX", "Edge";
     /// Edge: readings per segment before it is sealed [default: 1000].
-    segment_readings_max: usize = 1000, "TRIBUTARY_SEGMENT_READINGS_MAX";
+    segment_readings_max: usize = 1000, "TRIBUTARY_SEGMENT_READINGS_MAX", "Edge";
     /// Edge: payload bytes per segment before it is sealed [default: 1048576].
-    segment_bytes_max: usize = 1024 * 1024, "TRIBUTARY_SEGMENT_BYTES_MAX";
+    segment_bytes_max: usize = 1024 * 1024, "TRIBUTARY_SEGMENT_BYTES_MAX", "Edge";
     /// Edge: the longest a reading waits for its commit; commits follow each other as fast as the disk syncs, so this bounds only a flooded gateway [default: 50].
-    commit_interval_ms: u64 = 50, "TRIBUTARY_COMMIT_INTERVAL_MS";
+    commit_interval_ms: u64 = 50, "TRIBUTARY_COMMIT_INTERVAL_MS", "Edge";
     /// Edge: a reading stamped further ahead of the edge's clock than this is refused and counted [default: 300000].
-    device_clock_skew_max_ms: u64 = 300_000, "TRIBUTARY_DEVICE_CLOCK_SKEW_MAX_MS";
+    device_clock_skew_max_ms: u64 = 300_000, "TRIBUTARY_DEVICE_CLOCK_SKEW_MAX_MS", "Edge";
     /// Edge: how often the edge's stages save their state, which bounds their input log [default: 5000].
-    stages_checkpoint_interval_ms: u64 = 5_000, "TRIBUTARY_STAGES_CHECKPOINT_INTERVAL_MS";
+    stages_checkpoint_interval_ms: u64 = 5_000, "TRIBUTARY_STAGES_CHECKPOINT_INTERVAL_MS", "Cloud";
     /// Edge: what a full outbox does: block or drop-oldest [default: block].
-    full_policy: FullPolicy = FullPolicy::Block, "TRIBUTARY_FULL_POLICY";
+    full_policy: FullPolicy = FullPolicy::Block, "TRIBUTARY_FULL_POLICY", "Edge";
     /// Edge: open an outbox whose data falls short of its guard (damaged), carrying on with what is left; the loss is logged [default: false].
-    outbox_accept_damage: bool = false, "TRIBUTARY_OUTBOX_ACCEPT_DAMAGE";
+    outbox_accept_damage: bool = false, "TRIBUTARY_OUTBOX_ACCEPT_DAMAGE", "Edge";
     /// Edge: sled's page cache bound [default: 16777216].
-    sled_cache_bytes_max: u64 = 16 * 1024 * 1024, "TRIBUTARY_SLED_CACHE_BYTES_MAX";
+    sled_cache_bytes_max: u64 = 16 * 1024 * 1024, "TRIBUTARY_SLED_CACHE_BYTES_MAX", "Edge";
     /// Edge: segments sent and not yet acknowledged [default: 8].
-    uplink_inflight_segments_max: usize = 8, "TRIBUTARY_UPLINK_INFLIGHT_SEGMENTS_MAX";
+    uplink_inflight_segments_max: usize = 8, "TRIBUTARY_UPLINK_INFLIGHT_SEGMENTS_MAX", "Edge";
     /// Edge: how long to wait for the cloud's Welcome; above the cloud's mark recovery, which may wait out a crashed node's transaction [default: 40000].
-    welcome_timeout_ms: u64 = 40_000, "TRIBUTARY_WELCOME_TIMEOUT_MS";
+    welcome_timeout_ms: u64 = 40_000, "TRIBUTARY_WELCOME_TIMEOUT_MS", "Edge";
     /// Edge: the first reconnect delay [default: 100].
-    reconnect_backoff_initial_ms: u64 = 100, "TRIBUTARY_RECONNECT_BACKOFF_INITIAL_MS";
+    reconnect_backoff_initial_ms: u64 = 100, "TRIBUTARY_RECONNECT_BACKOFF_INITIAL_MS", "Edge";
     /// Edge: the longest reconnect delay; short, so that an edge rejoins within 1 s of a heal [default: 500].
-    reconnect_backoff_max_ms: u64 = 500, "TRIBUTARY_RECONNECT_BACKOFF_MAX_MS";
+    reconnect_backoff_max_ms: u64 = 500, "TRIBUTARY_RECONNECT_BACKOFF_MAX_MS", "Edge";
     /// Edge: append "A <device> <ts_us>" per acknowledged reading here (audit).
-    ack_log: PathBuf = PathBuf::new(), "TRIBUTARY_ACK_LOG";
+    ack_log: PathBuf = PathBuf::new(), "TRIBUTARY_ACK_LOG", "Edge";
     /// Edge: simulated devices to run [default: 10].
-    device_count: usize = 10, "TRIBUTARY_DEVICE_COUNT";
+    device_count: usize = 10, "TRIBUTARY_DEVICE_COUNT", "Edge";
     /// Edge: readings per second per simulated device [default: 10].
-    device_rate_hz: f64 = 10.0, "TRIBUTARY_DEVICE_RATE_HZ";
+    device_rate_hz: f64 = 10.0, "TRIBUTARY_DEVICE_RATE_HZ", "Edge";
     /// Edge: readings each simulated device sends before it stops, 0 for no end [default: 0].
-    device_readings_max: u64 = 0, "TRIBUTARY_DEVICE_READINGS_MAX";
+    device_readings_max: u64 = 0, "TRIBUTARY_DEVICE_READINGS_MAX", "Edge";
     /// Edge: prefix of simulated device ids [default: <node_id>-dev-].
-    device_id_prefix: String = String::new(), "TRIBUTARY_DEVICE_ID_PREFIX";
+    device_id_prefix: String = String::new(), "TRIBUTARY_DEVICE_ID_PREFIX", "Edge";
     /// Edge: the signal's mean [default: 60].
-    signal_base: f64 = 60.0, "TRIBUTARY_SIGNAL_BASE";
+    signal_base: f64 = 60.0, "TRIBUTARY_SIGNAL_BASE", "Edge";
     /// Edge: the sine's amplitude [default: 10].
-    signal_amplitude: f64 = 10.0, "TRIBUTARY_SIGNAL_AMPLITUDE";
+    signal_amplitude: f64 = 10.0, "TRIBUTARY_SIGNAL_AMPLITUDE", "Edge";
     /// Edge: the sine's period in seconds [default: 60].
-    signal_period_s: f64 = 60.0, "TRIBUTARY_SIGNAL_PERIOD_S";
+    signal_period_s: f64 = 60.0, "TRIBUTARY_SIGNAL_PERIOD_S", "Edge";
     /// Edge: half-width of the uniform noise [default: 0.5].
-    signal_noise: f64 = 0.5, "TRIBUTARY_SIGNAL_NOISE";
+    signal_noise: f64 = 0.5, "TRIBUTARY_SIGNAL_NOISE", "Edge";
     /// Edge: the chance that a reading is a spike [default: 0.001].
-    spike_probability: f64 = 0.001, "TRIBUTARY_SPIKE_PROBABILITY";
+    spike_probability: f64 = 0.001, "TRIBUTARY_SPIKE_PROBABILITY", "Edge";
     /// Edge: how far a spike jumps [default: 40].
-    spike_magnitude: f64 = 40.0, "TRIBUTARY_SPIKE_MAGNITUDE";
+    spike_magnitude: f64 = 40.0, "TRIBUTARY_SPIKE_MAGNITUDE", "Edge";
     /// Edge: the seed of the simulated signals [default: 1].
-    device_seed: u64 = 1, "TRIBUTARY_DEVICE_SEED";
+    device_seed: u64 = 1, "TRIBUTARY_DEVICE_SEED", "Edge";
     /// Cloud: Kafka bootstrap servers [default: 127.0.0.1:9092].
-    kafka_bootstrap: String = "127.0.0.1:9092".into(), "TRIBUTARY_KAFKA_BOOTSTRAP";
+    kafka_bootstrap: String = "127.0.0.1:9092".into(), "TRIBUTARY_KAFKA_BOOTSTRAP", "Cloud";
     /// Cloud: the topic readings are written to [default: tributary.readings].
-    readings_topic: String = "tributary.readings".into(), "TRIBUTARY_READINGS_TOPIC";
+    readings_topic: String = "tributary.readings".into(), "TRIBUTARY_READINGS_TOPIC", "Cloud";
     /// Cloud: partitions of the readings topic when it is created [default: 3].
-    readings_partitions: i32 = 3, "TRIBUTARY_READINGS_PARTITIONS";
+    readings_partitions: i32 = 3, "TRIBUTARY_READINGS_PARTITIONS", "Cloud";
     /// Cloud: the compacted topic of per-edge high-water marks [default: tributary.hwm].
-    hwm_topic: String = "tributary.hwm".into(), "TRIBUTARY_HWM_TOPIC";
+    hwm_topic: String = "tributary.hwm".into(), "TRIBUTARY_HWM_TOPIC", "Cloud";
     /// Cloud: where readings the cloud refuses (invalid, or of a stream the topology does not place on their edge) are kept, with the reason [default: tributary.refused].
-    refused_topic: String = "tributary.refused".into(), "TRIBUTARY_REFUSED_TOPIC";
+    refused_topic: String = "tributary.refused".into(), "TRIBUTARY_REFUSED_TOPIC", "Cloud";
     /// Cloud: prefix of the transactional.ids; empty derives it from the cluster's CA, so that every cloud node of a cluster has the same and fences the others (set it only for Kafka ACLs, and then the same on every cloud node) [default: tributary-<CA fingerprint>].
-    transactional_id_prefix: String = String::new(), "TRIBUTARY_TRANSACTIONAL_ID_PREFIX";
+    transactional_id_prefix: String = String::new(), "TRIBUTARY_TRANSACTIONAL_ID_PREFIX", "Cloud";
     /// Cloud: the broker aborts a transaction left open this long; it bounds how long a crashed cloud node delays every edge's recovery [default: 15000].
-    transaction_timeout_ms: u64 = 15_000, "TRIBUTARY_TRANSACTION_TIMEOUT_MS";
+    transaction_timeout_ms: u64 = 15_000, "TRIBUTARY_TRANSACTION_TIMEOUT_MS", "Cloud";
     /// Cloud: bound on one log commit, below transaction_timeout_ms [default: 10000].
-    commit_timeout_ms: u64 = 10_000, "TRIBUTARY_COMMIT_TIMEOUT_MS";
+    commit_timeout_ms: u64 = 10_000, "TRIBUTARY_COMMIT_TIMEOUT_MS", "Cloud";
     /// Cloud: segments per log transaction [default: 16].
-    commit_segments_max: usize = 16, "TRIBUTARY_COMMIT_SEGMENTS_MAX";
+    commit_segments_max: usize = 16, "TRIBUTARY_COMMIT_SEGMENTS_MAX", "Cloud";
     /// Cloud: segments an edge may have pending [default: 64].
-    pending_segments_max: usize = 64, "TRIBUTARY_PENDING_SEGMENTS_MAX";
+    pending_segments_max: usize = 64, "TRIBUTARY_PENDING_SEGMENTS_MAX", "Cloud";
     /// Cloud: how long an edge has to say Hello [default: 5000].
-    hello_timeout_ms: u64 = 5_000, "TRIBUTARY_HELLO_TIMEOUT_MS";
+    hello_timeout_ms: u64 = 5_000, "TRIBUTARY_HELLO_TIMEOUT_MS", "Cloud";
     /// Cloud: how long a new connection may take to open its first stream before it is closed [default: 5000].
-    first_stream_timeout_ms: u64 = 5_000, "TRIBUTARY_FIRST_STREAM_TIMEOUT_MS";
+    first_stream_timeout_ms: u64 = 5_000, "TRIBUTARY_FIRST_STREAM_TIMEOUT_MS", "Cloud";
     /// Cloud: how often to log what flows, 0 for never [default: 2000].
-    report_interval_ms: u64 = 2_000, "TRIBUTARY_REPORT_INTERVAL_MS";
+    report_interval_ms: u64 = 2_000, "TRIBUTARY_REPORT_INTERVAL_MS", "Cloud";
     /// Cloud: serve the supervision dashboard (and /metrics) here, e.g. 127.0.0.1:8080; empty for none [default: empty].
-    dashboard_addr: String = String::new(), "TRIBUTARY_DASHBOARD_ADDR";
+    dashboard_addr: String = String::new(), "TRIBUTARY_DASHBOARD_ADDR", "Dashboard (cloud)";
     /// Cloud: the bearer token the dashboard's actions require; empty turns actions off [default: empty].
-    dashboard_token: String = String::new(), "TRIBUTARY_DASHBOARD_TOKEN";
+    dashboard_token: String = String::new(), "TRIBUTARY_DASHBOARD_TOKEN", "Dashboard (cloud)";
     /// Cloud: require the dashboard token to view the page and its API too, not only for actions [default: false].
-    dashboard_view_token_required: bool = false, "TRIBUTARY_DASHBOARD_VIEW_TOKEN_REQUIRED";
+    dashboard_view_token_required: bool = false, "TRIBUTARY_DASHBOARD_VIEW_TOKEN_REQUIRED", "Dashboard (cloud)";
     /// Cloud: HTTP connections the dashboard serves at once; more are closed at once [default: 256].
-    dashboard_connections_max: usize = 256, "TRIBUTARY_DASHBOARD_CONNECTIONS_MAX";
+    dashboard_connections_max: usize = 256, "TRIBUTARY_DASHBOARD_CONNECTIONS_MAX", "Dashboard (cloud)";
     /// Cloud: live pages (event streams) one client address may hold [default: 8].
-    dashboard_pages_per_client_max: usize = 8, "TRIBUTARY_DASHBOARD_PAGES_PER_CLIENT_MAX";
+    dashboard_pages_per_client_max: usize = 8, "TRIBUTARY_DASHBOARD_PAGES_PER_CLIENT_MAX", "Dashboard (cloud)";
     /// Cloud: how long a client may take to send a request's headers [default: 5000].
-    dashboard_header_read_timeout_ms: u64 = 5_000, "TRIBUTARY_DASHBOARD_HEADER_READ_TIMEOUT_MS";
+    dashboard_header_read_timeout_ms: u64 = 5_000, "TRIBUTARY_DASHBOARD_HEADER_READ_TIMEOUT_MS", "Dashboard (cloud)";
     /// Cloud: the topic every dashboard action is written to, for audit [default: tributary.audit].
-    audit_topic: String = "tributary.audit".into(), "TRIBUTARY_AUDIT_TOPIC";
+    audit_topic: String = "tributary.audit".into(), "TRIBUTARY_AUDIT_TOPIC", "Dashboard (cloud)";
     /// Serve Prometheus /metrics here (any node), e.g. 127.0.0.1:9100; empty for none [default: empty].
-    metrics_addr: String = String::new(), "TRIBUTARY_METRICS_ADDR";
+    metrics_addr: String = String::new(), "TRIBUTARY_METRICS_ADDR", "Every node";
     /// The largest uplink frame accepted [default: 8388608].
-    frame_bytes_max: usize = 8 * 1024 * 1024, "TRIBUTARY_FRAME_BYTES_MAX";
+    frame_bytes_max: usize = 8 * 1024 * 1024, "TRIBUTARY_FRAME_BYTES_MAX", "Every node";
     /// QUIC keep-alive period [default: 200].
-    keep_alive_interval_ms: u64 = 200, "TRIBUTARY_KEEP_ALIVE_INTERVAL_MS";
+    keep_alive_interval_ms: u64 = 200, "TRIBUTARY_KEEP_ALIVE_INTERVAL_MS", "Every node";
     /// QUIC idle timeout: a silent link is declared dead after this [default: 1500].
-    idle_timeout_ms: u64 = 1_500, "TRIBUTARY_IDLE_TIMEOUT_MS";
+    idle_timeout_ms: u64 = 1_500, "TRIBUTARY_IDLE_TIMEOUT_MS", "Every node";
     /// QUIC handshake bound; raise it on links with a round trip near half of it [default: 1000].
-    connect_timeout_ms: u64 = 1_000, "TRIBUTARY_CONNECT_TIMEOUT_MS";
+    connect_timeout_ms: u64 = 1_000, "TRIBUTARY_CONNECT_TIMEOUT_MS", "Every node";
     /// The ractor cluster's shared cookie (QUIC's mutual TLS already authenticates peers) [default: tributary].
-    cluster_cookie: String = "tributary".into(), "TRIBUTARY_CLUSTER_COOKIE";
+    cluster_cookie: String = "tributary".into(), "TRIBUTARY_CLUSTER_COOKIE", "Every node";
     /// Edge: the MQTT broker as host:port; empty for no MQTT source [default: empty].
-    mqtt_addr: String = String::new(), "TRIBUTARY_MQTT_ADDR";
+    mqtt_addr: String = String::new(), "TRIBUTARY_MQTT_ADDR", "MQTT (edge)";
     /// Edge: the MQTT topic filter to subscribe to (QoS 1) [default: tributary/+/telemetry].
-    mqtt_topic: String = "tributary/+/telemetry".into(), "TRIBUTARY_MQTT_TOPIC";
+    mqtt_topic: String = "tributary/+/telemetry".into(), "TRIBUTARY_MQTT_TOPIC", "MQTT (edge)";
     /// Edge: the topic level (1-based) holding the device id; 0 for the filter's first `+` [default: 0].
-    mqtt_device_level: usize = 0, "TRIBUTARY_MQTT_DEVICE_LEVEL";
+    mqtt_device_level: usize = 0, "TRIBUTARY_MQTT_DEVICE_LEVEL", "MQTT (edge)";
     /// Edge: the MQTT client id; keep it stable, the broker keeps unacked messages under it [default: tributary-<node_id>].
-    mqtt_client_id: String = String::new(), "TRIBUTARY_MQTT_CLIENT_ID";
+    mqtt_client_id: String = String::new(), "TRIBUTARY_MQTT_CLIENT_ID", "MQTT (edge)";
     /// Edge: MQTT devices whose figures are kept (first and last seen, readings); the least recently seen is forgotten [default: 100000].
-    mqtt_devices_max: usize = 100_000, "TRIBUTARY_MQTT_DEVICES_MAX";
+    mqtt_devices_max: usize = 100_000, "TRIBUTARY_MQTT_DEVICES_MAX", "MQTT (edge)";
     /// Edge: MQTT messages held unacknowledged, 1 to 65535; past it the source stops reading for a quarter of the keep-alive, then leaves the excess unacked until a reconnect [default: 4096].
-    mqtt_inflight_max: usize = 4096, "TRIBUTARY_MQTT_INFLIGHT_MAX";
+    mqtt_inflight_max: usize = 4096, "TRIBUTARY_MQTT_INFLIGHT_MAX", "MQTT (edge)";
     /// Edge: readings of one MQTT device at the gateway and not yet durable; past it that device's next ones wait [default: 4096].
-    mqtt_device_inflight_max: usize = 4096, "TRIBUTARY_MQTT_DEVICE_INFLIGHT_MAX";
+    mqtt_device_inflight_max: usize = 4096, "TRIBUTARY_MQTT_DEVICE_INFLIGHT_MAX", "MQTT (edge)";
     /// Edge: requests (acks, subscribes) queued for the MQTT client; at least mqtt_inflight_max + 8; 0 for exactly that [default: 0].
-    mqtt_queued_requests_max: usize = 0, "TRIBUTARY_MQTT_QUEUED_REQUESTS_MAX";
+    mqtt_queued_requests_max: usize = 0, "TRIBUTARY_MQTT_QUEUED_REQUESTS_MAX", "MQTT (edge)";
     /// Edge: MQTT keep-alive in ms, 4000 to 65535000 (MQTT counts whole seconds) [default: 30000].
-    mqtt_keep_alive_ms: u64 = 30_000, "TRIBUTARY_MQTT_KEEP_ALIVE_MS";
+    mqtt_keep_alive_ms: u64 = 30_000, "TRIBUTARY_MQTT_KEEP_ALIVE_MS", "MQTT (edge)";
     /// Edge: a message is taken for a redelivery only with MQTT's DUP flag set, as the spec requires; turn off only for a broker that omits it [default: true].
-    mqtt_redelivery_requires_dup: bool = true, "TRIBUTARY_MQTT_REDELIVERY_REQUIRES_DUP";
+    mqtt_redelivery_requires_dup: bool = true, "TRIBUTARY_MQTT_REDELIVERY_REQUIRES_DUP", "MQTT (edge)";
     /// Edge: take retained messages (sent again at each subscription) as readings [default: false].
-    mqtt_take_retained: bool = false, "TRIBUTARY_MQTT_TAKE_RETAINED";
+    mqtt_take_retained: bool = false, "TRIBUTARY_MQTT_TAKE_RETAINED", "MQTT (edge)";
     /// Edge: the largest MQTT packet accepted; keep the broker's limit at or below it [default: 262144].
-    mqtt_packet_bytes_max: usize = 256 * 1024, "TRIBUTARY_MQTT_PACKET_BYTES_MAX";
+    mqtt_packet_bytes_max: usize = 256 * 1024, "TRIBUTARY_MQTT_PACKET_BYTES_MAX", "MQTT (edge)";
     /// Supervisors: restarts allowed per period before escalating [default: 5].
-    restarts_max: u32 = 5, "TRIBUTARY_RESTARTS_MAX";
+    restarts_max: u32 = 5, "TRIBUTARY_RESTARTS_MAX", "Every node";
     /// Supervisors: the period of restarts_max [default: 10000].
-    restart_period_ms: u64 = 10_000, "TRIBUTARY_RESTART_PERIOD_MS";
+    restart_period_ms: u64 = 10_000, "TRIBUTARY_RESTART_PERIOD_MS", "Every node";
     /// Cloud: readings per stages transaction at most [default: 1000].
-    stages_batch_readings_max: usize = 1000, "TRIBUTARY_STAGES_BATCH_READINGS_MAX";
+    stages_batch_readings_max: usize = 1000, "TRIBUTARY_STAGES_BATCH_READINGS_MAX", "Cloud";
     /// Cloud: how long the stages wait for readings before a quiet turn [default: 200].
-    stages_poll_ms: u64 = 200, "TRIBUTARY_STAGES_POLL_MS";
+    stages_poll_ms: u64 = 200, "TRIBUTARY_STAGES_POLL_MS", "Cloud";
     /// How far the stages' watermark trails the wall clock when input is quiet [default: 5000].
-    stages_watermark_lag_ms: u64 = 5_000, "TRIBUTARY_STAGES_WATERMARK_LAG_MS";
-    /// Labels of this node, comma-separated: a topology places edge blocks by node id or label.
-    labels: String = String::new(), "TRIBUTARY_LABELS";
+    stages_watermark_lag_ms: u64 = 5_000, "TRIBUTARY_STAGES_WATERMARK_LAG_MS", "Cloud";
+    /// Labels of this node, comma-separated: a topology places edge blocks by node id or label. They are part of the certificate (certs issue --labels); set here, they must match it [default: the certificate's].
+    labels: String = String::new(), "TRIBUTARY_LABELS", "Every node";
 }
 
 /// A bad setting, named by its key.
