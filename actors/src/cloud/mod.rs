@@ -35,9 +35,15 @@ pub const LISTENER_NAME: &str = "tributary.listener";
 const WRITERS_POOLED_MAX: usize = 64;
 /// How long a stale ingest for the same edge may take to stop.
 const REPLACE_TIMEOUT_MS: u64 = 10_000;
-/// Connections in setup at once (handshake and first stream); more wait in
-/// the endpoint's queue, itself bounded by `incoming_max`.
+/// Handshakes in progress at once; under load, attempts must first pass a
+/// stateless Retry, and past this they are refused (never queued).
 const CONNECTIONS_SETTING_UP_MAX: usize = 256;
+/// Authenticated connections that have not opened their first stream yet.
+/// Past it, the one that has waited longest is closed: an honest edge opens
+/// its stream right after its handshake, so the oldest waiting is the least
+/// likely to be one, and idle connections (a stolen certificate's siege)
+/// cannot keep a new one out.
+pub const CONNECTIONS_AWAITING_STREAM_MAX: usize = 1024;
 /// Connections one certified peer may hold at once; more are refused.
 pub const CONNECTIONS_PER_PEER_MAX: usize = 4;
 
@@ -48,6 +54,9 @@ pub struct CloudCounters {
     pub connections_refused: AtomicU64,
     /// Connection attempts answered with a Retry (address validation) under load.
     pub connections_retried: AtomicU64,
+    /// Connections closed before their first stream to make room for a newer
+    /// one (see [`CONNECTIONS_AWAITING_STREAM_MAX`]).
+    pub connections_evicted: AtomicU64,
     pub readings_committed: AtomicU64,
     pub segments_committed: AtomicU64,
     pub segments_duplicate: AtomicU64,
@@ -250,12 +259,73 @@ impl Drop for PeerSlot {
     }
 }
 
+/// Connections waiting for their first stream, oldest first.
+#[derive(Clone)]
+struct AwaitingStream {
+    inner: Arc<Mutex<AwaitingInner>>,
+    max: usize,
+}
+
+#[derive(Default)]
+struct AwaitingInner {
+    next_id: u64,
+    queue: std::collections::VecDeque<(u64, Arc<tokio::sync::Notify>)>,
+}
+
+/// A connection's place among those waiting; it leaves on drop.
+struct AwaitingTicket {
+    pool: AwaitingStream,
+    id: u64,
+    evicted: Arc<tokio::sync::Notify>,
+}
+
+impl AwaitingStream {
+    fn new(max: usize) -> Self {
+        Self {
+            inner: Arc::default(),
+            max,
+        }
+    }
+
+    /// Takes a place, evicting the oldest waiting connection when full.
+    fn enter(&self, counters: &CloudCounters) -> AwaitingTicket {
+        let mut t = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        while t.queue.len() >= self.max {
+            let Some((_, oldest)) = t.queue.pop_front() else {
+                break;
+            };
+            // notify_one keeps the wake-up even if the waiter is not polling yet.
+            oldest.notify_one();
+            counters.connections_evicted.fetch_add(1, Relaxed);
+        }
+        t.next_id += 1;
+        let id = t.next_id;
+        let evicted = Arc::new(tokio::sync::Notify::new());
+        t.queue.push_back((id, evicted.clone()));
+        debug_assert!(t.queue.len() <= self.max);
+        AwaitingTicket {
+            pool: self.clone(),
+            id,
+            evicted,
+        }
+    }
+}
+
+impl Drop for AwaitingTicket {
+    fn drop(&mut self) {
+        let mut t = self.pool.inner.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(i) = t.queue.iter().position(|(id, _)| *id == self.id) {
+            t.queue.remove(i);
+        }
+    }
+}
+
 async fn serve_connection(
     conn: IncomingConnection,
     listener: ActorRef<ListenerMsg>,
     counters: Arc<CloudCounters>,
     hooks: StreamHooks,
-    permit: tokio::sync::OwnedSemaphorePermit,
+    awaiting: AwaitingStream,
     per_peer: PerPeer,
 ) {
     let peer = match conn.peer() {
@@ -272,17 +342,22 @@ async fn serve_connection(
         conn.close_refused("too many connections from this peer");
         return;
     };
-    let mut permit = Some(permit);
     let mut first = true;
     loop {
         let next = if first {
             first = false;
-            conn.first_stream().await
+            let ticket = awaiting.enter(&counters);
+            tokio::select! {
+                next = conn.first_stream() => next,
+                () = ticket.evicted.notified() => {
+                    tracing::debug!(%peer, "closing a connection that opened no stream, for a newer one");
+                    conn.close_refused("evicted: too many connections waiting to open a stream");
+                    return;
+                }
+            }
         } else {
             conn.next_stream().await
         };
-        // Set up: its first stream is routed, or the attempt failed.
-        permit.take();
         match next {
             Ok(IncomingStream::Uplink(up)) => {
                 counters.connections_accepted.fetch_add(1, Relaxed);
@@ -359,6 +434,7 @@ impl Actor for Listener {
             on_report: args.on_report.clone(),
         };
         let per_peer = PerPeer::default();
+        let awaiting = AwaitingStream::new(CONNECTIONS_AWAITING_STREAM_MAX);
         let accept_task = tokio::spawn(async move {
             while let Some(pending) = ep.accept().await {
                 // Bounds the connections in setup (handshake, first stream);
@@ -379,10 +455,20 @@ impl Actor for Listener {
                     pending.refuse();
                     continue;
                 };
-                let (me, c, hooks, pp) = (me.clone(), c.clone(), hooks.clone(), per_peer.clone());
+                let (me, c, hooks, pp, aw) = (
+                    me.clone(),
+                    c.clone(),
+                    hooks.clone(),
+                    per_peer.clone(),
+                    awaiting.clone(),
+                );
                 tokio::spawn(async move {
-                    match pending.complete().await {
-                        Ok(conn) => serve_connection(conn, me, c, hooks, permit, pp).await,
+                    let done = pending.complete().await;
+                    // The slot bounds handshakes; waiting for the first
+                    // stream is bounded by `awaiting`.
+                    drop(permit);
+                    match done {
+                        Ok(conn) => serve_connection(conn, me, c, hooks, aw, pp).await,
                         Err(e) => {
                             c.connections_refused.fetch_add(1, Relaxed);
                             tracing::warn!(error = %e, "handshake refused");
@@ -498,5 +584,35 @@ impl Actor for Listener {
         state.accept_task.abort();
         state.endpoint.close();
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn the_oldest_connection_waiting_for_a_stream_makes_room() {
+        let counters = CloudCounters::default();
+        let pool = AwaitingStream::new(2);
+        let a = pool.enter(&counters);
+        let b = pool.enter(&counters);
+        assert_eq!(counters.connections_evicted.load(Relaxed), 0);
+        let c = pool.enter(&counters);
+        assert_eq!(counters.connections_evicted.load(Relaxed), 1);
+        // The eviction is kept until the oldest waiter looks.
+        tokio::time::timeout(Duration::from_secs(1), a.evicted.notified())
+            .await
+            .expect("the oldest is told to go");
+        // One that left on its own (its stream came) frees its place.
+        drop(b);
+        let _d = pool.enter(&counters);
+        assert_eq!(counters.connections_evicted.load(Relaxed), 1);
+        let _e = pool.enter(&counters);
+        assert_eq!(counters.connections_evicted.load(Relaxed), 2);
+        tokio::time::timeout(Duration::from_secs(1), c.evicted.notified())
+            .await
+            .expect("then the next oldest");
+        assert_eq!(pool.inner.lock().unwrap().queue.len(), 2);
     }
 }
