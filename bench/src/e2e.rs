@@ -54,8 +54,13 @@ pub struct E2eOpts {
 /// `node` next to this binary (target/release when this is a release
 /// build), else the debug build's.
 fn node_binary(o: &E2eOpts) -> Result<PathBuf> {
-    if let Some(p) = &o.node {
-        return Ok(p.clone());
+    find_node(o.node.as_deref())
+}
+
+/// `explicit`, else `node` next to this binary, else the debug build's.
+pub(crate) fn find_node(explicit: Option<&Path>) -> Result<PathBuf> {
+    if let Some(p) = explicit {
+        return Ok(p.to_path_buf());
     }
     let exe = std::env::current_exe().context("finding this executable")?;
     let dir = exe.parent().context("this executable's directory")?;
@@ -70,7 +75,7 @@ fn node_binary(o: &E2eOpts) -> Result<PathBuf> {
     )
 }
 
-fn node(bin: &Path, args: &[&str]) -> Result<()> {
+pub(crate) fn node(bin: &Path, args: &[&str]) -> Result<()> {
     let out = Command::new(bin)
         .args(args)
         .output()
@@ -85,18 +90,28 @@ fn node(bin: &Path, args: &[&str]) -> Result<()> {
 }
 
 /// A child process killed and reaped when dropped.
-struct Proc {
-    child: Child,
+pub(crate) struct Proc {
+    pub(crate) child: Child,
     log: PathBuf,
 }
 
 impl Proc {
-    fn spawn(bin: &Path, args: &[String], log: PathBuf) -> Result<Self> {
+    pub(crate) fn spawn(bin: &Path, args: &[String], log: PathBuf) -> Result<Self> {
+        Self::spawn_with_env(bin, args, &[], log)
+    }
+
+    pub(crate) fn spawn_with_env(
+        bin: &Path,
+        args: &[String],
+        env: &[(String, String)],
+        log: PathBuf,
+    ) -> Result<Self> {
         let out = File::create(&log).with_context(|| format!("creating {}", log.display()))?;
         let err = out.try_clone()?;
         let child = Command::new(bin)
             .args(args)
             .env("RUST_LOG", "info")
+            .envs(env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null())
             .stdout(out)
             .stderr(err)
@@ -113,14 +128,18 @@ impl Proc {
         s
     }
 
-    fn log_tail(&self) -> String {
+    pub(crate) fn log_path(&self) -> &Path {
+        &self.log
+    }
+
+    pub(crate) fn log_tail(&self) -> String {
         let text = self.log_text();
         let lines: Vec<&str> = text.lines().collect();
         lines[lines.len().saturating_sub(20)..].join("\n")
     }
 
     /// Waits, bounded, for a line containing `pattern`.
-    fn wait_for(&mut self, pattern: &str, timeout: Duration) -> Result<()> {
+    pub(crate) fn wait_for(&mut self, pattern: &str, timeout: Duration) -> Result<()> {
         let deadline = Instant::now() + timeout;
         loop {
             if self.log_text().contains(pattern) {
@@ -146,7 +165,7 @@ impl Proc {
     }
 
     /// User plus system CPU seconds this process has used.
-    fn cpu_s(&self) -> f64 {
+    pub(crate) fn cpu_s(&self) -> f64 {
         process_cpu_s(&self.child.id().to_string())
     }
 }
@@ -200,7 +219,7 @@ struct Window {
     machine_cores: f64,
 }
 
-fn free_udp_port() -> Result<u16> {
+pub(crate) fn free_udp_port() -> Result<u16> {
     let s = std::net::UdpSocket::bind("127.0.0.1:0")?;
     Ok(s.local_addr()?.port())
 }

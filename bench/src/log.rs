@@ -437,6 +437,7 @@ fn run_subjects(
         .map(|c| SegmentBatch {
             seq: 0,
             readings: c.to_vec(),
+            refused: Vec::new(),
         })
         .collect();
     let mut raw = Vec::new();

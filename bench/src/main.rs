@@ -5,12 +5,14 @@
 //!
 //! Run in release: `cargo run -p tributary-bench --release -- outbox`.
 //! `stages`, `devices` and `mqtt` measure the stages' CPU cost, the memory
-//! per device actor and MQTT ingest against their own baselines.
+//! per device and MQTT ingest against their own baselines; `mqtt-rss` an
+//! edge node's memory under MQTT load.
 
 mod devices;
 mod e2e;
 mod log;
 mod mqtt;
+mod mqtt_rss;
 mod outbox;
 mod stages;
 mod stats;
@@ -171,53 +173,123 @@ enum Command {
         count: usize,
     },
     /// MQTT ingest on one edge (MqttSource, gateway, outbox on sled) against
-    /// a raw rumqttc subscriber on the same broker.
+    /// a raw rumqttc subscriber on the same broker: at each of --devices, one
+    /// device sustained (--sustained-s), and the ack latency at half the
+    /// maximum (--latency-s).
     Mqtt {
         #[command(flatten)]
         reps: Reps,
         /// The MQTT broker, host:port.
         #[arg(long, env = "TRIBUTARY_MQTT_ADDR", default_value = "127.0.0.1:28883")]
         broker: String,
-        /// Messages per run; a multiple of --devices.
+        /// Device counts of part 1, one pass of each subject per run (`--runs 0`
+        /// skips part 1).
+        #[arg(long, value_delimiter = ',', default_value = "1,20,1000")]
+        devices: Vec<usize>,
+        /// What parts 1 and 2 measure, in turn: the raw rumqttc subscriber
+        /// (the baseline), a raw socket subscriber, the edge.
+        #[arg(
+            long,
+            value_enum,
+            value_delimiter = ',',
+            default_value = "rumqttc,socket,edge"
+        )]
+        subjects: Vec<mqtt::Subject>,
+        /// Messages per pass of part 1; a multiple of every device count.
         #[arg(long, default_value_t = 200_000)]
         readings: u64,
-        /// Devices publishing (one topic each).
-        #[arg(long, default_value_t = 100)]
-        devices: usize,
         /// Publisher connections the devices are spread over.
         #[arg(long, default_value_t = 1)]
         publishers: usize,
-        /// The most messages the publishers may be ahead of the subscriber
-        /// under test: well above what the edge holds (inflight_max), and
-        /// below the broker's max_queued_messages, past which Mosquitto drops
-        /// messages. A deep backlog also makes Mosquitto 2.0.11 deliver out of
-        /// order (see BENCHMARKS.md).
-        #[arg(long, default_value_t = 5_000)]
+        /// The most messages the publisher may be ahead of the subscriber under
+        /// test: above what the edge holds (inflight_max, 4096), below the
+        /// broker's max_queued_messages (past which Mosquitto drops messages).
+        #[arg(long, default_value_t = 20_000)]
         lead_max: u64,
-        /// The MQTT source's inflight_max (the node's default).
-        #[arg(long, default_value_t = 512)]
-        inflight_max: usize,
-        /// The MQTT source's rumqttc request channel (the node's default).
-        #[arg(long, default_value_t = 1024)]
-        queued_requests_max: usize,
-        /// Readings per outbox segment (the node's default).
-        #[arg(long, default_value_t = 1000)]
-        segment_readings: usize,
-        /// The outbox's commit interval (the node's default).
-        #[arg(long, default_value_t = 50)]
-        commit_interval_ms: u64,
-        /// sled's page cache bound (the node's default).
-        #[arg(long, default_value_t = 16 * 1024 * 1024)]
-        cache_bytes_max: u64,
+        /// Part 2: seconds of each window of one device publishing as fast as
+        /// it is taken (0 to skip).
+        #[arg(long, default_value_t = 20)]
+        sustained_s: u64,
+        /// The devices of parts 2 and 3.
+        #[arg(long, default_value_t = 1)]
+        sustained_devices: usize,
+        /// Part 2's windows per subject (raw, edge), alternating.
+        #[arg(long, default_value_t = 3)]
+        sustained_runs: usize,
+        /// Part 3: seconds of each window of a paced publisher at half the
+        /// edge's sustained median (0 to skip).
+        #[arg(long, default_value_t = 20)]
+        latency_s: u64,
+        /// Part 3's windows.
+        #[arg(long, default_value_t = 3)]
+        latency_runs: usize,
+        /// Part 3's rate instead of half the measured maximum.
+        #[arg(long)]
+        latency_rate: Option<f64>,
+        /// Seconds before each window of parts 2 and 3 opens.
+        #[arg(long, default_value_t = 3)]
+        window_warmup_s: u64,
         /// Where the temporary outboxes go [default: the system's temp dir].
         #[arg(long)]
         dir: Option<PathBuf>,
         /// The broker's pid, if it runs here: its CPU per reading is reported too.
         #[arg(long)]
         broker_pid: Option<u32>,
-        /// Bound on one subject's run.
-        #[arg(long, default_value_t = 900)]
+        /// Bound on one pass.
+        #[arg(long, default_value_t = 300)]
         timeout_s: u64,
+    },
+    /// An edge `node` process with the MQTT source and no cloud: its RSS idle,
+    /// while devices publish, and after; the outbox's bytes on disk.
+    MqttRss {
+        /// The MQTT broker, host:port.
+        #[arg(long, env = "TRIBUTARY_MQTT_ADDR", default_value = "127.0.0.1:28883")]
+        broker: String,
+        /// The node binary [default: `node` next to this binary, else target/debug/node].
+        #[arg(long)]
+        node: Option<PathBuf>,
+        /// Devices publishing (one topic each).
+        #[arg(long, default_value_t = 1000)]
+        devices: usize,
+        /// Messages in all.
+        #[arg(long, default_value_t = 10_000_000)]
+        readings: u64,
+        /// Publisher connections the devices are spread over.
+        #[arg(long, default_value_t = 1)]
+        publishers: usize,
+        /// The most messages the publisher may be ahead of what the node
+        /// reports committed (its `edge flow` lines, every --report-interval-ms).
+        #[arg(long, default_value_t = 50_000)]
+        lead_max: u64,
+        /// The node's report interval: the lead's resolution.
+        #[arg(long, default_value_t = 250)]
+        report_interval_ms: u64,
+        /// How often VmRSS is sampled.
+        #[arg(long, default_value_t = 2_000)]
+        sample_ms: u64,
+        /// Seconds of idle sampling after the node subscribed, and of settling
+        /// after the last reading is committed.
+        #[arg(long, default_value_t = 10)]
+        idle_s: u64,
+        /// Publishing stops after this many seconds even if not all is sent.
+        #[arg(long, default_value_t = 900)]
+        time_limit_s: u64,
+        /// The node's --outbox-bytes-max: room for every reading.
+        #[arg(long, default_value_t = 4 * 1024 * 1024 * 1024)]
+        outbox_bytes_max: u64,
+        /// Where the node's directory goes [default: the system's temp dir].
+        #[arg(long)]
+        dir: Option<PathBuf>,
+        /// Keep the node's directory (outbox, log) instead of deleting it.
+        #[arg(long)]
+        keep: bool,
+        /// The broker's pid, if it runs here: its CPU is reported too.
+        #[arg(long)]
+        broker_pid: Option<u32>,
+        /// KEY=VALUE set in the node's environment (repeatable), for
+        /// experiments such as MALLOC_ARENA_MAX=2.
+        #[arg(long)]
+        node_env: Vec<String>,
     },
 }
 
@@ -349,34 +421,73 @@ fn main() -> Result<()> {
         Command::Mqtt {
             reps,
             broker,
-            readings,
             devices,
+            subjects,
+            readings,
             publishers,
             lead_max,
-            inflight_max,
-            queued_requests_max,
-            segment_readings,
-            commit_interval_ms,
-            cache_bytes_max,
+            sustained_s,
+            sustained_devices,
+            sustained_runs,
+            latency_s,
+            latency_runs,
+            latency_rate,
+            window_warmup_s,
             dir,
             broker_pid,
             timeout_s,
         } => mqtt::run(&mqtt::MqttOpts {
             broker,
-            readings,
             devices,
-            publishers,
+            readings,
             runs: reps.runs,
             warmup: reps.warmup,
+            subjects,
+            publishers,
             lead_max,
-            inflight_max,
-            queued_requests_max,
-            segment_readings,
-            commit_interval_ms,
-            cache_bytes_max,
+            sustained_s,
+            sustained_devices,
+            sustained_runs,
+            latency_s,
+            latency_runs,
+            latency_rate,
+            window_warmup_s,
             dir: dir.unwrap_or_else(std::env::temp_dir),
             broker_pid,
             timeout_s,
+        }),
+        Command::MqttRss {
+            broker,
+            node,
+            devices,
+            readings,
+            publishers,
+            lead_max,
+            report_interval_ms,
+            sample_ms,
+            idle_s,
+            time_limit_s,
+            outbox_bytes_max,
+            dir,
+            keep,
+            broker_pid,
+            node_env,
+        } => mqtt_rss::run(&mqtt_rss::RssOpts {
+            broker,
+            node,
+            devices,
+            readings,
+            publishers,
+            lead_max,
+            report_interval_ms,
+            sample_ms,
+            idle_s,
+            time_limit_s,
+            outbox_bytes_max,
+            dir: dir.unwrap_or_else(std::env::temp_dir),
+            keep,
+            broker_pid,
+            node_env,
         }),
     }?;
     print_cpu_share(machine0, own0);

@@ -161,14 +161,13 @@ pub async fn start_with(
 /// control groups (so it can never stand in for another edge's control
 /// actor), a cloud node the cloud's groups.
 pub fn session_policy() -> tributary_cluster::guard::SessionPolicy {
-    use crate::dashboard::inbox::DASHBOARD_GROUP;
     tributary_cluster::guard::SessionPolicy {
         may_join: Arc::new(|peer: &NodeId, role: Role, group: &str| match role {
             Role::Edge => {
                 group == control::EDGE_CONTROL_GROUP
                     || group == control::edge_control_group(peer.as_str())
             }
-            Role::Cloud => group == control::CLOUD_CONTROL_GROUP || group == DASHBOARD_GROUP,
+            Role::Cloud => group == control::CLOUD_CONTROL_GROUP,
         }),
         ..Default::default()
     }

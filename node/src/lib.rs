@@ -458,7 +458,12 @@ async fn run_edge(
     // Reports go to the cloud's dashboard whether or not this edge serves
     // its own /metrics.
     let latest = dashboard::metrics::LatestReport::default();
-    let _reporter = dashboard::server::spawn_edge_reporter(id.to_string(), latest.clone(), members);
+    let reports = cluster
+        .reports
+        .clone()
+        .context("an edge's cluster parts carry its report link")?;
+    let _reporter =
+        dashboard::server::spawn_edge_reporter(id.to_string(), latest.clone(), members, reports);
     let _metrics = match config::Resolved::addr(&s.metrics_addr) {
         Some(addr) => {
             let served = dashboard::server::serve_metrics(addr, latest).await?;
@@ -690,9 +695,6 @@ async fn start_dashboard(
             .context("opening the audit topic for the dashboard's actions")?;
             Some(Arc::new(audit))
         };
-        ractor::Actor::spawn(None, dashboard::inbox::DashboardInbox, hub.clone())
-            .await
-            .context("starting the dashboard's inbox")?;
         let (served, tx) = serve_dashboard(DashboardArgs {
             addr,
             hub: hub.clone(),

@@ -2,9 +2,21 @@
 //!
 //! ```text
 //! sim run --scenario partition-flap --seed 7 --report flap.html
+//! sim run --scenario mqtt --seed 3 --mqtt-broker mosquitto-2.0.11 --mqtt-link overflow
+//! sim run --scenario mqtt --seed 0 --mutation dedup-device-ts
 //! sim swarm --seeds 1000
 //! sim scenarios
 //! ```
+//!
+//! MQTT-fed edges run the real MQTT source against a simulated broker whose
+//! publishers send bursts of readings sharing a millisecond; their readings
+//! are checked by (device, n), `n` being each publisher's sequence number.
+//! The `mqtt` scenario feeds every edge so (with edge crashes, MQTT cuts and
+//! uplink partitions), `random` lets each seed decide, `--mqtt all` feeds
+//! every edge in any scenario. The seed picks the broker's in-flight
+//! window, whether it refills it at every PUBACK (Mosquitto 2.0.11), and
+//! whether the link holds back or overflows when the source is full;
+//! `--mqtt-window`, `--mqtt-broker` and `--mqtt-link` override it.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -14,7 +26,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 use tributary_actors::outbox::FullPolicy;
 use tributary_simulations::report::{render_html, render_svg};
 use tributary_simulations::swarm::swarm;
-use tributary_simulations::{run, Mutation, Params, RunSpec, Scenario};
+use tributary_simulations::{run, MqttEdges, Mutation, Params, RunSpec, Scenario};
 
 #[derive(Parser)]
 #[command(
@@ -86,9 +98,41 @@ struct Common {
     /// Overrides the seed's choice of what a full outbox does: block or drop-oldest.
     #[arg(long)]
     full_policy: Option<String>,
-    /// Runs a deliberately broken variant: ack-before-fsync or forget-hwm.
+    /// Runs a deliberately broken variant: ack-before-fsync, forget-hwm,
+    /// dedup-device-ts (an MQTT message whose (device, ts) was seen before
+    /// is acked and dropped: the MQTT source's old rule) or
+    /// acks-lost-on-reconnect (the MQTT link drops the acks given just
+    /// before a reconnect, as TcpLink does).
     #[arg(long)]
     mutation: Option<String>,
+    /// Which edges a simulated MQTT broker feeds: scenario (every edge in
+    /// `mqtt`, the seed's choice in `random`, none elsewhere), all or none.
+    #[arg(long)]
+    mqtt: Option<String>,
+    /// Bursts per second of each MQTT publisher (default 4).
+    #[arg(long)]
+    mqtt_rate_hz: Option<f64>,
+    /// Messages per burst, 1 to this many, sharing one `ts` (default 4).
+    #[arg(long)]
+    mqtt_burst_max: Option<u32>,
+    /// The broker's in-flight window (Mosquitto's max_inflight_messages);
+    /// by default the seed picks it.
+    #[arg(long)]
+    mqtt_window: Option<usize>,
+    /// The broker: mosquitto (keeps its window) or mosquitto-2.0.11
+    /// (refills a whole window at every PUBACK); by default the seed picks.
+    #[arg(long)]
+    mqtt_broker: Option<String>,
+    /// The MQTT link out of permits: back-pressure (stops reading) or
+    /// overflow (reports Overflow, the source reconnects); by default the
+    /// seed picks.
+    #[arg(long)]
+    mqtt_link: Option<String>,
+    /// Whether an MQTT-fed edge's outbox budget gets room for the source's
+    /// redelivery records (true by default); false sizes it for readings
+    /// alone.
+    #[arg(long)]
+    mqtt_records_room: Option<bool>,
 }
 
 impl Common {
@@ -101,7 +145,10 @@ impl Common {
         })?;
         let mutation = match &self.mutation {
             Some(m) => Some(Mutation::from_name(m).ok_or_else(|| {
-                format!("unknown mutation {m:?}: ack-before-fsync or forget-hwm")
+                format!(
+                    "unknown mutation {m:?}: ack-before-fsync, forget-hwm, dedup-device-ts or \
+                     acks-lost-on-reconnect"
+                )
             })?),
             None => None,
         };
@@ -112,6 +159,31 @@ impl Common {
             Some(other) => {
                 return Err(format!(
                     "unknown --full-policy {other:?}: block or drop-oldest"
+                ))
+            }
+        };
+        let mqtt = match self.mqtt.as_deref() {
+            None => MqttEdges::Scenario,
+            Some(m) => MqttEdges::from_name(m)
+                .ok_or_else(|| format!("unknown --mqtt {m:?}: scenario, all or none"))?,
+        };
+        let mqtt_refill_on_ack = match self.mqtt_broker.as_deref() {
+            None => None,
+            Some("mosquitto") => Some(false),
+            Some("mosquitto-2.0.11") => Some(true),
+            Some(other) => {
+                return Err(format!(
+                    "unknown --mqtt-broker {other:?}: mosquitto or mosquitto-2.0.11"
+                ))
+            }
+        };
+        let mqtt_overflow = match self.mqtt_link.as_deref() {
+            None => None,
+            Some("back-pressure") => Some(false),
+            Some("overflow") => Some(true),
+            Some(other) => {
+                return Err(format!(
+                    "unknown --mqtt-link {other:?}: back-pressure or overflow"
                 ))
             }
         };
@@ -126,6 +198,13 @@ impl Common {
             drain_budget_s: self.drain_budget_s.unwrap_or(d.drain_budget_s),
             outbox_bytes_max: self.outbox_bytes_max,
             full_policy,
+            mqtt,
+            mqtt_rate_hz: self.mqtt_rate_hz.unwrap_or(d.mqtt_rate_hz),
+            mqtt_burst_max: self.mqtt_burst_max.unwrap_or(d.mqtt_burst_max),
+            mqtt_window: self.mqtt_window,
+            mqtt_refill_on_ack,
+            mqtt_overflow,
+            mqtt_records_room: self.mqtt_records_room.unwrap_or(d.mqtt_records_room),
         };
         if params.edges == 0 || params.devices_per_edge == 0 {
             return Err("--edges and --devices-per-edge must be at least 1".into());
@@ -133,13 +212,22 @@ impl Common {
         if !(params.rate_hz > 0.0 && params.rate_hz <= 1000.0) {
             return Err("--rate-hz must be above 0 and at most 1000".into());
         }
+        if !(params.mqtt_rate_hz > 0.0 && params.mqtt_rate_hz <= 500.0) {
+            return Err("--mqtt-rate-hz must be above 0 and at most 500".into());
+        }
+        if !(1..=1000).contains(&params.mqtt_burst_max) {
+            return Err("--mqtt-burst-max must be 1 to 1000".into());
+        }
+        if params.mqtt_window == Some(0) {
+            return Err("--mqtt-window must be at least 1".into());
+        }
         let mut spec = RunSpec::new(scenario, 0);
         spec.params = params;
         spec.mutation = mutation;
         // The replay line repeats every option given, so it replays exactly.
         let mut command =
             format!("cargo run -p tributary-simulations --release -- run --scenario {scenario}");
-        let flags: [(&str, Option<String>); 10] = [
+        let flags: [(&str, Option<String>); 17] = [
             ("--edges", self.edges.map(|v| v.to_string())),
             (
                 "--devices-per-edge",
@@ -159,6 +247,19 @@ impl Common {
             ),
             ("--full-policy", self.full_policy.clone()),
             ("--mutation", self.mutation.clone()),
+            ("--mqtt", self.mqtt.clone()),
+            ("--mqtt-rate-hz", self.mqtt_rate_hz.map(|v| v.to_string())),
+            (
+                "--mqtt-burst-max",
+                self.mqtt_burst_max.map(|v| v.to_string()),
+            ),
+            ("--mqtt-window", self.mqtt_window.map(|v| v.to_string())),
+            ("--mqtt-broker", self.mqtt_broker.clone()),
+            ("--mqtt-link", self.mqtt_link.clone()),
+            (
+                "--mqtt-records-room",
+                self.mqtt_records_room.map(|v| v.to_string()),
+            ),
         ];
         for (flag, value) in flags {
             if let Some(v) = value {
@@ -223,6 +324,12 @@ fn main() -> ExitCode {
                         f.readings_acked,
                         f.drain_ms.unwrap_or(0)
                     );
+                    if f.mqtt_edges > 0 {
+                        println!(
+                            "        {} MQTT messages accepted by the brokers, every one in the log once, in order",
+                            f.mqtt.accepted
+                        );
+                    }
                     ExitCode::SUCCESS
                 }
                 Err(v) => {
@@ -279,6 +386,22 @@ fn main() -> ExitCode {
                 "longest drain after faults: {} ms (seed {})",
                 s.drain_ms_max.0, s.drain_ms_max.1
             );
+            if s.mqtt_seeds > 0 {
+                let m = &s.mqtt;
+                println!(
+                    "{} seeds with MQTT-fed edges: {} messages accepted, {} resent with DUP, \
+                     {} redeliveries recognised, {} copies, {} DUP taken as new, {} overflows, \
+                     {} refused (queue full)",
+                    s.mqtt_seeds,
+                    m.accepted,
+                    m.resent_dup,
+                    m.redeliveries,
+                    m.redelivered_copies,
+                    m.dup_taken,
+                    m.overflow_unacked,
+                    m.refused_queue_full
+                );
+            }
             for f in &s.failures {
                 println!(
                     "FAILED seed {}: {}\n  replay: {}",

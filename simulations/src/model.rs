@@ -330,12 +330,20 @@ impl Sim {
             let _ = self.edge.outbox.handle_acked(seq);
         }
         while let Some(req) = self.edge.uplink.poll_read() {
-            let segs = self
+            // A read can fail (it makes the outbox's "sent" mark durable
+            // first, and the disk may be failing): the range is asked for
+            // again, as the uplink actor does.
+            match self
                 .edge
                 .outbox
                 .read(req.from_seq, req.through_seq, req.segments_max)
-                .unwrap_or_default();
-            self.edge.uplink.handle_segments_read(req, segs);
+            {
+                Ok(segs) => self.edge.uplink.handle_segments_read(req, segs),
+                Err(_) => {
+                    self.edge.uplink.handle_read_failed(req);
+                    break;
+                }
+            }
         }
         while let Some(f) = self.edge.uplink.poll_transmit() {
             if self.link_up {
@@ -448,6 +456,7 @@ impl Sim {
                 seq: s.seq,
                 readings: segment::decode_payload(&s.bytes, s.readings_count)
                     .expect("segments decode"),
+                refused: Vec::new(),
             })
             .collect();
         let hwm = Hwm {

@@ -39,6 +39,10 @@ pub enum FaultKind {
     BrokerDown,
     /// The edge's disk refuses to sync, as a full disk would.
     DiskFull { edge: usize },
+    /// The MQTT connection between an MQTT-fed edge and its broker ends (the
+    /// broker keeps the session) and no new one can be made until the fault
+    /// ends; the edge's source reconnects with its backoff.
+    MqttCut { edge: usize },
 }
 
 impl FaultKind {
@@ -62,6 +66,7 @@ impl FaultKind {
                 }
             }
             FaultKind::EdgeCrash { edge: e, .. } | FaultKind::DiskFull { edge: e } => edge(e),
+            FaultKind::MqttCut { edge: e } => format!("mqtt {}↔broker", edge(e)),
             FaultKind::CloudCrash => "cloud".into(),
             FaultKind::BrokerDown => "broker".into(),
         }
@@ -86,6 +91,7 @@ impl FaultKind {
             FaultKind::CloudCrash => "crash".into(),
             FaultKind::BrokerDown => "broker unavailable".into(),
             FaultKind::DiskFull { .. } => "disk full".into(),
+            FaultKind::MqttCut { .. } => "mqtt cut".into(),
         }
     }
 }
@@ -110,11 +116,12 @@ pub enum Scenario {
     BrokerDown,
     DiskFull,
     ClockSkew,
+    Mqtt,
     Random,
 }
 
 impl Scenario {
-    pub const ALL: [Scenario; 10] = [
+    pub const ALL: [Scenario; 11] = [
         Scenario::Partition,
         Scenario::OneWay,
         Scenario::PartitionFlap,
@@ -124,6 +131,7 @@ impl Scenario {
         Scenario::BrokerDown,
         Scenario::DiskFull,
         Scenario::ClockSkew,
+        Scenario::Mqtt,
         Scenario::Random,
     ];
 
@@ -138,6 +146,7 @@ impl Scenario {
             Scenario::BrokerDown => "broker-down",
             Scenario::DiskFull => "disk-full",
             Scenario::ClockSkew => "clock-skew",
+            Scenario::Mqtt => "mqtt",
             Scenario::Random => "random",
         }
     }
@@ -167,8 +176,14 @@ impl Scenario {
             Scenario::ClockSkew => {
                 "edge clocks up to ±10 min off the cloud's, with partitions on top"
             }
+            Scenario::Mqtt => {
+                "every edge fed by a simulated MQTT broker (bursts of readings sharing a millisecond): \
+                 `outages` edge crashes, 2×`outages` MQTT connection cuts, `outages` uplink partitions, \
+                 and a disk that stops syncing, sometimes with a crash or a cut inside"
+            }
             Scenario::Random => {
-                "swarm testing: the seed enables a random subset of every fault above and times them"
+                "swarm testing: the seed enables a random subset of every fault above and times them, \
+                 and decides which edges are MQTT-fed"
             }
         }
     }
@@ -203,6 +218,49 @@ pub struct Params {
     pub outbox_bytes_max: Option<u64>,
     /// Overrides the seed's choice of what a full outbox does.
     pub full_policy: Option<FullPolicy>,
+    /// Which edges are fed by a simulated MQTT broker (without a topology;
+    /// a topology's MQTT sources always are).
+    pub mqtt: MqttEdges,
+    /// Bursts per second each MQTT publisher sends (on average).
+    pub mqtt_rate_hz: f64,
+    /// Messages in one burst, 1 to this many, all with the same `ts`.
+    pub mqtt_burst_max: u32,
+    /// Overrides the seed's broker in-flight window (Mosquitto's
+    /// `max_inflight_messages`).
+    pub mqtt_window: Option<usize>,
+    /// Overrides the seed's choice of broker: whether it refills its whole
+    /// window at every PUBACK, as Mosquitto 2.0.11 does.
+    pub mqtt_refill_on_ack: Option<bool>,
+    /// Overrides the seed's choice of link: whether, out of permits, it
+    /// reports `Overflow` instead of holding deliveries back.
+    pub mqtt_overflow: Option<bool>,
+    /// Whether an MQTT-fed edge's outbox budget gets room for the source's
+    /// redelivery records on top of the seed's budget (they count against
+    /// `outbox_bytes_max`); off shows what an outbox sized for readings
+    /// alone does.
+    pub mqtt_records_room: bool,
+}
+
+/// Which edges a run feeds from a simulated MQTT broker.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum MqttEdges {
+    /// The scenario decides: every edge in `mqtt`, the seed in `random`,
+    /// none elsewhere.
+    #[default]
+    Scenario,
+    All,
+    None,
+}
+
+impl MqttEdges {
+    pub fn from_name(name: &str) -> Option<Self> {
+        match name {
+            "scenario" => Some(Self::Scenario),
+            "all" => Some(Self::All),
+            "none" => Some(Self::None),
+            _ => None,
+        }
+    }
 }
 
 impl Default for Params {
@@ -217,6 +275,13 @@ impl Default for Params {
             drain_budget_s: 60,
             outbox_bytes_max: None,
             full_policy: None,
+            mqtt: MqttEdges::Scenario,
+            mqtt_rate_hz: 4.0,
+            mqtt_burst_max: 4,
+            mqtt_window: None,
+            mqtt_refill_on_ack: None,
+            mqtt_overflow: None,
+            mqtt_records_room: true,
         }
     }
 }
@@ -236,6 +301,40 @@ pub struct Plan {
     pub latency_max_ms: u64,
     /// How long the log takes to answer a transaction it has committed.
     pub log_latency_ms: u64,
+    /// The simulated MQTT brokers and the edges' MQTT sources.
+    pub mqtt: MqttPlan,
+}
+
+/// What the seed decides about MQTT: which edges are fed by a broker, how
+/// the broker behaves, and how the source is configured.
+#[derive(Debug, Clone, PartialEq)]
+pub struct MqttPlan {
+    /// Per edge, whether a broker feeds it (runs without a topology).
+    pub fed: Vec<bool>,
+    /// The broker's in-flight window per session.
+    pub window: usize,
+    /// The broker refills its whole window at every PUBACK (Mosquitto
+    /// 2.0.11), so more than `window` (and than `inflight_max`) may be in
+    /// flight.
+    pub refill_on_ack: bool,
+    /// The link reports `Overflow` when out of permits (and stops delivering
+    /// until the source reconnects) instead of holding deliveries back.
+    pub overflow_link: bool,
+    /// The source's `inflight_max` and `device_inflight_max`.
+    pub inflight_max: usize,
+    pub device_inflight_max: usize,
+    /// One-way latency between the edge and its broker.
+    pub latency_ms: u64,
+    /// Bounds on the broker's queue per session (messages not yet sent);
+    /// a publish past it is refused and counted, never silently dropped.
+    pub queue_max: usize,
+    pub seed: u64,
+}
+
+impl MqttPlan {
+    pub fn any(&self) -> bool {
+        self.fed.iter().any(|f| *f)
+    }
 }
 
 /// Bytes a reading takes in the outbox, roughly: budgets are set in readings.
@@ -246,6 +345,18 @@ const OUTBOX_BYTES_MIN: u64 = 8 * 1024;
 
 impl Plan {
     pub fn new(scenario: Scenario, params: &Params, seed: u64) -> Self {
+        Self::with_mqtt_edges(scenario, params, seed, None)
+    }
+
+    /// [`Plan::new`], with the edges a topology's MQTT sources feed (which
+    /// then decide, rather than the scenario or the seed, where MQTT cuts
+    /// strike).
+    pub fn with_mqtt_edges(
+        scenario: Scenario,
+        params: &Params,
+        seed: u64,
+        mqtt_fed: Option<&[bool]>,
+    ) -> Self {
         let mut rng = SmallRng::seed_from_u64(seed ^ 0x7472_6962_7574_6172);
         let edges = params.edges.max(1);
         let faults_ms = params.faults_s * 1000;
@@ -272,6 +383,7 @@ impl Plan {
             commit_segments_max: rng.random_range(1..=4),
             latency_max_ms: rng.random_range(1..=30),
             log_latency_ms: rng.random_range(1..=20),
+            mqtt: MqttPlan::new(scenario, params, edges, seed, mqtt_fed),
         };
         let outages = |rng: &mut SmallRng,
                        plan: &mut Plan,
@@ -318,7 +430,25 @@ impl Plan {
                     edge,
                 })
             }
-            Scenario::Random => plan.swarm(&mut rng, params, edges, faults_ms),
+            Scenario::Mqtt => {
+                plan.crashes(&mut rng, params, edges, faults_ms, true);
+                outages(&mut rng, &mut plan, &|edge, _| FaultKind::Partition {
+                    edge,
+                });
+                let mut m = SmallRng::seed_from_u64(seed ^ MQTT_SALT ^ 1);
+                plan.mqtt_cuts(&mut m, params.outages * 2, faults_ms);
+                plan.unsynced_window(&mut m, params, edges, faults_ms);
+            }
+            Scenario::Random => {
+                plan.swarm(&mut rng, params, edges, faults_ms);
+                // From an rng of their own, so that the other faults of a
+                // seed are the same whether or not it has MQTT.
+                let mut m = SmallRng::seed_from_u64(seed ^ MQTT_SALT ^ 1);
+                if plan.mqtt.any() {
+                    let n = m.random_range(0..=params.outages.max(1) * 2);
+                    plan.mqtt_cuts(&mut m, n, faults_ms);
+                }
+            }
         }
         // The outbox needs room for four segments of at least 1 KiB.
         plan.outbox_bytes_max = params
@@ -326,6 +456,69 @@ impl Plan {
             .unwrap_or(outbox_bytes_max.max(OUTBOX_BYTES_MIN));
         plan.faults.sort_by_key(|f| (f.at_ms, f.until_ms));
         plan
+    }
+
+    /// `n` cuts of MQTT connections of MQTT-fed edges, 0.1–3 s each.
+    fn mqtt_cuts(&mut self, rng: &mut SmallRng, n: usize, faults_ms: u64) {
+        let fed: Vec<usize> = (0..self.mqtt.fed.len())
+            .filter(|e| self.mqtt.fed[*e])
+            .collect();
+        if fed.is_empty() {
+            return;
+        }
+        for _ in 0..n {
+            let edge = fed[rng.random_range(0..fed.len())];
+            let len = rng.random_range(100..=3_000);
+            let at = rng.random_range(0..faults_ms.saturating_sub(len).max(1));
+            self.faults.push(Fault {
+                at_ms: at,
+                until_ms: at + len,
+                kind: FaultKind::MqttCut { edge },
+            });
+        }
+    }
+
+    /// A disk that stops syncing on one edge for about `outage_s`, so that
+    /// written batches (readings with their MQTT records) wait unsynced and
+    /// unacknowledged; with even odds the edge crashes within it (keeping
+    /// some unsynced writes, maybe tearing one), and with even odds its MQTT
+    /// connection is cut within it (the broker resends what the source
+    /// still holds).
+    fn unsynced_window(
+        &mut self,
+        rng: &mut SmallRng,
+        params: &Params,
+        edges: usize,
+        faults_ms: u64,
+    ) {
+        let edge = rng.random_range(0..edges);
+        let len = rng.random_range(1_000..=params.outage_s.max(2) * 1000);
+        let at = rng.random_range(0..faults_ms.saturating_sub(len).max(1));
+        self.faults.push(Fault {
+            at_ms: at,
+            until_ms: at + len,
+            kind: FaultKind::DiskFull { edge },
+        });
+        if rng.random_bool(0.5) {
+            let crash_at = at + rng.random_range(len / 4..len);
+            self.faults.push(Fault {
+                at_ms: crash_at,
+                until_ms: crash_at + rng.random_range(500..3_000),
+                kind: FaultKind::EdgeCrash {
+                    edge,
+                    unsynced_kept: rng.random_range(0..4),
+                    torn: rng.random_bool(0.3),
+                },
+            });
+        }
+        if rng.random_bool(0.5) {
+            let cut_at = at + rng.random_range(len / 4..len);
+            self.faults.push(Fault {
+                at_ms: cut_at,
+                until_ms: cut_at + rng.random_range(100..1_000),
+                kind: FaultKind::MqttCut { edge },
+            });
+        }
     }
 
     fn flap(&mut self, rng: &mut SmallRng, edge: usize, faults_ms: u64) {
@@ -424,6 +617,62 @@ impl Plan {
                 until_ms: (at + len).min(faults_ms.max(at + 1)),
                 kind,
             });
+        }
+    }
+}
+
+/// Salts the MQTT choices' rng, so that they do not shift the others.
+const MQTT_SALT: u64 = 0x6d71_7474_2d73_696d;
+
+impl MqttPlan {
+    fn new(
+        scenario: Scenario,
+        params: &Params,
+        edges: usize,
+        seed: u64,
+        topology_fed: Option<&[bool]>,
+    ) -> Self {
+        let mut rng = SmallRng::seed_from_u64(seed ^ MQTT_SALT);
+        let mut fed = match (params.mqtt, scenario) {
+            (MqttEdges::All, _) | (MqttEdges::Scenario, Scenario::Mqtt) => vec![true; edges],
+            (MqttEdges::Scenario, Scenario::Random) if rng.random_bool(0.4) => {
+                let mut fed: Vec<bool> = (0..edges).map(|_| rng.random_bool(0.6)).collect();
+                if !fed.iter().any(|f| *f) {
+                    fed[rng.random_range(0..edges)] = true;
+                }
+                fed
+            }
+            _ => vec![false; edges],
+        };
+        if let Some(t) = topology_fed {
+            fed = (0..edges)
+                .map(|e| t.get(e).copied().unwrap_or(false))
+                .collect();
+        }
+        let windows = [2, 5, 20, 20, 100, 1000];
+        let window = windows[rng.random_range(0..windows.len())];
+        let inflights = [8, 32, 256, 4096];
+        let inflight_max = inflights[rng.random_range(0..inflights.len())];
+        let device_inflight_max = match rng.random_range(0..4) {
+            0 => 1,
+            1 => 4,
+            2 => inflight_max / 2,
+            _ => inflight_max,
+        };
+        // Drawn whether or not overridden, so that an override changes
+        // nothing else.
+        let refill_on_ack = rng.random_bool(0.25);
+        let overflow_link = rng.random_bool(0.3);
+        MqttPlan {
+            fed,
+            window: params.mqtt_window.unwrap_or(window).max(1),
+            refill_on_ack: params.mqtt_refill_on_ack.unwrap_or(refill_on_ack),
+            overflow_link: params.mqtt_overflow.unwrap_or(overflow_link),
+            inflight_max,
+            device_inflight_max: device_inflight_max.max(1),
+            latency_ms: [0, 1, 2, 5, 10, 25][rng.random_range(0..6)],
+            queue_max: 100_000,
+            seed: rng.random(),
         }
     }
 }

@@ -8,7 +8,7 @@ use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use crate::world::{run, RunSpec};
+use crate::world::{run, MqttFigures, RunSpec};
 
 /// The most failures a swarm keeps the details of; it counts the rest.
 pub const FAILURES_KEPT_MAX: usize = 20;
@@ -36,6 +36,9 @@ pub struct SwarmSummary {
     pub wall: Duration,
     /// The longest drain after faults, and its seed.
     pub drain_ms_max: (u64, u64),
+    /// Seeds with MQTT-fed edges, and what their brokers and sources saw.
+    pub mqtt_seeds: u64,
+    pub mqtt: MqttFigures,
 }
 
 impl SwarmSummary {
@@ -81,6 +84,10 @@ pub fn swarm(
                 sum.edge_crashes += f.edge_crashes;
                 sum.cloud_crashes += f.cloud_crashes;
                 sum.simulated += Duration::from_millis(f.simulated_ms);
+                if f.mqtt_edges > 0 {
+                    sum.mqtt_seeds += 1;
+                    sum.mqtt.add(&f.mqtt);
+                }
                 if let Some(d) = f.drain_ms {
                     if d > sum.drain_ms_max.0 {
                         sum.drain_ms_max = (d, seed);

@@ -12,13 +12,25 @@
 //! - **log:** the cloud writes through [`LogSink`] into a [`MemoryLog`] with
 //!   transactions and fencing, which outlives cloud crashes as a broker does;
 //! - **clock:** readings are stamped by a [`Clock`] on simulated time, with a
-//!   per-edge skew.
+//!   per-edge skew;
+//! - **MQTT:** an MQTT-fed edge runs the real `MqttSource`, whose link
+//!   reaches a simulated [`Broker`] with publishers (see [`crate::broker`]);
+//!   the broker lives in the world, so its sessions outlive edge crashes.
+//!
+//! **The checks.** Readings of simulated devices are keyed (device, ts) and
+//! compared with each edge's gateway ack log. MQTT readings are keyed
+//! (device, n), `n` being the publisher's sequence number in the payload
+//! (several readings of a device share a millisecond), and compared with
+//! what the broker accepted from its publishers: at the end, the log must
+//! hold no duplicate and nothing no publisher sent, each device's in order;
+//! once the faults end and the backlog drains, every accepted message must
+//! be in it (less what `drop-oldest` evicted, by the ack log's `D` lines).
 //!
 //! turmoil steps every host one millisecond at a time on one thread, so a
 //! seed replays the same run. The driver injects the plan's faults, samples
 //! each edge, and checks the invariants when the run ends.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::hash::{Hash, Hasher};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
@@ -30,12 +42,16 @@ use ractor::ActorRef;
 use tributary_actors::clock::Clock;
 use tributary_actors::cloud::{CloudArgs, Listener};
 use tributary_actors::edge::gateway::{EdgeStages, GatewayArgs, GatewayMsg, StoreFactory};
+use tributary_actors::edge::mqtt::config::REQUEST_HEADROOM;
+use tributary_actors::edge::mqtt::link::MqttConnector;
+use tributary_actors::edge::mqtt::{MqttConfig, MqttMsg, MqttSourceStatus};
 use tributary_actors::edge::uplink::{UplinkArgs, UplinkMsg};
 use tributary_actors::edge::{start_edge, DevicesConfig, EdgeArgs, EdgeNames};
 use tributary_actors::outbox::{
     segment, MemoryStore, OutboxConfig, OutboxStore, StateChange, StoreError, StoreMeta,
 };
 use tributary_actors::pipeline::StageRestarts;
+use tributary_actors::reading::Value;
 use tributary_actors::sink::memory::MemoryLog;
 use tributary_actors::sink::{EdgeLogWriter, Hwm, LogSink, SegmentBatch, SinkCalls, SinkError};
 use tributary_actors::topology::{ComponentKind, Simulated, Source, Topology};
@@ -45,6 +61,7 @@ use tributary_cluster::tls::{self, NodeId, NodeIdentity, Role};
 use tributary_cluster::uplink::link::EdgeConnector;
 use tributary_cluster::uplink::{EdgeUplinkConfig, IngestConfig};
 
+use crate::broker::{lock, Broker, BrokerSpec, ForgetSameTs, Published, SimConnector};
 use crate::report::{EdgeSample, Sample, Timeline, TimelineEvent};
 use crate::scenario::{FaultKind, Params, Plan, Scenario};
 
@@ -77,20 +94,37 @@ pub enum Mutation {
     /// The cloud's log forgets the edges' high-water marks, so a reconnecting
     /// edge's resent segments are written again.
     ForgetHwm,
+    /// The MQTT source's old redelivery rule: a message whose (device, ts)
+    /// was seen before is acknowledged and dropped, so the second of two
+    /// readings of a device in one millisecond is lost.
+    DedupByDeviceTs,
+    /// The MQTT link loses the acks the source gave just before asking for
+    /// a reconnect (after an overflow): what `TcpLink` does today when an
+    /// ack and the reconnect come in one batch of requests. The broker
+    /// resends what they acked, more than the source holds, so it overflows
+    /// again: a livelock, caught as a backlog that never drains.
+    AcksLostOnReconnect,
 }
 
 impl Mutation {
+    pub const ALL: [Mutation; 4] = [
+        Mutation::AckBeforeFsync,
+        Mutation::ForgetHwm,
+        Mutation::DedupByDeviceTs,
+        Mutation::AcksLostOnReconnect,
+    ];
+
     pub fn name(self) -> &'static str {
         match self {
             Mutation::AckBeforeFsync => "ack-before-fsync",
             Mutation::ForgetHwm => "forget-hwm",
+            Mutation::DedupByDeviceTs => "dedup-device-ts",
+            Mutation::AcksLostOnReconnect => "acks-lost-on-reconnect",
         }
     }
 
     pub fn from_name(name: &str) -> Option<Self> {
-        [Mutation::AckBeforeFsync, Mutation::ForgetHwm]
-            .into_iter()
-            .find(|m| m.name() == name)
+        Self::ALL.into_iter().find(|m| m.name() == name)
     }
 }
 
@@ -178,6 +212,20 @@ pub enum Violation {
     },
     #[error("reading ({device}, {ts_us}) is in the log but no edge ever stored it")]
     Invented { device: String, ts_us: i64 },
+    #[error("MQTT message {n} of {device} was accepted by the broker but is not in the log")]
+    MessageLost { device: String, n: u64 },
+    #[error("MQTT message {n} of {device} is in the log {times} times")]
+    MessageDuplicated {
+        device: String,
+        n: u64,
+        times: usize,
+    },
+    #[error("MQTT device {device} has message {n} after message {after} in the log")]
+    MessageOutOfOrder { device: String, n: u64, after: u64 },
+    #[error(
+        "a reading of MQTT device {device} in the log is no message its publisher sent: {detail}"
+    )]
+    MessageInvented { device: String, detail: String },
     #[error("edge {edge} holds {bytes} bytes in its outbox, over its budget of {budget}")]
     OverBudget {
         edge: String,
@@ -212,6 +260,61 @@ pub struct Figures {
     pub drain_ms: Option<u64>,
     pub simulated_ms: u64,
     pub wall_ms: u64,
+    /// MQTT-fed edges, and what their brokers and sources saw.
+    pub mqtt_edges: u64,
+    /// The largest room an MQTT-fed edge's outbox got for its records.
+    pub mqtt_records_room: u64,
+    pub mqtt: MqttFigures,
+}
+
+/// What the MQTT-fed edges' brokers and sources saw, summed over edges (and
+/// over each source's incarnations).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct MqttFigures {
+    /// Messages the brokers accepted from their publishers.
+    pub accepted: u64,
+    /// Those in the log.
+    pub in_log: u64,
+    /// Publishes refused because a session's queue was full.
+    pub refused_queue_full: u64,
+    /// Resends with DUP after a reconnect.
+    pub resent_dup: u64,
+    /// PUBACKs that came after their connection ended.
+    pub acks_stale: u64,
+    pub connections: u64,
+    pub cuts: u64,
+    /// The most messages one broker had in flight.
+    pub inflight_max_seen: u64,
+    /// The sources' counts: redeliveries of durable messages recognised,
+    /// copies of held ones, DUP messages taken as new, overflows, forced
+    /// reconnects.
+    pub redeliveries: u64,
+    pub redelivered_copies: u64,
+    pub dup_taken: u64,
+    pub overflow_unacked: u64,
+    pub forced_reconnects: u64,
+    /// Resends after the gateway refused readings as full.
+    pub retries_full: u64,
+}
+
+impl MqttFigures {
+    /// Adds another run's (the most in flight is the larger of the two).
+    pub fn add(&mut self, o: &MqttFigures) {
+        self.accepted += o.accepted;
+        self.in_log += o.in_log;
+        self.refused_queue_full += o.refused_queue_full;
+        self.resent_dup += o.resent_dup;
+        self.acks_stale += o.acks_stale;
+        self.connections += o.connections;
+        self.cuts += o.cuts;
+        self.inflight_max_seen = self.inflight_max_seen.max(o.inflight_max_seen);
+        self.redeliveries += o.redeliveries;
+        self.redelivered_copies += o.redelivered_copies;
+        self.dup_taken += o.dup_taken;
+        self.overflow_unacked += o.overflow_unacked;
+        self.forced_reconnects += o.forced_reconnects;
+        self.retries_full += o.retries_full;
+    }
 }
 
 /// The result of one run.
@@ -297,8 +400,12 @@ impl OutboxStore for SimDisk {
         self.disk.quarantine(seq)
     }
 
-    fn quarantined(&self) -> Result<Vec<u64>, StoreError> {
+    fn quarantined(&self) -> Result<Vec<(u64, u64)>, StoreError> {
         self.disk.quarantined()
+    }
+
+    fn remove_quarantined(&mut self, seq: u64) -> Result<(), StoreError> {
+        self.disk.remove_quarantined(seq)
     }
 }
 
@@ -362,6 +469,10 @@ struct EdgeSeen {
     /// Simulated time of the status these figures come from.
     at_ms: u64,
     backlog_readings: u64,
+    /// Readings in the outbox the cloud has not confirmed, open ones
+    /// included (the gateway's count; `backlog_bytes` also counts the state
+    /// table, which an MQTT source or edge stages never empty).
+    unconfirmed_readings: u64,
     backlog_bytes: u64,
     segments_stored: usize,
     link_up: bool,
@@ -380,6 +491,60 @@ struct EdgeShared {
     devices: Vec<DevicesConfig>,
     stages: Option<EdgeStages>,
     skew_us: i64,
+    /// The MQTT source and its broker, on an MQTT-fed edge.
+    mqtt: Option<MqttEdge>,
+    /// Its outbox budget: the plan's, plus room for the MQTT source's
+    /// records (see [`mqtt_records_bytes`]).
+    budget: u64,
+    /// The MQTT source's last status, per incarnation of the edge.
+    mqtt_status: Mutex<BTreeMap<u64, MqttSourceStatus>>,
+}
+
+/// An MQTT-fed edge's source and broker.
+struct MqttEdge {
+    config: MqttConfig,
+    broker: Arc<Mutex<Broker>>,
+    /// The publishers' device ids.
+    devices: BTreeSet<String>,
+    /// Whether its readings leave the edge (then the log must have them).
+    uplinked: bool,
+    /// The keys the [`Mutation::DedupByDeviceTs`] wrapper has seen.
+    seen: Arc<Mutex<BTreeSet<(String, i64)>>>,
+}
+
+impl MqttEdge {
+    /// Whether a reading of the log came from this source.
+    fn owns(&self, stream: &Option<String>, device: &str) -> bool {
+        *stream == self.config.stream
+            && (self.config.stream.is_some() || self.devices.contains(device))
+    }
+}
+
+/// The MQTT source a topology (or the plan) gives an edge.
+struct MqttSourcePlan {
+    filter: String,
+    device_level: usize,
+    stream: Option<String>,
+    devices: Vec<String>,
+    uplinked: bool,
+}
+
+/// What an edge runs.
+struct EdgePlan {
+    devices: Vec<DevicesConfig>,
+    stages: Option<EdgeStages>,
+    mqtt: Option<MqttSourcePlan>,
+}
+
+/// State table bytes the MQTT source's records take: one per packet id the
+/// broker uses in the run (about one per message, at most 65,535), plus the
+/// generation. The source never removes them (a record is what recognises
+/// a redelivery of its packet id), so a real outbox needs room for 65,535.
+fn mqtt_records_bytes(client_id: &str, messages_max: u64) -> u64 {
+    let prefix = "mqtt/".len() + client_id.len() + 1;
+    let record = (prefix + "p/".len() + 2 + 8 + 16) as u64;
+    let generation = (prefix + "gen".len() + 8) as u64;
+    messages_max.min(65_535) * record + generation
 }
 
 struct World {
@@ -444,13 +609,16 @@ fn quic() -> QuicConfig {
     QuicConfig::default()
 }
 
-/// The devices and stages an edge runs: the topology's part for it, with
-/// simulated devices standing in for MQTT sources (no broker here).
-fn edge_plan(
-    spec: &RunSpec,
-    edge: &EdgeSpec,
-) -> Result<(Vec<DevicesConfig>, Option<EdgeStages>), String> {
+/// The devices, MQTT source and stages an edge runs: the topology's part
+/// for it, or simulated devices (and, on an MQTT-fed edge, an MQTT source
+/// as a node without a topology runs them).
+fn edge_plan(spec: &RunSpec, edge: &EdgeSpec, mqtt_fed: bool) -> Result<EdgePlan, String> {
     let params = &spec.params;
+    let mqtt_devices = |prefix: &str| -> Vec<String> {
+        (0..params.devices_per_edge.max(1))
+            .map(|i| format!("{prefix}{i}"))
+            .collect()
+    };
     let Some(t) = &spec.topology else {
         let sim = Simulated::devices(params.devices_per_edge.max(1))
             .rate_hz(params.rate_hz)
@@ -458,23 +626,46 @@ fn edge_plan(
             .id_prefix("dev-");
         let mut devices = sim.devices_config("");
         devices.stream = None;
-        return Ok((vec![devices], None));
+        let mqtt = mqtt_fed.then(|| MqttSourcePlan {
+            filter: format!("site-{}/+/telemetry", edge.id),
+            device_level: 1,
+            stream: None,
+            devices: mqtt_devices("mq-"),
+            uplinked: true,
+        });
+        return Ok(EdgePlan {
+            devices: vec![devices],
+            stages: None,
+            mqtt,
+        });
     };
     let labels: Vec<&str> = edge.labels.iter().map(String::as_str).collect();
     let part = t.part_for(&edge.id, &labels, Role::Edge);
     let mut devices = Vec::new();
+    let mut mqtt = None;
     for c in &part.sources {
         match &c.kind {
             ComponentKind::Source(Source::Simulated(sim)) => {
                 devices.push(sim.devices_config(&c.name))
             }
-            ComponentKind::Source(Source::Mqtt(_)) => devices.push(
-                Simulated::devices(params.devices_per_edge.max(1))
-                    .rate_hz(params.rate_hz)
-                    .seed(spec.seed)
-                    .id_prefix(format!("{}-", c.name))
-                    .devices_config(&c.name),
-            ),
+            ComponentKind::Source(Source::Mqtt(m)) => {
+                if mqtt.is_some() {
+                    return Err(format!(
+                        "an edge runs one MQTT source, but {} is given a second, {:?}",
+                        edge.id, c.name
+                    ));
+                }
+                let device_level = m
+                    .device_level()
+                    .ok_or_else(|| format!("{:?} has no device level", c.name))?;
+                mqtt = Some(MqttSourcePlan {
+                    filter: m.topic_filter.clone(),
+                    device_level,
+                    stream: Some(c.name.clone()),
+                    devices: mqtt_devices(&format!("{}.mq", c.name)),
+                    uplinked: part.uplink.iter().any(|u| *u == c.name),
+                });
+            }
             _ => {}
         }
     }
@@ -487,7 +678,65 @@ fn edge_plan(
         },
         checkpoint_interval_ms: 5_000,
     };
-    Ok((devices, Some(stages)))
+    Ok(EdgePlan {
+        devices,
+        stages: Some(stages),
+        mqtt,
+    })
+}
+
+/// The MQTT source of edge `index` and its broker; with the bytes its
+/// records may need in the outbox.
+fn mqtt_edge(
+    params: &Params,
+    plan: &Plan,
+    index: usize,
+    edge: &EdgeSpec,
+    m: MqttSourcePlan,
+    stop_at_ms: u64,
+) -> Result<(MqttEdge, u64), String> {
+    let client_id = format!("tributary-{}", edge.id);
+    let mut config = MqttConfig::new("broker.sim", 1883, client_id.clone(), m.filter.clone())
+        .map_err(|e| format!("the MQTT source of {}: {e}", edge.id))?;
+    let inflight_max = plan.mqtt.inflight_max;
+    config.device_level = m.device_level;
+    config.inflight_max = inflight_max;
+    config.device_inflight_max = plan.mqtt.device_inflight_max.min(inflight_max);
+    config.queued_requests_max = inflight_max + REQUEST_HEADROOM;
+    config.reconnect_backoff_initial_ms = 50;
+    config.reconnect_backoff_max_ms = 1_000;
+    config.stream = m.stream.clone();
+    config
+        .validate()
+        .map_err(|e| format!("the MQTT source of {}: {e}", edge.id))?;
+    let spec = BrokerSpec {
+        client_id: client_id.clone(),
+        filter: m.filter,
+        device_level: m.device_level,
+        devices: m.devices.clone(),
+        rate_hz: params.mqtt_rate_hz,
+        burst_max: params.mqtt_burst_max.max(1),
+        window: plan.mqtt.window,
+        refill_on_ack: plan.mqtt.refill_on_ack,
+        queue_max: plan.mqtt.queue_max,
+        latency_ms: plan.mqtt.latency_ms,
+        seed: plan.mqtt.seed ^ (index as u64 + 1).wrapping_mul(0x9e37_79b9_7f4a_7c15),
+        epoch_ms: EPOCH_US / 1000,
+        stop_at_ms,
+    };
+    let room = if params.mqtt_records_room {
+        mqtt_records_bytes(&client_id, spec.messages_expected())
+    } else {
+        0
+    };
+    let edge = MqttEdge {
+        config,
+        broker: Arc::new(Mutex::new(Broker::new(spec))),
+        devices: m.devices.into_iter().collect(),
+        uplinked: m.uplinked,
+        seen: Arc::default(),
+    };
+    Ok((edge, room))
 }
 
 async fn run_edge(world: Arc<World>, index: usize) -> turmoil::Result {
@@ -523,11 +772,28 @@ async fn run_edge(world: Arc<World>, index: usize) -> turmoil::Result {
         })
         .collect();
     let plan = &world.plan;
+    let (mqtt, mqtt_connector) = match &shared.mqtt {
+        Some(m) => {
+            let mut connector: Arc<dyn MqttConnector> = Arc::new(SimConnector {
+                broker: m.broker.clone(),
+                overflow: plan.mqtt.overflow_link,
+                acks_lost_on_reconnect: world.mutation == Some(Mutation::AcksLostOnReconnect),
+            });
+            if world.mutation == Some(Mutation::DedupByDeviceTs) {
+                connector = Arc::new(ForgetSameTs {
+                    inner: connector,
+                    seen: m.seen.clone(),
+                });
+            }
+            (Some(m.config.clone()), Some(connector))
+        }
+        None => (None, None),
+    };
     let args = EdgeArgs {
         gateway: GatewayArgs {
             store,
             outbox: OutboxConfig {
-                outbox_bytes_max: plan.outbox_bytes_max,
+                outbox_bytes_max: shared.budget,
                 segment_readings_max: plan.segment_readings_max,
                 // The outbox wants room for at least four segments.
                 segment_bytes_max: (plan.outbox_bytes_max / 4)
@@ -556,21 +822,21 @@ async fn run_edge(world: Arc<World>, index: usize) -> turmoil::Result {
             jitter_seed: Some(world.seed ^ inc ^ (index as u64) << 40),
         },
         devices,
-        mqtt: None,
-        mqtt_connector: None,
+        mqtt,
+        mqtt_connector,
         restarts_max: 5,
         restart_period_ms: 10_000,
         names: names.clone(),
     };
     let (_root, handle) = start_edge(args).await?;
-    let sampler = tokio::spawn(sample_edge(world.clone(), index, names));
+    let sampler = tokio::spawn(sample_edge(world.clone(), index, inc, names));
     let _ = handle.await;
     sampler.abort();
     Ok(())
 }
 
 /// Reads the edge's figures every sample interval, and checks its bounds.
-async fn sample_edge(world: Arc<World>, index: usize, names: EdgeNames) {
+async fn sample_edge(world: Arc<World>, index: usize, incarnation: u64, names: EdgeNames) {
     let shared = world.edges[index].clone();
     let call_ms = 1_000;
     let mut every = tokio::time::interval(Duration::from_millis(SAMPLE_INTERVAL_MS / 2));
@@ -588,6 +854,15 @@ async fn sample_edge(world: Arc<World>, index: usize, names: EdgeNames) {
             Some(u) => ractor::call_t!(u, UplinkMsg::Status, call_ms).ok(),
             None => None,
         };
+        if shared.mqtt.is_some() {
+            let source: Option<ActorRef<MqttMsg>> =
+                ractor::registry::where_is(names.mqtt()).map(Into::into);
+            if let Some(source) = source {
+                if let Ok(s) = ractor::call_t!(source, MqttMsg::Status, call_ms) {
+                    lock(&shared.mqtt_status).insert(incarnation, s);
+                }
+            }
+        }
         let backlog_readings = status
             .stats
             .readings_committed
@@ -597,15 +872,16 @@ async fn sample_edge(world: Arc<World>, index: usize, names: EdgeNames) {
         seen.at_ms = turmoil::sim_elapsed().unwrap_or_default().as_millis() as u64;
         seen.backlog_bytes = status.bytes_used;
         seen.backlog_readings = backlog_readings;
+        seen.unconfirmed_readings = status.backlog_readings;
         seen.segments_stored = status.segments_stored;
         seen.link_up = up.as_ref().is_some_and(|u| u.up);
         seen.inflight_segments = up.as_ref().map_or(0, |u| u.inflight_segments);
         let mut v = shared.violations.lock().expect("violations lock");
-        if status.bytes_used > world.plan.outbox_bytes_max && v.len() < 16 {
+        if status.bytes_used > shared.budget && v.len() < 16 {
             v.push(Violation::OverBudget {
                 edge: shared.spec.id.clone(),
                 bytes: status.bytes_used,
-                budget: world.plan.outbox_bytes_max,
+                budget: shared.budget,
             });
         }
         if seen.inflight_segments > world.plan.inflight_segments_max && v.len() < 16 {
@@ -644,6 +920,8 @@ async fn run_cloud(world: Arc<World>) -> turmoil::Result {
         }),
         report_interval_ms: 0,
         on_session: None,
+        on_report: None,
+        admission: Default::default(),
         names_prefix: format!("sim{}/cloud#{inc}/", world.run_id),
         network: Arc::new(TurmoilNetwork::seeded(world.seed ^ inc)),
         counters: Arc::default(),
@@ -664,11 +942,28 @@ struct Active {
     cloud_crashed: u32,
     broker_down: u32,
     disk_full: HashMap<usize, u32>,
+    mqtt_cut: HashMap<usize, u32>,
 }
 
+/// The start or end of fault number `.1` of the plan.
 enum Transition {
-    Start(FaultKind),
-    End(FaultKind),
+    Start(FaultKind, usize),
+    End(FaultKind, usize),
+}
+
+/// How long a crash or a cut of an MQTT-fed edge may wait for a moment
+/// when its source holds messages (read, not yet acknowledged): a strike
+/// then is where exactly-once is hard, and a quiet edge (bursts come every
+/// 250 ms by default) would mostly be struck between them.
+const STRIKE_WAIT_MAX_MS: u64 = 1_000;
+
+/// How far a fault was moved to strike at a busy moment.
+#[derive(Default)]
+struct Shift {
+    by_ms: u64,
+    started: bool,
+    /// How far its end was moved so far.
+    end_by_ms: u64,
 }
 
 /// Runs one seed to its verdict.
@@ -681,7 +976,20 @@ pub fn run(spec: &RunSpec) -> Outcome {
         edges: edges.len(),
         ..spec.params.clone()
     };
-    let plan = Plan::new(spec.scenario, &params, spec.seed);
+    // A topology decides which edges MQTT feeds; without one, the plan does.
+    let topology_fed: Option<Vec<bool>> = spec.topology.as_ref().map(|t| {
+        edges
+            .iter()
+            .map(|e| {
+                let labels: Vec<&str> = e.labels.iter().map(String::as_str).collect();
+                t.part_for(&e.id, &labels, Role::Edge)
+                    .sources
+                    .iter()
+                    .any(|c| matches!(c.kind, ComponentKind::Source(Source::Mqtt(_))))
+            })
+            .collect()
+    });
+    let plan = Plan::with_mqtt_edges(spec.scenario, &params, spec.seed, topology_fed.as_deref());
     let edge_ids: Vec<String> = edges.iter().map(|e| e.id.clone()).collect();
     let mut timeline = Timeline {
         title: format!("{} · seed {}", spec.scenario, spec.seed),
@@ -728,13 +1036,25 @@ pub fn run(spec: &RunSpec) -> Outcome {
     let mut shared_edges = Vec::new();
     let mut raw_streams: HashSet<Option<String>> = HashSet::new();
     for (i, e) in edges.iter().enumerate() {
-        let (devices, stages) = match edge_plan(spec, e) {
+        let fed = plan.mqtt.fed.get(i).copied().unwrap_or(false);
+        let edge_plan = match edge_plan(spec, e, fed) {
             Ok(p) => p,
             Err(err) => return fail(Violation::Setup(err), timeline),
         };
-        for d in &devices {
+        for d in &edge_plan.devices {
             raw_streams.insert(d.stream.clone());
         }
+        let mut budget = plan.outbox_bytes_max;
+        let mqtt = match edge_plan.mqtt {
+            Some(m) => match mqtt_edge(&params, &plan, i, e, m, faults_end_ms) {
+                Ok((edge, room)) => {
+                    budget += room;
+                    Some(edge)
+                }
+                Err(err) => return fail(Violation::Setup(err), timeline),
+            },
+            None => None,
+        };
         shared_edges.push(Arc::new(EdgeShared {
             spec: e.clone(),
             disk: MemoryStore::new(),
@@ -744,9 +1064,12 @@ pub fn run(spec: &RunSpec) -> Outcome {
             incarnation: AtomicU64::new(0),
             seen: Mutex::default(),
             violations: Mutex::default(),
-            devices,
-            stages,
+            devices: edge_plan.devices,
+            stages: edge_plan.stages,
             skew_us: plan.clock_skew_us.get(i).copied().unwrap_or(0),
+            mqtt,
+            budget,
+            mqtt_status: Mutex::default(),
         }));
     }
     let world = Arc::new(World {
@@ -780,15 +1103,15 @@ pub fn run(spec: &RunSpec) -> Outcome {
     }
 
     let mut transitions: BTreeMap<u64, Vec<Transition>> = BTreeMap::new();
-    for f in &plan.faults {
+    for (id, f) in plan.faults.iter().enumerate() {
         transitions
             .entry(f.at_ms)
             .or_default()
-            .push(Transition::Start(f.kind));
+            .push(Transition::Start(f.kind, id));
         transitions
             .entry(f.until_ms)
             .or_default()
-            .push(Transition::End(f.kind));
+            .push(Transition::End(f.kind, id));
         timeline.events.push(TimelineEvent {
             at_ms: f.at_ms,
             until_ms: Some(f.until_ms),
@@ -805,19 +1128,63 @@ pub fn run(spec: &RunSpec) -> Outcome {
     let mut service_down: HashMap<String, u64> = HashMap::new();
     let mut next_sample_ms = 0;
     let mut drained_at = None;
+    let mut settled_at = None;
     let mut verdict: Result<(), Violation> = Ok(());
     let mut acked_so_far: Vec<AuditTail> = vec![AuditTail::default(); edges.len()];
+    let mut shifts: BTreeMap<usize, Shift> = BTreeMap::new();
+    let brokers: Vec<Arc<Mutex<Broker>>> = world
+        .edges
+        .iter()
+        .filter_map(|e| e.mqtt.as_ref().map(|m| m.broker.clone()))
+        .collect();
     loop {
         let now_ms = sim.elapsed().as_millis() as u64;
+        // The brokers and their publishers move to this millisecond before
+        // the hosts do.
+        for b in &brokers {
+            lock(b).advance(now_ms);
+        }
         while let Some(entry) = transitions.first_entry() {
             if *entry.key() > now_ms {
                 break;
             }
             for t in entry.remove() {
-                let (start, kind) = match t {
-                    Transition::Start(k) => (true, k),
-                    Transition::End(k) => (false, k),
+                let (start, kind, id) = match t {
+                    Transition::Start(k, id) => (true, k, id),
+                    Transition::End(k, id) => (false, k, id),
                 };
+                let shift = shifts.entry(id).or_default();
+                if start {
+                    if shift.by_ms < STRIKE_WAIT_MAX_MS && !busy_moment(&world, kind) {
+                        shift.by_ms += 1;
+                        let at = now_ms + 1;
+                        transitions
+                            .entry(at)
+                            .or_default()
+                            .push(Transition::Start(kind, id));
+                        continue;
+                    }
+                    shift.started = true;
+                    if shift.by_ms > 0 {
+                        if let Some(e) = timeline.events.get_mut(id) {
+                            e.at_ms += shift.by_ms;
+                            e.until_ms = e.until_ms.map(|u| u + shift.by_ms);
+                        }
+                    }
+                } else if !shift.started || shift.end_by_ms < shift.by_ms {
+                    // Its start moved: its end moves as far.
+                    let by = if shift.started {
+                        shift.by_ms - shift.end_by_ms
+                    } else {
+                        1
+                    };
+                    shift.end_by_ms += by;
+                    transitions
+                        .entry(now_ms + by)
+                        .or_default()
+                        .push(Transition::End(kind, id));
+                    continue;
+                }
                 (now_ms, start, format!("{kind:?}")).hash(&mut trace);
                 apply(
                     &mut sim,
@@ -856,6 +1223,9 @@ pub fn run(spec: &RunSpec) -> Outcome {
                 (e.backlog_bytes, e.link_up, e.running, e.acked_total).hash(&mut trace);
             }
             (now_ms, sample.log_readings_total).hash(&mut trace);
+            for b in &brokers {
+                lock(b).stats().hash(&mut trace);
+            }
             timeline.samples.push(sample);
             if let Some(v) = world.edges.iter().find_map(|e| {
                 e.violations
@@ -868,9 +1238,18 @@ pub fn run(spec: &RunSpec) -> Outcome {
                 break;
             }
             if now_ms >= faults_end_ms {
-                if drained(&mut sim, &world, &edge_ids, &raw_streams) {
-                    drained_at = Some(now_ms);
-                    break;
+                match drained(&mut sim, &world, &edge_ids, &raw_streams) {
+                    Drain::Done => {
+                        drained_at = Some(now_ms);
+                        break;
+                    }
+                    // Nothing is left anywhere to bring what is missing:
+                    // the check says what was lost.
+                    Drain::Settled => {
+                        settled_at = Some(now_ms);
+                        break;
+                    }
+                    Drain::Busy => {}
                 }
                 if now_ms > faults_end_ms + budget_ms {
                     verdict = Err(Violation::NoDrain {
@@ -884,6 +1263,7 @@ pub fn run(spec: &RunSpec) -> Outcome {
     }
     figures.simulated_ms = sim.elapsed().as_millis() as u64;
     drop(sim);
+    mqtt_figures(&world, &mut figures);
     // Missing readings are lost only if nothing could still bring them: the
     // run drained, or every outbox is empty (the cloud confirmed all of it).
     let complete = verdict.is_ok() || outboxes_empty(&world);
@@ -891,6 +1271,10 @@ pub fn run(spec: &RunSpec) -> Outcome {
     // A safety violation explains more than the liveness one it causes.
     if verdict.is_ok() || (matches!(verdict, Err(Violation::NoDrain { .. })) && checked.is_err()) {
         verdict = checked;
+    }
+    if verdict.is_ok() && drained_at.is_none() {
+        // Settled with nothing missing by the check's count.
+        drained_at = settled_at;
     }
     figures.drain_ms = drained_at.map(|t| t.saturating_sub(faults_end_ms));
     figures.wall_ms = started.elapsed().as_millis() as u64;
@@ -905,6 +1289,19 @@ pub fn run(spec: &RunSpec) -> Outcome {
         figures,
         timeline,
         replay,
+    }
+}
+
+/// Whether a fault may strike now: a crash or cut of an MQTT-fed edge waits
+/// for its source to hold messages; every other fault strikes on time.
+fn busy_moment(world: &World, kind: FaultKind) -> bool {
+    let edge = match kind {
+        FaultKind::EdgeCrash { edge, .. } | FaultKind::MqttCut { edge } => edge,
+        _ => return true,
+    };
+    match world.edges.get(edge).and_then(|e| e.mqtt.as_ref()) {
+        Some(m) => lock(&m.broker).held() > 0,
+        None => true,
     }
 }
 
@@ -1037,6 +1434,13 @@ fn apply(
                 world.edges[edge].disk.set_sync_failing(start);
             }
         }
+        FaultKind::MqttCut { edge } => {
+            if count(active.mqtt_cut.entry(edge).or_default(), start) {
+                if let Some(m) = &world.edges[edge].mqtt {
+                    lock(&m.broker).set_cut(start);
+                }
+            }
+        }
     }
 }
 
@@ -1104,48 +1508,138 @@ fn outboxes_empty(world: &World) -> bool {
     let settled_ms = world.stop_at_ms + COMMIT_INTERVAL_MS * 2;
     world.edges.iter().all(|e| {
         let seen = e.seen.lock().expect("seen lock");
-        seen.at_ms >= settled_ms && seen.segments_stored == 0 && seen.backlog_bytes == 0
+        seen.at_ms >= settled_ms && seen.segments_stored == 0 && seen.unconfirmed_readings == 0
     })
 }
 
+/// Where the drain stands once the faults are over.
+enum Drain {
+    /// Every outbox is empty, every broker idle, and everything acknowledged
+    /// (or accepted by a broker) is in the log.
+    Done,
+    /// Everything is empty and idle but something acknowledged or accepted
+    /// is not in the log: nothing is left that could bring it.
+    Settled,
+    Busy,
+}
+
 /// Whether every edge's outbox is empty, by a status taken after the
-/// devices stopped and their last readings were committed, and every
-/// reading acknowledged so far is in the log.
+/// devices stopped and their last readings were committed, every broker is
+/// idle, and every reading acknowledged (or accepted) so far is in the log.
 fn drained(
     sim: &mut turmoil::Sim<'_>,
     world: &World,
     edges: &[String],
     raw_streams: &HashSet<Option<String>>,
-) -> bool {
+) -> Drain {
     let settled_ms = world.stop_at_ms + COMMIT_INTERVAL_MS * 2;
     let empty = world.edges.iter().zip(edges).all(|(e, id)| {
         let seen = e.seen.lock().expect("seen lock");
         sim.is_host_running(id.as_str())
             && seen.at_ms >= settled_ms
             && seen.segments_stored == 0
-            && seen.backlog_bytes == 0
+            && seen.unconfirmed_readings == 0
     });
-    if !empty {
-        return false;
+    let idle = world
+        .edges
+        .iter()
+        .all(|e| e.mqtt.as_ref().is_none_or(|m| lock(&m.broker).idle()));
+    if !empty || !idle {
+        return Drain::Busy;
     }
+    let edge_index = edge_index(world);
     let mut in_log: HashSet<(&str, String, i64)> = HashSet::new();
+    let mut messages: Vec<BTreeSet<(String, u64)>> = vec![BTreeSet::new(); world.edges.len()];
     let records = world.log.records();
     for r in &records {
-        if raw_streams.contains(&r.reading.stream) {
-            in_log.insert((
-                r.edge_id.as_str(),
-                r.reading.device_id.clone(),
-                r.reading.device_ts_us,
-            ));
+        let rd = &r.reading;
+        if let Some(&e) = edge_index.get(r.edge_id.as_str()) {
+            if let Some(m) = &world.edges[e].mqtt {
+                if m.owns(&rd.stream, &rd.device_id) {
+                    if let Some(n) = seq_of(rd) {
+                        messages[e].insert((rd.device_id.clone(), n));
+                    }
+                    continue;
+                }
+            }
+        }
+        if raw_streams.contains(&rd.stream) {
+            in_log.insert((r.edge_id.as_str(), rd.device_id.clone(), rd.device_ts_us));
         }
     }
-    world.edges.iter().all(|e| {
+    let all = world.edges.iter().enumerate().all(|(i, e)| {
         let (acked, dropped) = read_audit(&e.ack_log);
-        acked.into_iter().all(|(device, ts)| {
-            in_log.contains(&(e.spec.id.as_str(), device.clone(), ts))
-                || dropped.contains(&(device, ts))
-        })
-    })
+        acked
+            .into_iter()
+            .filter(|(device, _)| !is_mqtt_device(e, device))
+            .all(|(device, ts)| {
+                in_log.contains(&(e.spec.id.as_str(), device.clone(), ts))
+                    || dropped.contains_key(&(device, ts))
+            })
+            && e.mqtt
+                .as_ref()
+                .is_none_or(|m| mqtt_missing(m, &messages[i], &dropped).is_none())
+    });
+    if all {
+        Drain::Done
+    } else {
+        Drain::Settled
+    }
+}
+
+fn edge_index(world: &World) -> HashMap<&str, usize> {
+    world
+        .edges
+        .iter()
+        .enumerate()
+        .map(|(i, e)| (e.spec.id.as_str(), i))
+        .collect()
+}
+
+/// Whether an ack log's device is one of the edge's MQTT publishers (whose
+/// readings are checked by (device, n), not (device, ts)).
+fn is_mqtt_device(e: &EdgeShared, device: &str) -> bool {
+    e.mqtt.as_ref().is_some_and(|m| m.devices.contains(device))
+}
+
+/// A reading's MQTT sequence number: the payload's `n`.
+fn seq_of(r: &tributary_actors::reading::Reading) -> Option<u64> {
+    match r.metric("n") {
+        Some(Value::I64(n)) => u64::try_from(*n).ok(),
+        _ => None,
+    }
+}
+
+/// The first message the broker accepted that is not in the log (`present`),
+/// not still held by the broker (queued or in flight: late, not lost; the
+/// liveness check speaks for those), and not excused by a `D` line of the
+/// ack log (a segment `drop-oldest` evicted; counted per (device, ts), since
+/// several messages share one).
+fn mqtt_missing(
+    m: &MqttEdge,
+    present: &BTreeSet<(String, u64)>,
+    dropped: &HashMap<Key, usize>,
+) -> Option<(String, u64)> {
+    if !m.uplinked {
+        return None;
+    }
+    let mut excused = dropped.clone();
+    let b = lock(&m.broker);
+    let pending = b.pending();
+    for (device, accepted) in b.accepted() {
+        let device = device.to_string();
+        for p in accepted {
+            let key = (device.clone(), p.n);
+            if present.contains(&key) || pending.contains(&key) {
+                continue;
+            }
+            match excused.get_mut(&(device.clone(), p.ts_ms * 1000)) {
+                Some(c) if *c > 0 => *c -= 1,
+                _ => return Some((device, p.n)),
+            }
+        }
+    }
+    None
 }
 
 fn left_over(world: &World) -> String {
@@ -1154,10 +1648,15 @@ fn left_over(world: &World) -> String {
         .iter()
         .map(|e| {
             let s = e.seen.lock().expect("seen lock");
+            let mqtt = e.mqtt.as_ref().map_or(String::new(), |m| {
+                let (queued, inflight) = lock(&m.broker).backlog();
+                format!(", broker: {queued} queued, {inflight} in flight")
+            });
             format!(
-                "{}: {} segments, {} bytes, link {}",
+                "{}: {} segments, {} readings, {} bytes, link {}{mqtt}",
                 e.spec.id,
                 s.segments_stored,
+                s.unconfirmed_readings,
                 s.backlog_bytes,
                 if s.link_up { "up" } else { "down" }
             )
@@ -1168,9 +1667,11 @@ fn left_over(world: &World) -> String {
 
 type Key = (String, i64);
 
-fn read_audit(path: &PathBuf) -> (Vec<Key>, HashSet<Key>) {
+/// An ack log: the acknowledged keys in order, and how many times each key
+/// was dropped by `drop-oldest`.
+fn read_audit(path: &PathBuf) -> (Vec<Key>, HashMap<Key, usize>) {
     let mut acked = Vec::new();
-    let mut dropped = HashSet::new();
+    let mut dropped: HashMap<Key, usize> = HashMap::new();
     if let Ok(text) = std::fs::read_to_string(path) {
         for line in text.lines() {
             let mut parts = line.split(' ');
@@ -1181,9 +1682,7 @@ fn read_audit(path: &PathBuf) -> (Vec<Key>, HashSet<Key>) {
             let Ok(ts) = ts.parse::<i64>() else { continue };
             match tag {
                 "A" => acked.push((device.to_string(), ts)),
-                "D" => {
-                    dropped.insert((device.to_string(), ts));
-                }
+                "D" => *dropped.entry((device.to_string(), ts)).or_default() += 1,
                 _ => {}
             }
         }
@@ -1191,9 +1690,68 @@ fn read_audit(path: &PathBuf) -> (Vec<Key>, HashSet<Key>) {
     (acked, dropped)
 }
 
-/// The safety checks, on the whole log once the run is over. Device ids are
-/// an edge's own (two edges may both have a `dev-0`), so every key carries
-/// its edge.
+/// What a broker accepted, per device and n.
+type Accepted = BTreeMap<String, BTreeMap<u64, Published>>;
+
+/// The safety checks of one MQTT reading of the log: a message its
+/// publisher sent (same n, ts and value), not seen before, after the
+/// device's previous one.
+fn check_message(
+    device: String,
+    rd: &tributary_actors::reading::Reading,
+    accepted: &Accepted,
+    seen: &mut BTreeSet<(String, u64)>,
+    last: &mut BTreeMap<String, u64>,
+) -> Result<(), Violation> {
+    let invented = |detail: String| Violation::MessageInvented {
+        device: device.clone(),
+        detail,
+    };
+    let Some(per_device) = accepted.get(&rd.device_id) else {
+        return Err(invented("no publisher has this device id".into()));
+    };
+    let Some(n) = seq_of(rd) else {
+        return Err(invented(format!("it has no n: {:?}", rd.metrics)));
+    };
+    let Some(p) = per_device.get(&n) else {
+        return Err(invented(format!("the broker never accepted n = {n}")));
+    };
+    let v_ok = match rd.metric("v") {
+        Some(Value::F64(v)) => (v - p.v).abs() <= 1e-9 * p.v.abs().max(1.0),
+        _ => false,
+    };
+    if rd.device_ts_us != p.ts_ms * 1000 || !v_ok {
+        return Err(invented(format!(
+            "n = {n} has ts {} µs and v {:?}; it was published with ts {} ms and v {}",
+            rd.device_ts_us,
+            rd.metric("v"),
+            p.ts_ms,
+            p.v
+        )));
+    }
+    if !seen.insert((rd.device_id.clone(), n)) {
+        return Err(Violation::MessageDuplicated {
+            device,
+            n,
+            times: 2,
+        });
+    }
+    if let Some(prev) = last.insert(rd.device_id.clone(), n) {
+        if n < prev {
+            return Err(Violation::MessageOutOfOrder {
+                device,
+                n,
+                after: prev,
+            });
+        }
+    }
+    Ok(())
+}
+
+/// The safety checks, on the whole log once the run is over (the log only
+/// grows, so what it holds at the end it held from some point on). Device
+/// ids are an edge's own (two edges may both have a `dev-0`), so every key
+/// carries its edge.
 fn check(
     world: &World,
     raw_streams: &HashSet<Option<String>>,
@@ -1203,17 +1761,26 @@ fn check(
 ) -> Result<(), Violation> {
     let records = world.log.records();
     figures.records_in_log = records.len() as u64;
-    let edge_index: HashMap<&str, usize> = world
-        .edges
-        .iter()
-        .enumerate()
-        .map(|(i, e)| (e.spec.id.as_str(), i))
-        .collect();
+    let edge_index = edge_index(world);
     let written: Vec<HashSet<Written>> = world
         .edges
         .iter()
         .map(|e| e.written.lock().expect("written lock").clone())
         .collect();
+    let accepted: Vec<Accepted> = world
+        .edges
+        .iter()
+        .map(|e| {
+            e.mqtt.as_ref().map_or_else(Accepted::new, |m| {
+                lock(&m.broker)
+                    .accepted()
+                    .map(|(d, a)| (d.to_string(), a.iter().map(|p| (p.n, *p)).collect()))
+                    .collect()
+            })
+        })
+        .collect();
+    let mut messages: Vec<BTreeSet<(String, u64)>> = vec![BTreeSet::new(); world.edges.len()];
+    let mut message_last: Vec<BTreeMap<String, u64>> = vec![BTreeMap::new(); world.edges.len()];
     let mut in_log: Vec<HashMap<Key, usize>> = vec![HashMap::new(); world.edges.len()];
     let mut last: HashMap<(usize, Option<String>, String), i64> = HashMap::new();
     let named = |edge: &str, device: &str| format!("{edge}/{device}");
@@ -1226,6 +1793,19 @@ fn check(
                 ts_us: rd.device_ts_us,
             });
         };
+        if let Some(m) = &world.edges[e].mqtt {
+            if m.owns(&rd.stream, &rd.device_id) {
+                check_message(
+                    named(&r.edge_id, &rd.device_id),
+                    rd,
+                    &accepted[e],
+                    &mut messages[e],
+                    &mut message_last[e],
+                )?;
+                figures.mqtt.in_log += 1;
+                continue;
+            }
+        }
         let key3 = (rd.stream.clone(), rd.device_id.clone(), rd.device_ts_us);
         if !written[e].contains(&key3) {
             return Err(Violation::Invented {
@@ -1271,17 +1851,57 @@ fn check(
         }
         let (acked, dropped) = read_audit(&edge.ack_log);
         figures.readings_acked += acked.len() as u64;
-        figures.readings_dropped += dropped.len() as u64;
+        figures.readings_dropped += dropped.values().sum::<usize>() as u64;
         for key in acked.iter().filter(|_| complete) {
-            if !in_log[e].contains_key(key) && !dropped.contains(key) {
+            if is_mqtt_device(edge, &key.0) {
+                continue;
+            }
+            if !in_log[e].contains_key(key) && !dropped.contains_key(key) {
                 return Err(Violation::Lost {
                     device: named(&edge.spec.id, &key.0),
                     ts_us: key.1,
                 });
             }
         }
+        if let (true, Some(m)) = (complete, &edge.mqtt) {
+            if let Some((device, n)) = mqtt_missing(m, &messages[e], &dropped) {
+                return Err(Violation::MessageLost {
+                    device: named(&edge.spec.id, &device),
+                    n,
+                });
+            }
+        }
     }
     Ok(())
+}
+
+/// Sums what the brokers and the MQTT sources counted.
+fn mqtt_figures(world: &World, figures: &mut Figures) {
+    let f = &mut figures.mqtt;
+    for e in &world.edges {
+        let Some(m) = &e.mqtt else { continue };
+        figures.mqtt_edges += 1;
+        figures.mqtt_records_room = figures
+            .mqtt_records_room
+            .max(e.budget - world.plan.outbox_bytes_max);
+        let b = lock(&m.broker).stats();
+        f.accepted += b.accepted;
+        f.refused_queue_full += b.refused_queue_full;
+        f.resent_dup += b.resent_dup;
+        f.acks_stale += b.acks_stale;
+        f.connections += b.connections;
+        f.cuts += b.cuts;
+        f.inflight_max_seen = f.inflight_max_seen.max(b.inflight_max_seen);
+        for s in lock(&e.mqtt_status).values() {
+            let c = &s.core.stats;
+            f.redeliveries += c.redeliveries;
+            f.redelivered_copies += c.redelivered_copies;
+            f.dup_taken += c.dup_taken;
+            f.overflow_unacked += c.overflow_unacked;
+            f.forced_reconnects += c.forced_reconnects;
+            f.retries_full += c.retries_full;
+        }
+    }
 }
 
 fn figure_rows(f: &Figures, plan: &Plan) -> Vec<(String, String)> {
@@ -1290,7 +1910,7 @@ fn figure_rows(f: &Figures, plan: &Plan) -> Vec<(String, String)> {
     } else {
         "-".into()
     };
-    vec![
+    let mut rows = vec![
         ("readings acknowledged".into(), f.readings_acked.to_string()),
         ("readings in the log".into(), f.readings_in_log.to_string()),
         ("dropped by policy".into(), f.readings_dropped.to_string()),
@@ -1311,7 +1931,14 @@ fn figure_rows(f: &Figures, plan: &Plan) -> Vec<(String, String)> {
         ),
         (
             "outbox budget".into(),
-            format!("{} B", plan.outbox_bytes_max),
+            if f.mqtt_records_room > 0 {
+                format!(
+                    "{} B (+{} B for MQTT records)",
+                    plan.outbox_bytes_max, f.mqtt_records_room
+                )
+            } else {
+                format!("{} B", plan.outbox_bytes_max)
+            },
         ),
         ("full policy".into(), format!("{:?}", plan.full_policy)),
         (
@@ -1331,5 +1958,61 @@ fn figure_rows(f: &Figures, plan: &Plan) -> Vec<(String, String)> {
             format!("{:.2} s", f.wall_ms as f64 / 1000.0),
         ),
         ("speed".into(), speed),
-    ]
+    ];
+    if f.mqtt_edges > 0 {
+        let m = &f.mqtt;
+        let mode = format!(
+            "window {}{}, {} link, inflight_max {}, device_inflight_max {}, latency {} ms",
+            plan.mqtt.window,
+            if plan.mqtt.refill_on_ack {
+                " (refilled at every PUBACK)"
+            } else {
+                ""
+            },
+            if plan.mqtt.overflow_link {
+                "overflow"
+            } else {
+                "back-pressure"
+            },
+            plan.mqtt.inflight_max,
+            plan.mqtt.device_inflight_max,
+            plan.mqtt.latency_ms
+        );
+        rows.extend([
+            ("MQTT-fed edges".into(), f.mqtt_edges.to_string()),
+            ("MQTT broker".into(), mode),
+            ("MQTT messages accepted".into(), m.accepted.to_string()),
+            ("MQTT messages in the log".into(), m.in_log.to_string()),
+            (
+                "MQTT refused (queue full)".into(),
+                m.refused_queue_full.to_string(),
+            ),
+            (
+                "MQTT connections / cuts".into(),
+                format!("{} / {}", m.connections, m.cuts),
+            ),
+            ("MQTT resent with DUP".into(), m.resent_dup.to_string()),
+            ("MQTT stale PUBACKs".into(), m.acks_stale.to_string()),
+            (
+                "MQTT most in flight".into(),
+                m.inflight_max_seen.to_string(),
+            ),
+            (
+                "MQTT redeliveries recognised / copies / DUP taken".into(),
+                format!(
+                    "{} / {} / {}",
+                    m.redeliveries, m.redelivered_copies, m.dup_taken
+                ),
+            ),
+            (
+                "MQTT overflows / forced reconnects".into(),
+                format!("{} / {}", m.overflow_unacked, m.forced_reconnects),
+            ),
+            (
+                "MQTT resends after a full outbox".into(),
+                m.retries_full.to_string(),
+            ),
+        ]);
+    }
+    rows
 }

@@ -6,8 +6,9 @@
 
 use std::sync::Arc;
 
+use tributary_actors::outbox::FullPolicy;
 use tributary_actors::stages::{secs, Window};
-use tributary_actors::topology::{EdgeSelector, Kafka, Simulated, Topology};
+use tributary_actors::topology::{EdgeSelector, Kafka, Mqtt, Simulated, Topology};
 use tributary_simulations::swarm::swarm;
 use tributary_simulations::world::EdgeSpec;
 use tributary_simulations::{run, Mutation, RunSpec, Scenario, Violation};
@@ -18,6 +19,9 @@ const SWARM_SEEDS: u64 = 200;
 /// Deliberate bugs must be caught within this many seeds of the scenario
 /// that exposes them.
 const MUTATION_SEEDS_MAX: u64 = 40;
+/// Seeds of the `mqtt` scenario (edge crashes, MQTT cuts, uplink
+/// partitions, every edge MQTT-fed) that must all pass.
+const MQTT_SEEDS: u64 = 24;
 
 fn threads() -> usize {
     std::thread::available_parallelism().map_or(1, |n| n.get())
@@ -47,6 +51,13 @@ fn a_swarm_of_random_faults_keeps_every_invariant() {
         "only {} readings acknowledged",
         s.readings_acked
     );
+    // Each seed decides whether edges are MQTT-fed; some must be.
+    assert!(
+        s.mqtt_seeds >= SWARM_SEEDS / 4,
+        "only {} seeds with MQTT-fed edges",
+        s.mqtt_seeds
+    );
+    assert!(s.mqtt.accepted > 0 && s.mqtt.cuts > 0, "{:?}", s.mqtt);
     println!(
         "{} seeds: {} readings, {} faults, {:.0}× real time, {:.0} seeds/min",
         s.seeds,
@@ -92,6 +103,51 @@ fn one_seed_replays_the_same_trace() {
     );
 }
 
+#[test]
+fn an_mqtt_seed_replays_the_same_trace() {
+    // Seed 7: crashes and cuts while messages are held, so redeliveries.
+    let spec = RunSpec::new(Scenario::Mqtt, 7);
+    let a = run(&spec);
+    let b = run(&spec);
+    if let Err(v) = &a.verdict {
+        panic!("{v}\n  replay: {}", a.replay);
+    }
+    assert!(b.verdict.is_ok());
+    assert!(a.figures.mqtt.accepted > 0 && a.figures.mqtt.resent_dup > 0);
+    assert_eq!(
+        a.trace_hash, b.trace_hash,
+        "mqtt seed 7 ran two different ways"
+    );
+    assert_eq!(a.figures.mqtt, b.figures.mqtt);
+    assert_eq!(a.figures.readings_acked, b.figures.readings_acked);
+}
+
+#[test]
+fn mqtt_fed_edges_keep_exactly_once_through_crashes_cuts_and_partitions() {
+    let spec = RunSpec::new(Scenario::Mqtt, 0);
+    let s = swarm(&spec, 0, MQTT_SEEDS, threads(), &|_, _| {});
+    let failures: Vec<String> = s
+        .failures
+        .iter()
+        .map(|f| format!("seed {}: {}\n  replay: {}", f.seed, f.violation, f.replay))
+        .collect();
+    assert_eq!(s.failed, 0, "{}", failures.join("\n"));
+    assert_eq!(s.mqtt_seeds, MQTT_SEEDS);
+    let m = &s.mqtt;
+    println!("{MQTT_SEEDS} mqtt seeds: {m:?}");
+    assert_eq!(m.in_log, m.accepted, "every accepted message is in the log");
+    assert_eq!(m.refused_queue_full, 0, "no broker queue was full");
+    // The hard paths were taken: crashes and cuts with messages held, so
+    // resends with DUP of durable messages (recognised and acked, not
+    // stored again) and of messages never made durable (taken as new), and
+    // a broker with more in flight than the source holds (overflows).
+    assert!(s.edge_crashes >= MQTT_SEEDS, "{} crashes", s.edge_crashes);
+    assert!(m.cuts >= MQTT_SEEDS, "{} cuts", m.cuts);
+    assert!(m.redeliveries > 0 && m.acks_stale > 0, "{m:?}");
+    assert!(m.dup_taken > 0, "{m:?}");
+    assert!(m.overflow_unacked > 0 && m.forced_reconnects > 0, "{m:?}");
+}
+
 /// The first seed below `MUTATION_SEEDS_MAX` whose run fails, with its violation.
 fn first_failure(scenario: Scenario, mutation: Mutation) -> Option<(u64, Violation)> {
     (0..MUTATION_SEEDS_MAX).find_map(|seed| {
@@ -128,6 +184,26 @@ fn forgetting_the_high_water_mark_shows_up_as_duplicates() {
         "seed {seed}: expected a duplicate, got {violation}"
     );
     println!("forget-hwm caught at seed {seed}: {violation}");
+}
+
+#[test]
+fn dedup_by_device_and_ts_shows_up_as_lost_messages() {
+    // The MQTT source's old rule: a second reading of a device in the same
+    // millisecond taken for a redelivery, acked and dropped.
+    let (seed, violation) = first_failure(Scenario::Mqtt, Mutation::DedupByDeviceTs)
+        .unwrap_or_else(|| panic!("dedup-device-ts survived {MUTATION_SEEDS_MAX} seeds of mqtt"));
+    assert!(
+        matches!(violation, Violation::MessageLost { .. }),
+        "seed {seed}: expected a lost message, got {violation}"
+    );
+    println!("dedup-device-ts caught at seed {seed}: {violation}");
+    // The same seeds pass without the bug.
+    for s in 0..=seed {
+        let outcome = run(&RunSpec::new(Scenario::Mqtt, s));
+        if let Err(v) = &outcome.verdict {
+            panic!("mqtt seed {s} unmutated: {v}\n  replay: {}", outcome.replay);
+        }
+    }
 }
 
 #[test]
@@ -169,6 +245,44 @@ fn a_users_topology_runs_under_faults() {
     assert!(f.readings_acked > 1000, "{f:?}");
     // The windows are in the log too: more records than raw readings.
     assert!(f.records_in_log > f.readings_in_log, "{f:?}");
+}
+
+#[test]
+fn an_mqtt_source_in_a_users_topology_runs_under_faults() {
+    // The presses publish to a broker; the edge keeps 1 s windows of them
+    // and sends both up. Edge crashes, MQTT cuts and partitions.
+    let topology = Topology::builder("plant")
+        .edge(EdgeSelector::label("plant-a"), |edge| {
+            edge.source("presses", Mqtt::subscribe("plant-a/+/telemetry"))
+                .stage("presses-1s", "presses", Window::tumbling(secs(1)).mean("v"))
+        })
+        .cloud(|cloud| {
+            cloud.sink("raw", "presses", Kafka::topic("presses")).sink(
+                "windows",
+                "presses-1s",
+                Kafka::topic("presses.1s"),
+            )
+        })
+        .build()
+        .expect("a valid topology");
+    let mut spec = RunSpec::new(Scenario::Mqtt, 3);
+    // Nothing dropped by policy: every accepted message must be in the log.
+    spec.params.full_policy = Some(FullPolicy::Block);
+    spec.topology = Some(Arc::new(topology));
+    spec.edges = vec![
+        EdgeSpec::new("edge-1", &["plant-a"]),
+        EdgeSpec::new("edge-2", &["plant-a"]),
+    ];
+    let outcome = run(&spec);
+    if let Err(v) = &outcome.verdict {
+        panic!("{v}\n  replay: {}", outcome.replay);
+    }
+    let f = &outcome.figures;
+    assert_eq!(f.mqtt_edges, 2, "{f:?}");
+    assert!(f.mqtt.accepted > 1000, "{f:?}");
+    assert_eq!(f.mqtt.in_log, f.mqtt.accepted, "{f:?}");
+    // The windows are in the log too.
+    assert!(f.records_in_log > f.mqtt.in_log, "{f:?}");
 }
 
 #[test]

@@ -2,6 +2,11 @@
 //! the page in headless Chromium follows the cluster live (restarts, backlog,
 //! partitions), `/metrics` parses as Prometheus text with counters that only
 //! grow, and actions need the bearer token and are audited before they run.
+//! Its HTTP limits hold against real misbehaving clients on plain sockets: a
+//! slowloris is cut after the header-read timeout, connections past the
+//! limit are closed at once, one client cannot take every page, and a cloud
+//! that wants the token to view refuses views without it (and serves the
+//! page, in Chromium, with it in the URL).
 //!
 //! The browser is driven over WebDriver (chromedriver, plain http on
 //! loopback); `scripts/test.sh` installs Chromium and chromedriver and names
@@ -10,6 +15,7 @@
 
 use std::collections::HashMap;
 use std::fs::File;
+use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant, SystemTime};
@@ -23,6 +29,8 @@ use hyper::{Method, Request, StatusCode};
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
 use serde_json::{json, Value};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpSocket, TcpStream};
 use tributary_tests::broker::{shared_bootstrap, unique_topic};
 use tributary_tests::checker::consume_values;
 use tributary_tests::fixture::{Fixture, Workload, NODE_READY};
@@ -1051,4 +1059,527 @@ async fn actions_need_the_token_and_are_audited() {
             .await;
         assert_eq!(a.status, StatusCode::FORBIDDEN, "{auth:?}: {}", a.body);
     }
+}
+
+// ---- HTTP limits (issue #11, finding 7) --------------------------------
+//
+// Each limit is shown by a real misbehaving client on plain TCP sockets
+// (no HTTP library that would be polite for us), against a cloud process
+// started with small limits.
+
+/// A raw request's answer: its status, and its body (whole, for
+/// `Connection: close` requests).
+struct RawAnswer {
+    status: u16,
+    body: String,
+}
+
+/// The address of a `http://ip:port` base.
+fn socket_addr(base: &str) -> SocketAddr {
+    base.trim_start_matches("http://")
+        .parse()
+        .unwrap_or_else(|e| panic!("{base}: {e}"))
+}
+
+/// A TCP connection to `addr`, from loopback address `from` when given (so
+/// the node sees another client: all of 127/8 is local).
+async fn tcp(addr: SocketAddr, from: Option<IpAddr>) -> TcpStream {
+    let socket = TcpSocket::new_v4().expect("a TCP socket");
+    if let Some(ip) = from {
+        socket
+            .bind(SocketAddr::new(ip, 0))
+            .unwrap_or_else(|e| panic!("binding to {ip}: {e}"));
+    }
+    tokio::time::timeout(HTTP_TIMEOUT, socket.connect(addr))
+        .await
+        .unwrap_or_else(|_| panic!("connecting to {addr} took over {HTTP_TIMEOUT:?}"))
+        .unwrap_or_else(|e| panic!("connecting to {addr}: {e}"))
+}
+
+fn get_request(addr: SocketAddr, path: &str, auth: Option<&str>, close: bool) -> String {
+    let mut req = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\n");
+    if close {
+        req.push_str("Connection: close\r\n");
+    }
+    if let Some(a) = auth {
+        req.push_str(&format!("Authorization: {a}\r\n"));
+    }
+    req.push_str("\r\n");
+    req
+}
+
+/// Parses what a `Connection: close` request read to its end; `None` if the
+/// server closed without a byte (a refused connection).
+fn parse_answer(bytes: &[u8]) -> Option<RawAnswer> {
+    if bytes.is_empty() {
+        return None;
+    }
+    let text = String::from_utf8_lossy(bytes);
+    let status = text
+        .split(' ')
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("not an HTTP answer: {text}"));
+    let body = text
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
+    Some(RawAnswer { status, body })
+}
+
+/// Reads `stream` to its end (a reset counts as an end).
+async fn read_to_end(stream: &mut TcpStream) -> Vec<u8> {
+    let mut out = Vec::new();
+    let mut buf = [0u8; 8192];
+    loop {
+        match tokio::time::timeout(HTTP_TIMEOUT, stream.read(&mut buf)).await {
+            Ok(Ok(0)) | Ok(Err(_)) => return out,
+            Ok(Ok(n)) => out.extend_from_slice(&buf[..n]),
+            Err(_) => panic!("the server neither answered nor closed within {HTTP_TIMEOUT:?}"),
+        }
+    }
+}
+
+/// One `GET` on a fresh connection that closes after it: `None` if the
+/// server closed the connection without an answer.
+async fn raw_get(addr: SocketAddr, path: &str, auth: Option<&str>) -> Option<RawAnswer> {
+    let mut s = tcp(addr, None).await;
+    // A refused connection may be closed before the request is written.
+    if s.write_all(get_request(addr, path, auth, true).as_bytes())
+        .await
+        .is_err()
+    {
+        return None;
+    }
+    parse_answer(&read_to_end(&mut s).await)
+}
+
+/// Waits until the server closes `stream` (which sends nothing more);
+/// returns when, and what it sent before.
+async fn closed_by_server(stream: &mut TcpStream, within: Duration) -> (Instant, Vec<u8>) {
+    let mut out = Vec::new();
+    let mut buf = [0u8; 4096];
+    let deadline = Instant::now() + within;
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match tokio::time::timeout(left, stream.read(&mut buf)).await {
+            Ok(Ok(0)) | Ok(Err(_)) => return (Instant::now(), out),
+            Ok(Ok(n)) => out.extend_from_slice(&buf[..n]),
+            Err(_) => panic!(
+                "the server did not close the connection within {within:?}; it sent {:?}",
+                String::from_utf8_lossy(&out)
+            ),
+        }
+    }
+}
+
+/// Whether the server still holds `stream` open after `wait` (what it
+/// sent meanwhile is read and dropped).
+async fn still_open(stream: &mut TcpStream, wait: Duration) -> bool {
+    let mut buf = [0u8; 4096];
+    let deadline = Instant::now() + wait;
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match tokio::time::timeout(left, stream.read(&mut buf)).await {
+            Err(_) => return true,
+            Ok(Ok(0)) | Ok(Err(_)) => return false,
+            Ok(Ok(_)) => continue,
+        }
+    }
+}
+
+/// A cloud-side counter of `/metrics` (`tributary_component_<what>_total`
+/// of component `component`), through raw requests (so no pooled
+/// connection takes a slot).
+async fn component_counter(
+    addr: SocketAddr,
+    auth: Option<&str>,
+    component: &str,
+    what: &str,
+) -> f64 {
+    let a = raw_get(addr, "/metrics", auth)
+        .await
+        .expect("an answer from /metrics");
+    assert_eq!(a.status, 200, "/metrics: {}", a.body);
+    let parsed = prometheus_parse::Scrape::parse(a.body.lines().map(|l| Ok(l.to_string())))
+        .unwrap_or_else(|e| panic!("/metrics does not parse: {e}\n{}", a.body));
+    parsed
+        .samples
+        .iter()
+        .find_map(|s| {
+            let name = format!("tributary_component_{what}_total");
+            match s.value {
+                prometheus_parse::Value::Counter(v) | prometheus_parse::Value::Untyped(v)
+                    if s.metric == name && s.labels.get("component") == Some(component) =>
+                {
+                    Some(v)
+                }
+                _ => None,
+            }
+        })
+        .unwrap_or(0.0)
+}
+
+/// Waits until the cloud's report (once a second) counts at least `min`.
+async fn wait_counted(
+    addr: SocketAddr,
+    auth: Option<&str>,
+    component: &str,
+    what: &str,
+    min: f64,
+) -> f64 {
+    let deadline = Instant::now() + METRICS_MOVE;
+    loop {
+        let v = component_counter(addr, auth, component, what).await;
+        if v >= min {
+            return v;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{component} {what} stayed at {v} (< {min}) for {METRICS_MOVE:?}"
+        );
+        tokio::time::sleep(POLL).await;
+    }
+}
+
+/// The header-read timeout of the slowloris test.
+const SLOW_HEADERS_MS: u64 = 1_000;
+/// How often the slowloris sends one more byte of its headers.
+const SLOWLORIS_BYTE_EVERY: Duration = Duration::from_millis(100);
+/// Slack on top of a timeout before the test calls it missed (a loaded
+/// 2-core machine runs Kafka, the nodes and the test).
+const TIMER_SLACK: Duration = Duration::from_millis(2_000);
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slowloris_is_cut_after_the_header_read_timeout() {
+    let mut f = Fixture::new("slowloris", &shared_bootstrap(), &[]);
+    f.set_cloud("dashboard-addr", "127.0.0.1:0");
+    f.set_cloud(
+        "dashboard-header-read-timeout-ms",
+        &SLOW_HEADERS_MS.to_string(),
+    );
+    f.start_cloud().await;
+    let addr = socket_addr(&served_addr(f.cloud(), "dashboard").await);
+    let timeout = Duration::from_millis(SLOW_HEADERS_MS);
+
+    // Headers byte by byte, never finished: 10 bytes a second keep any
+    // per-read timeout happy, but not a deadline on the whole header.
+    let stream = tcp(addr, None).await;
+    let started = Instant::now();
+    let (mut rx, mut tx) = stream.into_split();
+    let dribble = tokio::spawn(async move {
+        let mut sent = 0usize;
+        for b in b"GET /api/snapshot HTTP/1.1\r\nHost: x\r\nX-Slow: "
+            .iter()
+            .chain(std::iter::repeat(&b'a'))
+        {
+            if tx.write_all(&[*b]).await.is_err() {
+                break;
+            }
+            sent += 1;
+            tokio::time::sleep(SLOWLORIS_BYTE_EVERY).await;
+        }
+        sent
+    });
+    // Meanwhile, an honest client is served.
+    let honest = raw_get(addr, "/api/snapshot", None)
+        .await
+        .expect("the honest request's answer");
+    assert_eq!(honest.status, 200, "{}", honest.body);
+    let served_during = started.elapsed();
+    let mut buf = [0u8; 1024];
+    let cut = loop {
+        match tokio::time::timeout(timeout + TIMER_SLACK, rx.read(&mut buf)).await {
+            Ok(Ok(0)) | Ok(Err(_)) => break started.elapsed(),
+            Ok(Ok(_)) => continue,
+            Err(_) => panic!(
+                "the slowloris was not cut within {:?}",
+                timeout + TIMER_SLACK
+            ),
+        }
+    };
+    let sent = dribble.await.expect("the dribbling task");
+    assert!(
+        cut >= timeout.saturating_sub(Duration::from_millis(50)),
+        "cut after {cut:?}, before the {timeout:?} timeout"
+    );
+    assert!(cut < timeout + TIMER_SLACK, "cut only after {cut:?}");
+
+    // A connection that sends nothing at all is cut the same way.
+    let mut idle = tcp(addr, None).await;
+    let idle_from = Instant::now();
+    let (at, _) = closed_by_server(&mut idle, timeout + TIMER_SLACK).await;
+    let idle_cut = at - idle_from;
+    assert!(
+        idle_cut >= timeout.saturating_sub(Duration::from_millis(50)),
+        "{idle_cut:?}"
+    );
+
+    let counted = wait_counted(addr, None, "dashboard-http", "dropped", 2.0).await;
+    eprintln!(
+        "slowloris: cut after {cut:?} ({sent} header bytes sent, timeout {timeout:?}); an idle \
+         connection cut after {idle_cut:?}; an honest request served {served_during:?} into it; \
+         {counted} connections counted as cut"
+    );
+}
+
+/// The connection limit of the connections test.
+const CONNECTIONS_MAX: usize = 8;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_past_the_limit_are_closed_at_once() {
+    let mut f = Fixture::new("connections", &shared_bootstrap(), &[]);
+    f.set_cloud("dashboard-addr", "127.0.0.1:0");
+    f.set_cloud("dashboard-connections-max", &CONNECTIONS_MAX.to_string());
+    // Idle connections hold their slots for the whole test.
+    f.set_cloud("dashboard-header-read-timeout-ms", "60000");
+    f.start_cloud().await;
+    let addr = socket_addr(&served_addr(f.cloud(), "dashboard").await);
+
+    // The limit's worth of idle connections, then one more: the server
+    // accepts in order, so the last one is over the limit.
+    let mut held = Vec::new();
+    for _ in 0..CONNECTIONS_MAX {
+        held.push(tcp(addr, None).await);
+    }
+    let mut extra = tcp(addr, None).await;
+    let connected = Instant::now();
+    let (closed, sent) = closed_by_server(&mut extra, HTTP_TIMEOUT).await;
+    let refused_in = closed - connected;
+    assert!(
+        sent.is_empty(),
+        "the extra connection got {:?}",
+        String::from_utf8_lossy(&sent)
+    );
+    // Every held one is served (it was accepted, not queued), and stays.
+    for (i, s) in held.iter_mut().enumerate() {
+        s.write_all(get_request(addr, "/api/snapshot", None, false).as_bytes())
+            .await
+            .expect("writing on a held connection");
+        let mut buf = [0u8; 12];
+        tokio::time::timeout(HTTP_TIMEOUT, s.read_exact(&mut buf))
+            .await
+            .unwrap_or_else(|_| panic!("held connection {i} got no answer"))
+            .unwrap_or_else(|e| panic!("held connection {i}: {e}"));
+        assert_eq!(&buf, b"HTTP/1.1 200", "held connection {i}");
+    }
+    // Still full: a normal request on a new connection is closed unanswered.
+    assert!(
+        raw_get(addr, "/api/snapshot", None).await.is_none(),
+        "a request past the limit was answered"
+    );
+    assert!(still_open(&mut held[0], Duration::from_millis(300)).await);
+
+    // One leaves: a normal request gets through again.
+    drop(held.pop());
+    let left = Instant::now();
+    let deadline = left + HTTP_TIMEOUT;
+    let answer = loop {
+        if let Some(a) = raw_get(addr, "/api/snapshot", None).await {
+            break a;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no request got through within {HTTP_TIMEOUT:?} of a connection leaving"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    let through_after = left.elapsed();
+    assert_eq!(answer.status, 200, "{}", answer.body);
+    serde_json::from_str::<Value>(&answer.body).expect("the snapshot is JSON");
+
+    // The refusals are counted in the cloud's report (scraped through the
+    // free slot: each raw request closes after its answer).
+    let refused = wait_counted(addr, None, "dashboard-http", "dropped", 2.0).await;
+    eprintln!(
+        "connections: {CONNECTIONS_MAX} held, the next closed {refused_in:?} after it \
+         connected; a request got through {through_after:?} after one left; {refused} refused \
+         in all"
+    );
+    drop(held);
+}
+
+/// The card of node `id`, and the page's connection state.
+const CARD_LIVE: &str =
+    "const c = document.querySelector(`[data-node=\"${CSS.escape(arguments[0])}\"][data-stale]`); \
+     return c ? {stale: c.dataset.stale, conn: document.querySelector('#conn').textContent} : null;";
+
+/// Snapshots asked for in a row, at most, until two are the same bytes.
+const SNAPSHOTS_ASKED_MAX: usize = 20;
+
+/// Live pages one client may hold in the pages test.
+const PAGES_PER_CLIENT: usize = 2;
+/// The address the page hog connects from: another client than the
+/// browser (127.0.0.1) to the node.
+const HOG: IpAddr = IpAddr::V4(std::net::Ipv4Addr::new(127, 0, 0, 2));
+
+/// Opens an event stream from `from`: its status, and the open stream once
+/// the first snapshot came (for 200).
+async fn open_events(addr: SocketAddr, from: IpAddr, path: &str) -> (u16, TcpStream) {
+    let mut s = tcp(addr, Some(from)).await;
+    s.write_all(get_request(addr, path, None, false).as_bytes())
+        .await
+        .expect("asking for the event stream");
+    let mut seen = Vec::new();
+    let mut buf = [0u8; 8192];
+    let deadline = Instant::now() + HTTP_TIMEOUT;
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let n = match tokio::time::timeout(left, s.read(&mut buf)).await {
+            Ok(Ok(n)) => n,
+            Ok(Err(e)) => panic!("reading the event stream: {e}"),
+            Err(_) => panic!(
+                "no answer within {HTTP_TIMEOUT:?}: {}",
+                String::from_utf8_lossy(&seen)
+            ),
+        };
+        seen.extend_from_slice(&buf[..n]);
+        let text = String::from_utf8_lossy(&seen);
+        if let Some(status) = text
+            .split_once("\r\n")
+            .and_then(|(line, _)| line.split(' ').nth(1))
+            .and_then(|s| s.parse::<u16>().ok())
+        {
+            if status != 200 || text.contains("event: snapshot") {
+                return (status, s);
+            }
+        }
+        assert!(n > 0, "the stream closed before its first snapshot: {text}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn views_need_the_token_and_one_client_cannot_take_every_page() {
+    let mut f = Fixture::new("view-token", &shared_bootstrap(), &[]);
+    f.set_cloud("dashboard-addr", "127.0.0.1:0");
+    f.set_cloud("dashboard-token", TOKEN);
+    f.set_cloud("dashboard-view-token-required", "true");
+    f.set_cloud(
+        "dashboard-pages-per-client-max",
+        &PAGES_PER_CLIENT.to_string(),
+    );
+    f.set_cloud("audit-topic", &unique_topic("dashboard-view-audit"));
+    f.start_cloud().await;
+    let base = served_addr(f.cloud(), "dashboard").await;
+    let addr = socket_addr(&base);
+    let bearer = format!("Bearer {TOKEN}");
+    let in_url = format!("token={TOKEN}");
+    let driver = ChromeDriver::start(f.dir.path()).await;
+
+    // No token, or a wrong one: 401 on every view.
+    let guess = format!("token={}", "x".repeat(TOKEN.len()));
+    let mut refused = 0.0;
+    for path in ["/", "/api/snapshot", "/api/events", "/metrics"] {
+        for query in ["", &guess] {
+            let url = if query.is_empty() {
+                path.to_string()
+            } else {
+                format!("{path}?{query}")
+            };
+            let a = raw_get(addr, &url, None).await.expect("an answer");
+            assert_eq!(a.status, 401, "{url}: {}", a.body);
+            refused += 1.0;
+        }
+        let a = raw_get(
+            addr,
+            path,
+            Some(&format!("Bearer {}", "x".repeat(TOKEN.len()))),
+        )
+        .await
+        .expect("an answer");
+        assert_eq!(a.status, 401, "{path} with a wrong bearer: {}", a.body);
+        refused += 1.0;
+    }
+    // The token, in the URL or as a bearer header: served.
+    for (path, auth) in [
+        (format!("/?{in_url}"), None),
+        (format!("/api/snapshot?{in_url}"), None),
+        ("/api/snapshot".to_string(), Some(bearer.as_str())),
+        ("/metrics".to_string(), Some(bearer.as_str())),
+    ] {
+        let a = raw_get(addr, &path, auth).await.expect("an answer");
+        assert_eq!(a.status, 200, "{path} {auth:?}: {}", a.body);
+    }
+
+    // The snapshot is serialized once per tick: requests within one tick
+    // get the same bytes (built per request, each would have its own
+    // now_ms).
+    let mut previous = String::new();
+    let same = 'ask: {
+        for i in 0..SNAPSHOTS_ASKED_MAX {
+            let a = raw_get(addr, "/api/snapshot", Some(&bearer))
+                .await
+                .expect("an answer");
+            if a.body == previous {
+                break 'ask i;
+            }
+            previous = a.body;
+        }
+        panic!("{SNAPSHOTS_ASKED_MAX} snapshots in a row all differ: not cached");
+    };
+
+    // One client takes its share of pages; the next is refused with 429.
+    let events = format!("/api/events?{in_url}");
+    let mut hog = Vec::new();
+    for i in 0..PAGES_PER_CLIENT {
+        let (status, s) = open_events(addr, HOG, &events).await;
+        assert_eq!(status, 200, "the hog's page {i}");
+        hog.push(s);
+    }
+    let (status, _) = open_events(addr, HOG, &events).await;
+    assert_eq!(status, 429, "a page past dashboard_pages_per_client_max");
+
+    // Another client (Chromium, from 127.0.0.1) still gets its page, with
+    // the token from its URL passed on to its event stream.
+    let page = driver.browser(f.dir.path()).await;
+    let opened = Instant::now();
+    tokio::time::timeout(WEBDRIVER_TIMEOUT, page.goto(&format!("{base}/?{in_url}")))
+        .await
+        .expect("the page loads in time")
+        .expect("loading the page");
+    wait_page(
+        &page,
+        "cloud-1's card, live",
+        PAGE_SHOWS,
+        CARD_LIVE,
+        vec![json!("cloud-1")],
+        |v| (v["stale"] == "false" && v["conn"] == "live").then_some(()),
+    )
+    .await;
+    let page_live_after = opened.elapsed();
+    let updates = wait_page(
+        &page,
+        "an update",
+        PAGE_SHOWS,
+        "return window.__tributary_updates;",
+        vec![],
+        |v| v.as_u64().filter(|u| *u > 0),
+    )
+    .await;
+
+    // A page the hog closes is given back.
+    drop(hog.pop());
+    let deadline = Instant::now() + HTTP_TIMEOUT;
+    loop {
+        let (status, s) = open_events(addr, HOG, &events).await;
+        if status == 200 {
+            hog.push(s);
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the hog's closed page was not given back within {HTTP_TIMEOUT:?}"
+        );
+        tokio::time::sleep(POLL).await;
+    }
+
+    let pages_refused = wait_counted(addr, Some(&bearer), "dashboard-pages", "dropped", 1.0).await;
+    let unauthorised = wait_counted(addr, Some(&bearer), "dashboard-auth", "errors", refused).await;
+    let _ = tokio::time::timeout(WEBDRIVER_TIMEOUT, page.close()).await;
+    eprintln!(
+        "view token: {refused} views without it refused (counted {unauthorised}); the page live \
+         {page_live_after:?} after opening it with ?token=, {updates} updates; \
+         {PAGES_PER_CLIENT} pages from {HOG} then 429 (counted {pages_refused}); snapshot \
+         {same} the same bytes as the one before it"
+    );
 }

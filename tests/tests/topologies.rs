@@ -77,7 +77,8 @@ async fn one_injected_anomaly_yields_exactly_one_alert_per_detector_across_a_clo
             .iter()
             .find(|a| a.value["stage"] == stage)
             .unwrap_or_else(|| panic!("no alert from {stage}: {alerts:#?}"));
-        assert_eq!(a.key, "sim-0");
+        // Device ids are each edge's own: the cloud names the device by both.
+        assert_eq!(a.key, "edge-a/sim-0");
         assert!(a.value["value"].as_f64().unwrap() > 400.0, "{a:?}");
     }
 

@@ -107,6 +107,11 @@ pub const STAGES_WATERMARK_LAG_MS: u64 = 5_000;
 pub const STAGES_CHECKPOINT_INTERVAL_MS_DEFAULT: u64 = 5_000;
 /// Entries of the stages' input log past which a checkpoint is taken early.
 pub const STAGES_INPUT_LOG_ENTRIES_MAX: u64 = 200_000;
+/// The share of `outbox_bytes_max` (one part in this many) that the stages'
+/// input log may take before a checkpoint is taken early: the log shares the
+/// outbox's budget with the readings, and without this a small budget fills
+/// with it between two timed checkpoints and refuses readings meanwhile.
+pub const STAGES_INPUT_LOG_BUDGET_SHARE: u64 = 4;
 /// A checkpoint is stored in values of at most this size (sled keeps values
 /// inline, and synced, only below its blob threshold).
 const CHECKPOINT_CHUNK_BYTES_MAX: usize = 256 * 1024;
@@ -118,6 +123,9 @@ pub const DEVICE_CLOCK_SKEW_MAX_MS_DEFAULT: u64 = 300_000;
 const INPUT_LOG_PREFIX: &[u8] = b"stg/in/";
 /// State table keys of the stages' checkpoint: `stg/ckpt/<chunk u32 BE>`.
 const CHECKPOINT_PREFIX: &[u8] = b"stg/ckpt/";
+/// The highest input log seq taken as real; above it, a seq read back is
+/// damage (2^63 inputs at ten million a second take 29,000 years).
+const INPUT_SEQ_MAX: u64 = u64::MAX / 2;
 /// The checkpoint's header (see [`CheckpointMeta`]).
 const CHECKPOINT_META: &[u8] = b"stg/ckpt-meta";
 
@@ -370,6 +378,8 @@ struct Stages {
     /// checkpoint.
     input_seq: u64,
     input_first: u64,
+    /// Bytes of the input log since the last checkpoint.
+    input_bytes: u64,
     checkpoint_interval: Duration,
     last_checkpoint: Instant,
     checkpoints: u64,
@@ -638,11 +648,10 @@ impl GatewayState {
         let logged = match (&self.stages, feeds) {
             (Some(st), true) => {
                 let seq = st.input_seq + 1;
-                state.push((
-                    input_key(seq),
-                    Some(encode(&InputRecord::Reading(reading.clone()))),
-                ));
-                Some((seq, reading.clone()))
+                let record = encode(&InputRecord::Reading(reading.clone()));
+                let bytes = record.len() as u64;
+                state.push((input_key(seq), Some(record)));
+                Some((seq, bytes, reading.clone()))
             }
             _ => None,
         };
@@ -652,8 +661,8 @@ impl GatewayState {
             }
             return Ok(match self.outbox.handle_state(now, state, ticket) {
                 Ok(()) => {
-                    if let Some((seq, reading)) = logged {
-                        self.feed_stages(&stream, seq, reading, now)?;
+                    if let Some((seq, bytes, reading)) = logged {
+                        self.feed_stages(&stream, seq, bytes, reading, now)?;
                     }
                     Admission::Consumed
                 }
@@ -671,8 +680,8 @@ impl GatewayState {
                         self.full = false;
                         tracing::info!("outbox has room again: sources resume");
                     }
-                    if let Some((seq, reading)) = logged {
-                        self.feed_stages(&stream, seq, reading, now)?;
+                    if let Some((seq, bytes, reading)) = logged {
+                        self.feed_stages(&stream, seq, bytes, reading, now)?;
                     }
                     Admission::Stored
                 }
@@ -708,6 +717,7 @@ impl GatewayState {
         &mut self,
         stream: &str,
         seq: u64,
+        bytes: u64,
         reading: Reading,
         now: Instant,
     ) -> Result<(), PipelineError> {
@@ -719,6 +729,7 @@ impl GatewayState {
                 "the input log's seqs are consecutive"
             );
             st.input_seq = seq;
+            st.input_bytes += bytes;
             st.pipeline.handle(now_ms, stream, reading, &mut st.out)?;
             self.store_outputs(now);
         }
@@ -788,6 +799,7 @@ impl GatewayState {
         }
         let seq = st.input_seq + 1;
         let record = encode(&InputRecord::Tick { watermark_us });
+        let bytes = record.len() as u64;
         match self
             .outbox
             .handle_state(now, vec![(input_key(seq), Some(record))], Ticket::None)
@@ -795,6 +807,7 @@ impl GatewayState {
             Ok(()) => {
                 if let Some(st) = &mut self.stages {
                     st.input_seq = seq;
+                    st.input_bytes += bytes;
                 }
                 self.store_outputs(now);
             }
@@ -823,7 +836,9 @@ impl GatewayState {
             return;
         };
         let due = st.last_checkpoint.elapsed() >= st.checkpoint_interval
-            || st.input_entries() >= STAGES_INPUT_LOG_ENTRIES_MAX;
+            || st.input_entries() >= STAGES_INPUT_LOG_ENTRIES_MAX
+            || st.input_bytes * STAGES_INPUT_LOG_BUDGET_SHARE
+                >= self.outbox.config().outbox_bytes_max;
         if !due || st.input_entries() == 0 {
             return;
         }
@@ -848,6 +863,7 @@ impl GatewayState {
             Ok(()) => {
                 if let Some(st) = &mut self.stages {
                     st.input_first = input_seq + 1;
+                    st.input_bytes = 0;
                     st.last_checkpoint = Instant::now();
                     st.checkpoints += 1;
                     st.checkpoint_chunks = chunk_count;
@@ -939,21 +955,44 @@ fn recover_stages(
     outbox: &Outbox<Ticket>,
     pipeline: &mut Pipeline,
     now_ms: i64,
-) -> (u64, u64, u32) {
+) -> (u64, u64, u32, u64) {
     let meta = outbox
         .state_get(CHECKPOINT_META)
         .and_then(|b| bincode::decode_from_slice::<CheckpointMeta, _>(b, bincode_config()).ok())
         .map(|(m, _)| m);
     let mut input_through = 0;
     let mut chunks = 0;
+    // Seqs come from the disk; one past `INPUT_SEQ_MAX` is damage (no edge
+    // lives to take 2^63 inputs), and would overflow the next seq.
+    let meta = meta.filter(|m| {
+        let sane = m.input_through <= INPUT_SEQ_MAX;
+        if !sane {
+            tracing::error!(
+                input_through = m.input_through,
+                "the edge stages' checkpoint meta is damaged; they start fresh from the input log"
+            );
+        }
+        sane
+    });
     if let Some(meta) = meta {
-        chunks = meta.chunks;
         input_through = meta.input_through;
-        let mut bytes = Vec::with_capacity(meta.bytes.min(1 << 30) as usize);
-        for i in 0..meta.chunks {
-            if let Some(c) = outbox.state_get(&chunk_key(i)) {
-                bytes.extend_from_slice(c);
+        // The meta comes from the disk unchecked: what it claims (2^32
+        // chunks, a gigabyte) is bounded here by the chunk entries that are
+        // really there, so a damaged meta costs no more than the checkpoint.
+        let present = outbox.durable_state(CHECKPOINT_PREFIX);
+        chunks = present
+            .iter()
+            .filter_map(|(k, _)| k.get(CHECKPOINT_PREFIX.len()..))
+            .filter_map(|i| <[u8; 4]>::try_from(i).ok())
+            .map(|i| u32::from_be_bytes(i).saturating_add(1))
+            .max()
+            .unwrap_or(0);
+        let mut bytes = Vec::new();
+        for (i, (key, c)) in present.iter().enumerate() {
+            if i as u64 >= u64::from(meta.chunks) || *key != chunk_key(i as u32) {
+                break;
             }
+            bytes.extend_from_slice(c);
         }
         if bytes.len() as u64 != meta.bytes || crc32fast::hash(&bytes) != meta.crc32 {
             tracing::error!(
@@ -974,7 +1013,7 @@ fn recover_stages(
         }
     }
     let log = outbox.durable_state(INPUT_LOG_PREFIX);
-    let (mut replayed, mut damaged) = (0u64, 0u64);
+    let (mut replayed, mut damaged, mut bytes) = (0u64, 0u64, 0u64);
     let mut last = input_through;
     let mut first = None;
     let mut out = Vec::new();
@@ -987,11 +1026,16 @@ fn recover_stages(
             damaged += 1;
             continue;
         };
+        if seq > INPUT_SEQ_MAX {
+            damaged += 1;
+            continue;
+        }
         first.get_or_insert(seq);
         last = last.max(seq);
         if seq <= input_through {
             continue;
         }
+        bytes += value.len() as u64;
         let Ok((record, _)) =
             bincode::decode_from_slice::<InputRecord, _>(&value, bincode_config())
         else {
@@ -1023,8 +1067,11 @@ fn recover_stages(
             "edge stages replayed their input log since the checkpoint"
         );
     }
-    let first = first.unwrap_or(last + 1).min(input_through + 1);
-    (last, first, chunks)
+    // Seqs come from the disk: `u64::MAX` must not overflow here.
+    let first = first
+        .unwrap_or_else(|| last.saturating_add(1))
+        .min(input_through.saturating_add(1));
+    (last, first, chunks, bytes)
 }
 
 impl Actor for Gateway {
@@ -1065,7 +1112,7 @@ impl Actor for Gateway {
                     plan.uplink.iter().map(String::as_str),
                     plan.restarts,
                 )?;
-                let (input_seq, input_first, checkpoint_chunks) =
+                let (input_seq, input_first, checkpoint_chunks, input_bytes) =
                     recover_stages(&outbox, &mut pipeline, args.clock.now_us() / 1000);
                 myself.send_interval(Duration::from_millis(STAGES_TICK_MS), || {
                     GatewayMsg::StagesTick
@@ -1077,6 +1124,7 @@ impl Actor for Gateway {
                     out: Vec::new(),
                     input_seq,
                     input_first,
+                    input_bytes,
                     checkpoint_interval: Duration::from_millis(plan.checkpoint_interval_ms.max(1)),
                     last_checkpoint: Instant::now(),
                     checkpoints: 0,

@@ -2,18 +2,25 @@
 //! and cloud together, served by the cloud node.
 //!
 //! - Every node collects a [`NodeReport`] once a second (its supervision
-//!   tree, its outbox, its counters); edges send theirs to the cloud over the
-//!   cluster session ([`inbox`]); every node serves its own on `/metrics`.
+//!   tree, its outbox, its counters); edges send theirs to the cloud on a
+//!   QUIC stream of their own, bound to their certificate ([`reports`]);
+//!   every node serves its own on `/metrics`.
 //! - The cloud's [`Hub`] keeps the latest report of each node, with when it
 //!   came, so a partitioned edge shows its last known state, marked stale.
 //!   Each second it builds an update (nodes, changed actors, throughput,
 //!   latency, new alerts) and broadcasts it to the page's SSE stream; a page
-//!   that connects (or falls behind) gets a full snapshot first.
+//!   that connects (or falls behind) gets a full snapshot first, serialized
+//!   once per tick.
+//! - What a node reports is its own business only: a report is kept only
+//!   as its sender's (the certificate's node), every actor id and parent in
+//!   it must carry that node (`<node>/…`), and a node keeps at most
+//!   [`ACTORS_PER_NODE_MAX`] actors; what breaks these is dropped and
+//!   counted, so no node can rewrite another's tree or mark another's actors
+//!   restartable.
 //! - Actions (restart an actor, pause or resume an edge's uplink) need the
 //!   configured bearer token, are written to the audit topic first, and go to
 //!   edges as control calls.
 
-pub mod inbox;
 pub mod metrics;
 pub mod report;
 pub mod reports;
@@ -36,6 +43,17 @@ pub const ALERTS_SHOWN_MAX: usize = 100;
 /// Nodes the hub keeps reports of; reports of further nodes are dropped and
 /// counted.
 pub const NODES_MAX: usize = 10_000;
+/// Actors the hub keeps of one node (an edge's roots and ~10,000 device
+/// actors fit twice over); actors past it are dropped and counted.
+pub const ACTORS_PER_NODE_MAX: usize = 20_000;
+/// The longest id, parent, name, kind or status an actor may have; an actor
+/// with a longer one is dropped and counted.
+pub const ACTOR_TEXT_BYTES_MAX: usize = 512;
+/// A failure's reason, a node's role, a component's or a peer's name is
+/// cut to this many bytes.
+pub const REPORT_TEXT_BYTES_MAX: usize = 1024;
+/// Components and links kept of one report; the rest are cut.
+pub const REPORT_ITEMS_MAX: usize = 64;
 /// A node whose last report is older than this is stale.
 pub const STALE_AFTER_MS: u64 = 3_000;
 /// A link slower than this is degraded.
@@ -142,13 +160,23 @@ pub struct Hub {
     pub reports_spoofed: u64,
     /// Reports that did not decode.
     pub reports_undecodable: u64,
+    /// Reports kept.
+    pub reports_kept: u64,
+    /// Actors dropped because their id or parent is not of the reporting
+    /// node.
+    pub actors_foreign: u64,
+    /// Actors dropped because their node had `ACTORS_PER_NODE_MAX` already.
+    pub actors_over_limit: u64,
+    /// Actors dropped because a text of theirs is over `ACTOR_TEXT_BYTES_MAX`.
+    pub actors_oversized: u64,
     members: Vec<Member>,
     throughput: VecDeque<ThroughputPoint>,
     latency: VecDeque<LatencyPoint>,
     alerts: VecDeque<AlertView>,
-    /// Actors changed or removed since the last update, to send only those.
-    actors_dirty: BTreeSet<String>,
-    actors_removed: BTreeSet<String>,
+    /// Actors changed or removed since the last update, to send only those:
+    /// (node, actor id), so that no node's report touches another's.
+    actors_dirty: BTreeSet<(String, String)>,
+    actors_removed: BTreeSet<(String, String)>,
     last_tick: Option<(u64, u64, [u64; LATENCY_BUCKETS])>,
 }
 
@@ -183,6 +211,10 @@ impl Hub {
             reports_refused: 0,
             reports_spoofed: 0,
             reports_undecodable: 0,
+            reports_kept: 0,
+            actors_foreign: 0,
+            actors_over_limit: 0,
+            actors_oversized: 0,
             members: Vec::new(),
             throughput: VecDeque::new(),
             latency: VecDeque::new(),
@@ -208,17 +240,41 @@ impl Hub {
 
     /// Keeps `report` as its node's latest. A complete report replaces the
     /// node's tree; otherwise its actors are the changed ones and
-    /// `actors_removed` the gone ones.
+    /// `actors_removed` the gone ones. Only the node's own actors are taken
+    /// (ids and parents under `<node_id>/`), at most `ACTORS_PER_NODE_MAX`.
     pub fn put_report(&mut self, mut report: NodeReport, now_ms: u64) {
         if !self.reports.contains_key(&report.node_id) && self.reports.len() >= NODES_MAX {
             self.reports_refused += 1;
             return;
         }
-        let actors = std::mem::take(&mut report.actors);
+        self.reports_kept += 1;
+        bound_fields(&mut report);
+        let node = report.node_id.clone();
+        let prefix = format!("{node}/");
+        let own = |id: &str| id.starts_with(&prefix);
+        let mut actors = std::mem::take(&mut report.actors);
         let removed = std::mem::take(&mut report.actors_removed);
+        let before = actors.len();
+        actors.retain(|a| own(&a.id) && a.parent.as_deref().is_none_or(own));
+        let foreign = before - actors.len();
+        let before = actors.len();
+        actors.retain(actor_fits);
+        let oversized = before - actors.len();
+        for a in &mut actors {
+            if let Some(f) = &mut a.last_failure {
+                cut(&mut f.reason, REPORT_TEXT_BYTES_MAX);
+            }
+        }
+        let mut over_limit = 0;
+        if report.actors_complete && actors.len() > ACTORS_PER_NODE_MAX {
+            // Parents come before their children in a report: the first
+            // ones are the tree's top.
+            over_limit += actors.len() - ACTORS_PER_NODE_MAX;
+            actors.truncate(ACTORS_PER_NODE_MAX);
+        }
         let entry = self
             .reports
-            .entry(report.node_id.clone())
+            .entry(node.clone())
             .or_insert_with(|| Reported {
                 report: report.clone(),
                 tree: BTreeMap::new(),
@@ -231,29 +287,66 @@ impl Hub {
             .as_ref()
             .map(|o| (entry.report.at_ms, o.readings_confirmed))
             .filter(|(at, _)| *at < report.at_ms);
+        let key = |id: &String| (node.clone(), id.clone());
         if report.actors_complete {
             let keep: BTreeSet<&String> = actors.iter().map(|a| &a.id).collect();
             for gone in entry.tree.keys().filter(|id| !keep.contains(id)) {
-                self.actors_removed.insert(gone.clone());
-                self.actors_dirty.remove(gone);
+                self.actors_dirty.remove(&key(gone));
+                self.actors_removed.insert(key(gone));
             }
             entry.tree.retain(|id, _| keep.contains(id));
         }
+        // Removals name ids in this node's tree only: another node's are
+        // not there to remove.
         for id in removed {
             if entry.tree.remove(&id).is_some() {
-                self.actors_dirty.remove(&id);
-                self.actors_removed.insert(id);
+                self.actors_dirty.remove(&key(&id));
+                self.actors_removed.insert(key(&id));
             }
         }
         for a in actors {
-            if entry.tree.get(&a.id) != Some(&a) {
-                self.actors_removed.remove(&a.id);
-                self.actors_dirty.insert(a.id.clone());
-                entry.tree.insert(a.id.clone(), a);
+            if entry.tree.get(&a.id) == Some(&a) {
+                continue;
             }
+            if !entry.tree.contains_key(&a.id) && entry.tree.len() >= ACTORS_PER_NODE_MAX {
+                over_limit += 1;
+                continue;
+            }
+            self.actors_removed.remove(&key(&a.id));
+            self.actors_dirty.insert(key(&a.id));
+            entry.tree.insert(a.id.clone(), a);
         }
         entry.report = report;
         entry.received_ms = now_ms;
+        self.count_dropped(&node, foreign, over_limit, oversized);
+    }
+
+    /// Counts the actors a report of `node` lost, and says so now and then.
+    fn count_dropped(&mut self, node: &str, foreign: usize, over_limit: usize, oversized: usize) {
+        for (n, counter, what) in [
+            (foreign, &mut self.actors_foreign, "actors of another node"),
+            (
+                over_limit,
+                &mut self.actors_over_limit,
+                "actors past ACTORS_PER_NODE_MAX",
+            ),
+            (
+                oversized,
+                &mut self.actors_oversized,
+                "actors with an oversized text",
+            ),
+        ] {
+            if n == 0 {
+                continue;
+            }
+            let before = *counter;
+            *counter += n as u64;
+            // Logged when the count passes a power of two: a node that
+            // keeps sending them cannot flood the log.
+            if (before + 1).next_power_of_two() <= *counter {
+                tracing::warn!(%node, dropped = n, total = *counter, "a report carried {what}; dropped (logged at powers of two)");
+            }
+        }
     }
 
     pub fn set_members(&mut self, members: Vec<Member>) {
@@ -416,13 +509,14 @@ impl Hub {
         nodes.extend(self.unreported(now_ms));
         let mut changes = ActorChanges::default();
         let dirty = std::mem::take(&mut self.actors_dirty);
-        for id in dirty {
-            if let Some(a) = self.reports.values().find_map(|r| r.tree.get(&id)) {
+        for (node, id) in dirty {
+            if let Some(a) = self.reports.get(&node).and_then(|r| r.tree.get(&id)) {
                 changes.upsert.push(a.clone());
             }
         }
         changes.remove = std::mem::take(&mut self.actors_removed)
             .into_iter()
+            .map(|(_, id)| id)
             .collect();
         Update {
             now_ms,
@@ -448,6 +542,41 @@ impl Hub {
 
     pub fn cloud_id(&self) -> &str {
         &self.cloud_id
+    }
+}
+
+/// Whether every text of `a` is within `ACTOR_TEXT_BYTES_MAX`.
+fn actor_fits(a: &ActorView) -> bool {
+    [&a.id, &a.name, &a.kind, &a.status]
+        .into_iter()
+        .chain(a.parent.as_ref())
+        .all(|t| t.len() <= ACTOR_TEXT_BYTES_MAX)
+}
+
+/// Cuts `s` to at most `max` bytes, at a character boundary.
+fn cut(s: &mut String, max: usize) {
+    if s.len() > max {
+        let mut at = max;
+        while !s.is_char_boundary(at) {
+            at -= 1;
+        }
+        s.truncate(at);
+    }
+}
+
+/// Bounds what a report keeps besides its actors: its lists and texts.
+fn bound_fields(r: &mut NodeReport) {
+    cut(&mut r.role, REPORT_TEXT_BYTES_MAX);
+    r.components.truncate(REPORT_ITEMS_MAX);
+    for c in &mut r.components {
+        cut(&mut c.component, REPORT_TEXT_BYTES_MAX);
+    }
+    r.links.truncate(REPORT_ITEMS_MAX);
+    for l in &mut r.links {
+        cut(&mut l.peer, REPORT_TEXT_BYTES_MAX);
+    }
+    if let Some(b) = &mut r.latency_buckets {
+        b.truncate(LATENCY_BUCKETS);
     }
 }
 
@@ -683,5 +812,166 @@ mod tests {
         // A known node still updates.
         hub.put_report(report("e0", "edge", T0 + 1, 0, Vec::new()), T0 + 1);
         assert_eq!(hub.reports_refused, 1);
+    }
+
+    #[test]
+    fn a_report_for_another_node_is_refused_and_counted() {
+        let mut hub = Hub::new("cloud-1");
+        let own = report(
+            "edge-2",
+            "edge",
+            T0,
+            0,
+            vec![actor("edge-2", "device/d0", 0)],
+        );
+        hub.put_report_from("edge-2", own, T0);
+        // edge-1's certificate, edge-2's name: refused, edge-2 untouched.
+        let forged = report(
+            "edge-2",
+            "edge",
+            T0 + 1,
+            0,
+            vec![actor("edge-2", "evil", 0)],
+        );
+        hub.put_report_from("edge-1", forged, T0 + 1);
+        // And a node that does not exist is not made up either.
+        hub.put_report_from("edge-1", report("ghost", "edge", T0, 0, Vec::new()), T0);
+        assert_eq!(hub.reports_spoofed, 2);
+        assert_eq!(hub.reports_kept, 1);
+        let s = hub.snapshot(T0 + 1);
+        assert!(s.nodes.iter().all(|n| n.id != "ghost" && n.id != "edge-1"));
+        let names: Vec<&str> = node(&s, "edge-2")
+            .actors
+            .as_ref()
+            .unwrap()
+            .iter()
+            .map(|a| a.name.as_str())
+            .collect();
+        assert_eq!(names, ["device/d0"]);
+        assert_eq!(node(&s, "edge-2").last_seen_ms, T0);
+        assert!(!hub.restartable("edge-2", "evil"));
+    }
+
+    #[test]
+    fn actors_of_another_node_are_dropped_and_counted() {
+        let mut hub = Hub::new("cloud-1");
+        let mut victim = actor("edge-2", "device/d0", 0);
+        victim.restartable = false;
+        hub.put_report_from(
+            "edge-2",
+            report("edge-2", "edge", T0, 0, vec![victim.clone()]),
+            T0,
+        );
+        hub.tick(T0, &[]);
+        // edge-1 names edge-2's actor (to mark it restartable), hangs one of
+        // its own under edge-2's, and tries to remove edge-2's.
+        let mut claimed = victim.clone();
+        claimed.restartable = true;
+        let mut adopted = actor("edge-1", "device/d9", 0);
+        adopted.parent = Some("edge-2/tributary.edge".into());
+        let mut r = report(
+            "edge-1",
+            "edge",
+            T0 + 1000,
+            0,
+            vec![claimed, adopted, actor("edge-1", "device/d1", 0)],
+        );
+        r.actors_removed = vec![victim.id.clone()];
+        hub.put_report_from("edge-1", r.clone(), T0 + 1000);
+        r.actors_complete = false;
+        hub.put_report_from("edge-1", r, T0 + 1000);
+        assert_eq!(hub.actors_foreign, 4);
+        assert!(!hub.restartable("edge-2", "device/d0"));
+        let u = hub.tick(T0 + 1000, &[]);
+        assert_eq!(u.actors.upsert, vec![actor("edge-1", "device/d1", 0)]);
+        assert!(u.actors.remove.is_empty(), "{:?}", u.actors.remove);
+        let s = hub.snapshot(T0 + 1000);
+        assert_eq!(node(&s, "edge-2").actors.as_deref(), Some(&[victim][..]));
+        let e1: Vec<&str> = node(&s, "edge-1")
+            .actors
+            .as_ref()
+            .unwrap()
+            .iter()
+            .map(|a| a.id.as_str())
+            .collect();
+        assert_eq!(e1, ["edge-1/device/d1"]);
+        // A node whose id prefixes another's ("edge-1" and "edge-10") still
+        // reaches only its own: ids carry the node and a slash.
+        let r = report(
+            "edge-1",
+            "edge",
+            T0 + 2000,
+            0,
+            vec![actor("edge-10", "device/d0", 0)],
+        );
+        hub.put_report_from("edge-1", r, T0 + 2000);
+        assert_eq!(hub.actors_foreign, 5);
+    }
+
+    #[test]
+    fn a_node_keeps_at_most_actors_per_node_max() {
+        let mut hub = Hub::new("cloud-1");
+        let many: Vec<ActorView> = (0..ACTORS_PER_NODE_MAX + 5)
+            .map(|i| actor("edge-1", &format!("device/d{i:06}"), 0))
+            .collect();
+        hub.put_report_from("edge-1", report("edge-1", "edge", T0, 0, many), T0);
+        assert_eq!(hub.actors_over_limit, 5);
+        let tree_len = |hub: &Hub, n: &str| {
+            hub.snapshot(T0)
+                .nodes
+                .iter()
+                .find(|v| v.id == n)
+                .and_then(|v| v.actors.as_ref().map(Vec::len))
+        };
+        assert_eq!(tree_len(&hub, "edge-1"), Some(ACTORS_PER_NODE_MAX));
+        // Deltas cannot grow it past the bound either; a known actor still
+        // updates.
+        let mut delta = report(
+            "edge-1",
+            "edge",
+            T0 + 1000,
+            0,
+            vec![
+                actor("edge-1", "device/new", 0),
+                actor("edge-1", "device/d000000", 3),
+            ],
+        );
+        delta.actors_complete = false;
+        hub.put_report_from("edge-1", delta, T0 + 1000);
+        assert_eq!(hub.actors_over_limit, 6);
+        assert_eq!(tree_len(&hub, "edge-1"), Some(ACTORS_PER_NODE_MAX));
+        let s = hub.snapshot(T0 + 1000);
+        let d0 = node(&s, "edge-1")
+            .actors
+            .as_ref()
+            .unwrap()
+            .iter()
+            .find(|a| a.name == "device/d000000")
+            .unwrap();
+        assert_eq!(d0.restarts, 3);
+        // Another node has its own room.
+        hub.put_report_from(
+            "edge-2",
+            report("edge-2", "edge", T0, 0, vec![actor("edge-2", "a", 0)]),
+            T0,
+        );
+        assert_eq!(tree_len(&hub, "edge-2"), Some(1));
+        // Oversized texts: the actor is dropped; a long failure reason is cut.
+        let mut long = actor("edge-2", &"n".repeat(ACTOR_TEXT_BYTES_MAX + 1), 0);
+        long.kind = "device".into();
+        let mut failed = actor("edge-2", "b", 1);
+        failed.last_failure = Some(report::Failure {
+            reason: "é".repeat(REPORT_TEXT_BYTES_MAX),
+            at_ms: T0,
+        });
+        hub.put_report_from(
+            "edge-2",
+            report("edge-2", "edge", T0 + 1, 0, vec![long, failed]),
+            T0 + 1,
+        );
+        assert_eq!(hub.actors_oversized, 1);
+        let s = hub.snapshot(T0 + 1);
+        let b = &node(&s, "edge-2").actors.as_ref().unwrap()[0];
+        assert!(b.last_failure.as_ref().unwrap().reason.len() <= REPORT_TEXT_BYTES_MAX);
     }
 }

@@ -371,7 +371,10 @@ impl<P> MqttCore<P> {
         self.connection = connection;
         if !session_present {
             self.session += 1;
-            self.generation += 1;
+            // A generation record comes from the disk; at `u64::MAX` it
+            // wraps past 0 ("no record"): the new session forgets every
+            // record anyway.
+            self.generation = self.generation.checked_add(1).unwrap_or(1);
             self.generation_unsaved = true;
             self.records.clear();
         }
