@@ -233,6 +233,8 @@ fn one_run(
 ) -> Result<Window> {
     let pki = dir.join("pki");
     let pki = pki.to_str().context("a UTF-8 temp path")?;
+    // The edge's own tls_dir (`certs issue --out`): no ca.key in it.
+    let edge_pki = format!("{pki}/edge-1");
     let suffix = unique_suffix();
     let readings_topic = format!("bench-e2e-readings-{suffix}");
     let hwm_topic = format!("bench-e2e-hwm-{suffix}");
@@ -267,7 +269,7 @@ fn one_run(
         "--node-id",
         "edge-1",
         "--tls-dir",
-        pki,
+        &edge_pki,
         "--cloud-addr",
         &addr,
         "--outbox-dir",
@@ -357,7 +359,16 @@ pub fn run(o: &E2eOpts) -> Result<()> {
     node(
         &bin,
         &[
-            "certs", "issue", "--dir", pki_s, "--id", "edge-1", "--role", "edge",
+            "certs",
+            "issue",
+            "--dir",
+            pki_s,
+            "--id",
+            "edge-1",
+            "--role",
+            "edge",
+            "--out",
+            &format!("{pki_s}/edge-1"),
         ],
     )?;
 

@@ -328,11 +328,15 @@ pub fn run(o: &RssOpts) -> Result<()> {
 fn measure(o: &RssOpts, broker: &(String, u16), bin: &Path, dir: &Path) -> Result<()> {
     let pki = dir.join("pki");
     let pki_s = pki.to_str().context("a UTF-8 temp path")?;
+    // An edge's tls_dir holds its own certificate and the CA's, never ca.key.
+    let edge_pki = pki.join("edge-1");
+    let edge_pki_s = edge_pki.to_str().context("a UTF-8 temp path")?;
     node(bin, &["certs", "init", "--dir", pki_s])?;
     node(
         bin,
         &[
-            "certs", "issue", "--dir", pki_s, "--id", "edge-1", "--role", "edge",
+            "certs", "issue", "--dir", pki_s, "--id", "edge-1", "--role", "edge", "--out",
+            edge_pki_s,
         ],
     )?;
     let suffix = unique_suffix();
@@ -347,7 +351,7 @@ fn measure(o: &RssOpts, broker: &(String, u16), bin: &Path, dir: &Path) -> Resul
         "--node-id",
         "edge-1",
         "--tls-dir",
-        pki_s,
+        edge_pki_s,
         "--cloud-addr",
         &cloud_addr,
         "--outbox-dir",
