@@ -16,7 +16,9 @@ use tributary_actors::reading::{Metric, Reading, Value};
 use tributary_actors::sink::kafka::{
     KafkaLog, KafkaSinkConfig, HEADER_EDGE, HEADER_EPOCH, HEADER_REFUSED, HEADER_SEQ,
 };
-use tributary_actors::sink::{Hwm, LogSink, RefusedReading, SegmentBatch, SinkError};
+use tributary_actors::sink::{
+    EdgeCommit, Hwm, LogSink, RefusedReading, SegmentBatch, ShardLogWriter, SinkError,
+};
 
 /// Bound on every read-back of a topic in these tests.
 const READ_TIMEOUT: Duration = Duration::from_secs(30);
@@ -365,6 +367,93 @@ fn refused_readings_go_to_the_refused_topic_in_the_same_transaction() {
     assert_eq!(
         log.open_edge("edge-r").unwrap().high_water_mark().unwrap(),
         Some(hwm)
+    );
+}
+
+fn edge_commit(edge: &str, hwm: Hwm, batches: Vec<SegmentBatch>) -> EdgeCommit {
+    EdgeCommit {
+        edge_id: edge.to_string(),
+        hwm,
+        batches,
+    }
+}
+
+#[test]
+fn a_shard_commits_many_edges_at_once_and_a_newer_shard_writer_fences_it() {
+    let config = test_config("shard");
+    let log = KafkaLog::new(config.clone()).unwrap();
+    let mut a: Box<dyn ShardLogWriter> = log.open_shard(2).unwrap();
+    assert!(a.marks().unwrap().is_empty());
+
+    // One transaction, three edges, each with its mark.
+    let (h1, h2, h3) = (
+        Hwm { epoch: 1, seq: 2 },
+        Hwm { epoch: 7, seq: 1 },
+        Hwm { epoch: 3, seq: 9 },
+    );
+    a.commit(&[
+        edge_commit("edge-1", h1, vec![batch(1, "one", 3), batch(2, "one", 3)]),
+        edge_commit("edge-2", h2, vec![batch(1, "two", 4)]),
+        edge_commit("edge-3", h3, vec![batch(9, "three", 2)]),
+    ])
+    .unwrap();
+    let readings = read_committed(&config.readings_topic);
+    assert_eq!(readings.len(), 12);
+    let by_edge = |edge: &str| {
+        readings
+            .iter()
+            .filter(|r| r.headers.iter().any(|(k, v)| k == HEADER_EDGE && v == edge))
+            .count()
+    };
+    assert_eq!(
+        (by_edge("edge-1"), by_edge("edge-2"), by_edge("edge-3")),
+        (6, 4, 2)
+    );
+    assert_eq!(log.counters().snapshot().transactions_committed, 1);
+
+    // A new writer of the same shard (another cloud node, or a restart)
+    // fences the first, and reads every mark back.
+    let mut b = log.open_shard(2).unwrap();
+    let marks = b.marks().unwrap();
+    assert_eq!(marks.get("edge-1"), Some(&Ok(h1)));
+    assert_eq!(marks.get("edge-2"), Some(&Ok(h2)));
+    assert_eq!(marks.get("edge-3"), Some(&Ok(h3)));
+    let zombie = a
+        .commit(&[edge_commit(
+            "edge-1",
+            Hwm { epoch: 1, seq: 3 },
+            vec![batch(3, "zombie", 2)],
+        )])
+        .unwrap_err();
+    assert!(matches!(zombie, SinkError::Fenced { .. }), "{zombie:?}");
+    // Another shard is not fenced by it.
+    let mut other = log.open_shard(3).unwrap();
+    other
+        .commit(&[edge_commit(
+            "edge-9",
+            Hwm { epoch: 1, seq: 1 },
+            vec![batch(1, "nine", 1)],
+        )])
+        .unwrap();
+    b.commit(&[edge_commit(
+        "edge-1",
+        Hwm { epoch: 1, seq: 3 },
+        vec![batch(3, "one-b", 1)],
+    )])
+    .unwrap();
+    let devices: Vec<String> = committed_readings(&config)
+        .into_iter()
+        .map(|r| r.device_id)
+        .collect();
+    assert_eq!(devices.len(), 14);
+    assert!(
+        !devices.iter().any(|d| d.starts_with("zombie")),
+        "{devices:?}"
+    );
+    // A writer for one edge reads the mark the shard wrote.
+    assert_eq!(
+        log.open_edge("edge-1").unwrap().high_water_mark().unwrap(),
+        Some(Hwm { epoch: 1, seq: 3 })
     );
 }
 

@@ -121,8 +121,12 @@ settings! {
     transaction_timeout_ms: u64 = 15_000, "TRIBUTARY_TRANSACTION_TIMEOUT_MS", "Cloud";
     /// Cloud: bound on one log commit, below transaction_timeout_ms [default: 10000].
     commit_timeout_ms: u64 = 10_000, "TRIBUTARY_COMMIT_TIMEOUT_MS", "Cloud";
-    /// Cloud: segments per log transaction [default: 16].
+    /// Cloud: segments of one edge per log transaction [default: 16].
     commit_segments_max: usize = 16, "TRIBUTARY_COMMIT_SEGMENTS_MAX", "Cloud";
+    /// Cloud: log writers (Kafka transactional producers) of this cloud node, shared by the edges that hash to each; the same on every cloud node of a cluster, changed only with all of them stopped [default: 4].
+    ingest_shards: u32 = 4, "TRIBUTARY_INGEST_SHARDS", "Cloud";
+    /// Cloud: segments one shard transaction may hold over all its edges; under load transactions grow to it, when quiet a lone commit goes at once [default: 256].
+    ingest_transaction_segments_max: usize = 256, "TRIBUTARY_INGEST_TRANSACTION_SEGMENTS_MAX", "Cloud";
     /// Cloud: segments an edge may have pending [default: 64].
     pending_segments_max: usize = 64, "TRIBUTARY_PENDING_SEGMENTS_MAX", "Cloud";
     /// Cloud: how long an edge has to say Hello [default: 5000].
@@ -315,6 +319,15 @@ impl Resolved {
             return Err(bad(
                 "uplink_inflight_segments_max",
                 "must be between 1 and 1024",
+            ));
+        }
+        if !(1..=64).contains(&self.ingest_shards) {
+            return Err(bad("ingest_shards", "must be 1 to 64"));
+        }
+        if !(self.commit_segments_max..=65_536).contains(&self.ingest_transaction_segments_max) {
+            return Err(bad(
+                "ingest_transaction_segments_max",
+                "must be at least commit_segments_max and at most 65536",
             ));
         }
         if self.commit_segments_max == 0 || self.pending_segments_max < self.commit_segments_max {

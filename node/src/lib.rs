@@ -643,6 +643,10 @@ async fn run_cloud(
             pending_segments_max: s.pending_segments_max,
         },
         sink: Arc::new(log),
+        shards: tributary_actors::cloud::shard::ShardConfig {
+            shards_count: s.ingest_shards,
+            transaction_segments_max: s.ingest_transaction_segments_max,
+        },
         report_interval_ms: s.report_interval_ms,
         on_session: cluster.on_session,
         on_report,

@@ -297,6 +297,8 @@ pub struct Plan {
     pub full_policy: FullPolicy,
     pub inflight_segments_max: usize,
     pub commit_segments_max: usize,
+    /// The cloud's log shards (1 to 3), from the seed alone.
+    pub ingest_shards: u32,
     /// The links' base latency bound.
     pub latency_max_ms: u64,
     /// How long the log takes to answer a transaction it has committed.
@@ -381,6 +383,7 @@ impl Plan {
             full_policy,
             inflight_segments_max: rng.random_range(1..=8),
             commit_segments_max: rng.random_range(1..=4),
+            ingest_shards: (seed % 3) as u32 + 1,
             latency_max_ms: rng.random_range(1..=30),
             log_latency_ms: rng.random_range(1..=20),
             mqtt: MqttPlan::new(scenario, params, edges, seed, mqtt_fed),

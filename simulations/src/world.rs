@@ -53,7 +53,10 @@ use tributary_actors::outbox::{
 use tributary_actors::pipeline::StageRestarts;
 use tributary_actors::reading::Value;
 use tributary_actors::sink::memory::MemoryLog;
-use tributary_actors::sink::{EdgeLogWriter, Hwm, LogSink, SegmentBatch, SinkCalls, SinkError};
+use tributary_actors::sink::{
+    EdgeCommit, EdgeLogWriter, Hwm, LogSink, Marks, SegmentBatch, ShardLogWriter, SinkCalls,
+    SinkError,
+};
 use tributary_actors::topology::{ComponentKind, Simulated, Source, Topology};
 use tributary_cluster::net::TurmoilNetwork;
 use tributary_cluster::quic::QuicConfig;
@@ -430,6 +433,29 @@ impl LogSink for SimLog {
         } else {
             Ok(writer)
         }
+    }
+
+    fn open_shard(&self, shard: u32) -> Result<Box<dyn ShardLogWriter>, SinkError> {
+        let writer = self.log.open_shard(shard)?;
+        if self.forget_hwm {
+            Ok(Box::new(ForgetfulShard(writer)))
+        } else {
+            Ok(writer)
+        }
+    }
+}
+
+/// A shard writer that reads no marks back: every restart of the cloud
+/// forgets what its edges had committed.
+struct ForgetfulShard(Box<dyn ShardLogWriter>);
+
+impl ShardLogWriter for ForgetfulShard {
+    fn marks(&mut self) -> Result<Marks, SinkError> {
+        self.0.marks().map(|_| Marks::new())
+    }
+
+    fn commit(&mut self, edges: &[EdgeCommit]) -> Result<(), SinkError> {
+        self.0.commit(edges)
     }
 }
 
@@ -918,6 +944,10 @@ async fn run_cloud(world: Arc<World>) -> turmoil::Result {
             forget_hwm: world.mutation == Some(Mutation::ForgetHwm),
             answer_after: Duration::from_millis(world.plan.log_latency_ms),
         }),
+        shards: tributary_actors::cloud::shard::ShardConfig {
+            shards_count: world.plan.ingest_shards,
+            transaction_segments_max: world.plan.commit_segments_max * 2,
+        },
         report_interval_ms: 0,
         on_session: None,
         on_report: None,

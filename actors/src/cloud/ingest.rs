@@ -1,12 +1,13 @@
 //! The ingest actor: one per connected edge, a thin driver around the
-//! sans-IO [`Ingest`] core and the edge's transactional log writer.
+//! sans-IO [`Ingest`] core. It writes through its edge's log shard
+//! ([`super::shard`]), which commits the segments of many edges in one
+//! transaction: the ingest asks the shard for the edge's mark, then hands it
+//! one commit at a time.
 //!
-//! Log calls block (they wait on the broker), so they run on tokio's blocking
-//! pool, one at a time; the writer travels into the blocking task and back.
 //! On any log error the actor closes the link and stops: the edge reconnects
-//! with backoff, and a fresh writer fences whatever the broken one left
-//! behind. Transactions make that safe; retrying in place would not be
-//! simpler once a producer is in an unknown state.
+//! with backoff, and learns the mark again from the shard, whose writer was
+//! fenced and opened anew. Transactions make that safe; retrying in place
+//! would not be simpler once a producer is in an unknown state.
 
 use std::sync::Arc;
 
@@ -16,12 +17,10 @@ use tokio::task::JoinHandle;
 use tributary_cluster::uplink::link::{AcceptedUplink, LinkError, LinkHandle};
 use tributary_cluster::uplink::{CommitBatch, Frame, Ingest, IngestConfig, RefuseCode};
 
-use super::{CloudCounters, WriterPool};
-use crate::clock::Clock;
+use super::shard::{Pending, ShardMsg};
+use super::CloudCounters;
 use crate::outbox::segment;
-use crate::sink::{
-    EdgeLogWriter, Hwm, LogSink, RefusedReading, SegmentBatch, SinkCalls, SinkError,
-};
+use crate::sink::{EdgeCommit, Hwm, RefusedReading, SegmentBatch, SinkCalls, SinkError};
 
 /// Close code when the cloud gives up on a link (protocol error or log down).
 const CLOSE_PROTOCOL: u32 = 1;
@@ -34,8 +33,8 @@ pub struct IngestArgs {
     pub uplink: Box<AcceptedUplink>,
     /// What this edge may send.
     pub admission: super::admit::EdgeAdmission,
-    pub sink: Arc<dyn LogSink>,
-    pub pool: WriterPool,
+    /// The log shard of this edge.
+    pub shard: ActorRef<ShardMsg>,
     pub core: IngestConfig,
     pub counters: Arc<CloudCounters>,
 }
@@ -45,8 +44,10 @@ pub enum IngestMsg {
     LinkDown(String),
     /// The edge sent bytes that are not a valid frame.
     Malformed(String),
-    Recovered(Result<(Box<dyn EdgeLogWriter>, Option<Hwm>), SinkError>),
-    Committed(Box<dyn EdgeLogWriter>, CommitBatch, Result<u64, SinkError>),
+    /// The shard's answer: the edge's mark in the log.
+    Recovered(Result<Option<Hwm>, SinkError>),
+    /// The shard's answer to the commit in flight: readings committed.
+    Committed(Result<u64, SinkError>),
 }
 
 impl ractor::Message for IngestMsg {}
@@ -57,10 +58,11 @@ pub struct IngestActor;
 pub struct IngestState {
     edge_id: String,
     core: Ingest,
-    writer: Option<Box<dyn EdgeLogWriter>>,
-    /// Where sink calls run (see [`LogSink::calls`]).
-    sink_calls: SinkCalls,
-    committing: bool,
+    shard: ActorRef<ShardMsg>,
+    /// Whether the mark is known, so commits may start.
+    recovered: bool,
+    /// The commit the shard has, until it answers.
+    committing: Option<CommitBatch>,
     /// `None` once stopping: dropping it lets the writer finish what is queued.
     tx: Option<mpsc::Sender<Frame>>,
     handle: LinkHandle,
@@ -68,7 +70,6 @@ pub struct IngestState {
     tasks: Vec<JoinHandle<()>>,
     /// Why the cloud closes the link, once it decided to.
     closing: Option<(u32, String)>,
-    pool: WriterPool,
     counters: Arc<CloudCounters>,
     admission: super::admit::EdgeAdmission,
     /// When a refusal was last logged, so a flood logs once per interval.
@@ -127,7 +128,7 @@ impl IngestState {
 
     fn pump(&mut self, myself: &ActorRef<IngestMsg>) {
         self.flush_transmit();
-        if self.committing || self.writer.is_none() {
+        if self.committing.is_some() || !self.recovered || self.closing.is_some() {
             return;
         }
         let Some(batch) = self.core.poll_commit() else {
@@ -146,40 +147,33 @@ impl IngestState {
                 }
             }
         }
-        let mut writer = self.writer.take().expect("checked above");
-        self.committing = true;
-        let edge = self.edge_id.clone();
-        let me = myself.clone();
-        let counters = self.counters.clone();
-        run_sink(self.sink_calls, me, move || {
-            let hwm = Hwm {
-                epoch: batch.epoch,
-                seq: batch.seq_through,
-            };
-            let readings: u64 = batches.iter().map(|b| b.readings.len() as u64).sum();
-            let result = writer.commit(&edge, hwm, &batches).map(|_| readings);
-            if result.is_ok() {
-                // From the device's clock to the commit: what a reader of
-                // the log waits, clock skew included.
-                let now_us = crate::clock::SystemClock.now_us();
-                for r in batches.iter().flat_map(|b| &b.readings) {
-                    let ms = (now_us - r.device_ts_us).max(0) as u64 / 1000;
-                    counters.latency.record_ms(ms);
-                }
-            }
-            IngestMsg::Committed(writer, batch, result)
-        });
+        let pending = Pending {
+            commit: EdgeCommit {
+                edge_id: self.edge_id.clone(),
+                hwm: Hwm {
+                    epoch: batch.epoch,
+                    seq: batch.seq_through,
+                },
+                batches,
+            },
+            segments: batch.segments.len(),
+            reply: myself.clone(),
+        };
+        self.committing = Some(batch);
+        if self.shard.send_message(ShardMsg::Commit(pending)).is_err() {
+            self.fail(myself, "the log shard is gone".into());
+        }
     }
 }
 
-/// Runs a sink call where it belongs and sends its answer to the ingest: on
-/// a blocking thread for a real broker; inline for a simulated log, so that
+/// Runs a sink call where it belongs and sends its answer to `me`: on a
+/// blocking thread for a real broker; inline for a simulated log, so that
 /// its effect happens at the same simulated instant on every replay, with the
 /// answer delivered after the log's simulated round trip.
-fn run_sink(
+pub(super) fn run_sink<M: ractor::Message>(
     calls: SinkCalls,
-    me: ActorRef<IngestMsg>,
-    f: impl FnOnce() -> IngestMsg + Send + 'static,
+    me: ActorRef<M>,
+    f: impl FnOnce() -> M + Send + 'static,
 ) {
     match calls {
         SinkCalls::Blocking => {
@@ -248,38 +242,27 @@ impl Actor for IngestActor {
             let reason = handle.closed().await;
             let _ = me.send_message(IngestMsg::LinkDown(reason));
         });
-        // Recovery blocks on the broker: take a pooled writer or open (and
-        // fence) a new one, then read the mark.
-        let pooled = args.pool.take(&edge_id);
-        let sink = args.sink.clone();
-        let edge = edge_id.clone();
-        let me = myself.clone();
-        let sink_calls = sink.calls();
-        run_sink(sink_calls, me, move || {
-            let result = (|| {
-                let mut writer = match pooled {
-                    Some(w) => w,
-                    None => sink.open_edge(&edge)?,
-                };
-                let hwm = writer.high_water_mark()?;
-                Ok((writer, hwm))
-            })();
-            IngestMsg::Recovered(result)
-        });
+        // The shard answers once the mark is settled (no commit of this
+        // edge's previous connection still pending).
+        args.shard
+            .send_message(ShardMsg::Mark {
+                edge_id: edge_id.clone(),
+                reply: myself.clone(),
+            })
+            .map_err(|_| "the log shard is gone")?;
         tracing::info!(edge = %edge_id, epoch = up.epoch, next_seq = up.next_seq, peer = %up.handle.remote_address(), "edge connected");
         tracing::debug!(edge = %edge_id, labels = ?up.labels, streams = ?args.admission.streams(), "what this edge may send");
         Ok(IngestState {
             edge_id,
             core,
-            writer: None,
-            sink_calls,
-            committing: false,
+            shard: args.shard,
+            recovered: false,
+            committing: None,
             tx: Some(tx),
             handle: up.handle,
             write_task: Some(write_task),
             tasks: vec![read_task, watch_task],
             closing: None,
-            pool: args.pool,
             counters: args.counters,
             admission: args.admission,
             refused_logged_at: None,
@@ -294,8 +277,8 @@ impl Actor for IngestActor {
     ) -> Result<(), ActorProcessingErr> {
         use std::sync::atomic::Ordering::Relaxed;
         match msg {
-            IngestMsg::Recovered(Ok((writer, hwm))) => {
-                state.writer = Some(writer);
+            IngestMsg::Recovered(Ok(hwm)) => {
+                state.recovered = true;
                 let mark = hwm.map(|h| (h.epoch, h.seq));
                 tracing::info!(edge = %state.edge_id, hwm = ?mark, "high-water mark recovered");
                 if let Err(e) = state.core.handle_hwm(mark) {
@@ -321,11 +304,14 @@ impl Actor for IngestActor {
                     .fetch_add(state.core.duplicates() - before, Relaxed);
                 state.pump(&myself);
             }
-            IngestMsg::Committed(writer, batch, result) => {
-                state.committing = false;
+            IngestMsg::Committed(result) => {
+                let Some(batch) = state.committing.take() else {
+                    // A bug: the shard answers only what it was given.
+                    state.fail(&myself, "a commit answer without a commit".into());
+                    return Ok(());
+                };
                 match result {
                     Ok(readings) => {
-                        state.writer = Some(writer);
                         state.core.handle_commit_succeeded(&batch);
                         state
                             .counters
@@ -335,13 +321,10 @@ impl Actor for IngestActor {
                             .counters
                             .segments_committed
                             .fetch_add(batch.segments.len() as u64, Relaxed);
-                        state.counters.transactions.fetch_add(1, Relaxed);
                         tracing::debug!(edge = %state.edge_id, seq_through = batch.seq_through, readings, "committed");
                         state.pump(&myself);
                     }
                     Err(e) => {
-                        // The writer may be fenced or in an unknown state: drop it.
-                        drop(writer);
                         state.core.handle_commit_failed(batch);
                         state.counters.log_errors.fetch_add(1, Relaxed);
                         state.fail(&myself, format!("the log transaction failed: {e}"));
@@ -390,9 +373,6 @@ impl Actor for IngestActor {
             }
             handle.close(code, &reason);
         });
-        if let Some(w) = state.writer.take() {
-            state.pool.put(&state.edge_id, w);
-        }
         Ok(())
     }
 }

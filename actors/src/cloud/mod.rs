@@ -1,14 +1,18 @@
 //! The cloud node: a listener that accepts edges over QUIC, one ingest actor
-//! per connected edge, and the log sink they write through.
+//! per connected edge, and the log shards they write through.
 //!
 //! ```text
 //! tributary.listener           binds the endpoint, accepts connections
+//! ├── shard/<k> ...            `shards_count` log writers, each one
+//! │                            transactional producer for the edges that
+//! │                            hash to it (a failure stops the listener)
 //! └── ingest/<edge-id> ...     one per connected edge (linked, not restarted:
 //!                              the edge reconnects, which starts a new one)
 //! ```
 
 pub mod admit;
 pub mod ingest;
+pub mod shard;
 pub mod stages;
 
 use std::collections::HashMap;
@@ -27,12 +31,11 @@ use tributary_cluster::uplink::link::{
 };
 use tributary_cluster::uplink::IngestConfig;
 
-use crate::sink::{EdgeLogWriter, LogSink};
+use crate::sink::LogSink;
 use ingest::{IngestActor, IngestArgs};
+use shard::{ShardActor, ShardArgs, ShardConfig, ShardMsg};
 
 pub const LISTENER_NAME: &str = "tributary.listener";
-/// Writers kept for edges that are not connected.
-const WRITERS_POOLED_MAX: usize = 64;
 /// How long a stale ingest for the same edge may take to stop.
 const REPLACE_TIMEOUT_MS: u64 = 10_000;
 /// Handshakes in progress at once; under load, attempts must first pass a
@@ -122,29 +125,6 @@ impl LatencyHistogram {
     }
 }
 
-/// Writers kept between connections of the same edge, so that a reconnect
-/// does not pay for a new transactional producer and a mark recovery.
-#[derive(Clone, Default)]
-pub struct WriterPool {
-    inner: Arc<Mutex<HashMap<String, Box<dyn EdgeLogWriter>>>>,
-}
-
-impl WriterPool {
-    pub fn take(&self, edge: &str) -> Option<Box<dyn EdgeLogWriter>> {
-        self.inner.lock().expect("writer pool lock").remove(edge)
-    }
-
-    /// Keeps `writer` for the edge's next connection, unless the pool is full
-    /// (each writer holds a producer and its threads): then it is dropped, and
-    /// the next connection opens a new one.
-    pub fn put(&self, edge: &str, writer: Box<dyn EdgeLogWriter>) {
-        let mut pool = self.inner.lock().expect("writer pool lock");
-        if pool.len() < WRITERS_POOLED_MAX || pool.contains_key(edge) {
-            pool.entry(edge.to_string()).or_insert(writer);
-        }
-    }
-}
-
 #[derive(Clone)]
 pub struct CloudArgs {
     pub listen_addr: SocketAddr,
@@ -154,6 +134,8 @@ pub struct CloudArgs {
     pub hello_timeout_ms: u64,
     pub ingest: IngestConfig,
     pub sink: Arc<dyn LogSink>,
+    /// How many log writers, and how large their transactions.
+    pub shards: ShardConfig,
     /// How often the listener logs what flows; 0 turns it off.
     pub report_interval_ms: u64,
     /// Serves a cluster session stream an edge opened; without it, session
@@ -212,12 +194,26 @@ pub struct ListenerState {
     local_addr: SocketAddr,
     accept_task: JoinHandle<()>,
     counters: Arc<CloudCounters>,
-    pool: WriterPool,
+    shards: Vec<ActorRef<ShardMsg>>,
     last_reported: u64,
+}
+
+impl ListenerState {
+    /// Children are the shards and one ingest per connected edge.
+    fn edges_connected(&self, myself: &ActorRef<ListenerMsg>) -> usize {
+        myself
+            .get_children()
+            .len()
+            .saturating_sub(self.shards.len())
+    }
 }
 
 fn ingest_name(prefix: &str, edge: &str) -> String {
     format!("{prefix}ingest/{edge}")
+}
+
+fn shard_name(prefix: &str, shard: u32) -> String {
+    format!("{prefix}shard/{shard}")
 }
 
 /// Live connections per certified peer, so that one certificate cannot take
@@ -425,6 +421,22 @@ impl Actor for Listener {
         )?);
         let local_addr = endpoint.local_addr()?;
         let counters = args.counters.clone();
+        if args.shards.shards_count == 0 || args.shards.transaction_segments_max == 0 {
+            return Err(format!("invalid shard settings: {:?}", args.shards).into());
+        }
+        let mut shards = Vec::with_capacity(args.shards.shards_count as usize);
+        for k in 0..args.shards.shards_count {
+            let shard_args = ShardArgs {
+                shard: k,
+                config: args.shards,
+                sink: args.sink.clone(),
+                counters: counters.clone(),
+            };
+            let name = shard_name(&args.names_prefix, k);
+            let (shard, _) =
+                Actor::spawn_linked(Some(name), ShardActor, shard_args, myself.get_cell()).await?;
+            shards.push(shard);
+        }
         let ep = endpoint.clone();
         let me = myself.clone();
         let c = counters.clone();
@@ -489,7 +501,7 @@ impl Actor for Listener {
             local_addr,
             accept_task,
             counters,
-            pool: WriterPool::default(),
+            shards,
             last_reported: 0,
         })
     }
@@ -518,11 +530,11 @@ impl Actor for Listener {
                     .args
                     .admission
                     .for_edge(up.edge_id.as_str(), &up.labels);
+                let k = shard::shard_of(up.edge_id.as_str(), state.args.shards.shards_count);
                 let args = IngestArgs {
                     admission,
                     uplink: up,
-                    sink: state.args.sink.clone(),
-                    pool: state.pool.clone(),
+                    shard: state.shards[k as usize].clone(),
                     core: state.args.ingest.clone(),
                     counters: state.counters.clone(),
                 };
@@ -536,7 +548,7 @@ impl Actor for Listener {
                 let committed = state.counters.readings_committed.load(Relaxed);
                 let delta = committed - state.last_reported;
                 state.last_reported = committed;
-                let edges = myself.get_children().len();
+                let edges = state.edges_connected(&myself);
                 let secs = state.args.report_interval_ms as f64 / 1000.0;
                 tracing::info!(
                     edges,
@@ -555,7 +567,7 @@ impl Actor for Listener {
                     listen_addr: state.local_addr,
                     readings_committed: state.counters.readings_committed.load(Relaxed),
                     transactions: state.counters.transactions.load(Relaxed),
-                    edges_connected: myself.get_children().len(),
+                    edges_connected: state.edges_connected(&myself),
                 });
             }
         }
@@ -566,12 +578,25 @@ impl Actor for Listener {
         &self,
         _myself: ActorRef<ListenerMsg>,
         evt: SupervisionEvent,
-        _state: &mut ListenerState,
+        state: &mut ListenerState,
     ) -> Result<(), ActorProcessingErr> {
         // An ingest ends with its link; the edge reconnects and a new one
-        // starts. Its failure must not take the listener down.
-        if let SupervisionEvent::ActorFailed(cell, err) = evt {
-            tracing::warn!(actor = ?cell.get_name(), error = %err, "ingest failed");
+        // starts. Its failure must not take the listener down. A shard
+        // never stops on its own: if one does, the listener stops too, and
+        // its supervisor starts the cloud's data path afresh.
+        let shard_ended =
+            |cell: &ractor::ActorCell| state.shards.iter().any(|s| s.get_id() == cell.get_id());
+        match evt {
+            SupervisionEvent::ActorFailed(cell, err) if shard_ended(&cell) => {
+                return Err(format!("log shard {:?} failed: {err}", cell.get_name()).into());
+            }
+            SupervisionEvent::ActorTerminated(cell, _, reason) if shard_ended(&cell) => {
+                return Err(format!("log shard {:?} stopped: {reason:?}", cell.get_name()).into());
+            }
+            SupervisionEvent::ActorFailed(cell, err) => {
+                tracing::warn!(actor = ?cell.get_name(), error = %err, "ingest failed");
+            }
+            _ => {}
         }
         Ok(())
     }

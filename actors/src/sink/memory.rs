@@ -3,7 +3,9 @@
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
-use super::{EdgeLogWriter, Hwm, LogSink, SegmentBatch, SinkError};
+use super::{
+    EdgeCommit, EdgeLogWriter, Hwm, LogSink, Marks, SegmentBatch, ShardLogWriter, SinkError,
+};
 use crate::reading::Reading;
 
 /// A committed record, as a read_committed consumer would see it.
@@ -29,7 +31,8 @@ struct Inner {
     records: Vec<MemoryRecord>,
     refused: Vec<MemoryRefused>,
     hwms: HashMap<String, Hwm>,
-    /// The generation of the newest writer per edge: older ones are fenced.
+    /// The generation of the newest writer per edge (by edge id) or shard
+    /// (`shard.<k>`, which no edge id can be): older ones are fenced.
     generations: HashMap<String, u64>,
     /// When set, the next commits fail, as a broker outage would.
     unavailable: bool,
@@ -75,19 +78,30 @@ impl LogSink for MemoryLog {
     }
 
     fn open_edge(&self, edge_id: &str) -> Result<Box<dyn EdgeLogWriter>, SinkError> {
+        Ok(Box::new(self.open_writer(edge_id.to_string())))
+    }
+
+    fn open_shard(&self, shard: u32) -> Result<Box<dyn ShardLogWriter>, SinkError> {
+        Ok(Box::new(self.open_writer(format!("shard.{shard}"))))
+    }
+}
+
+impl MemoryLog {
+    fn open_writer(&self, key: String) -> MemoryWriter {
         let mut inner = self.inner.lock().expect("memory log lock");
-        let generation = inner.generations.entry(edge_id.to_string()).or_insert(0);
+        let generation = inner.generations.entry(key.clone()).or_insert(0);
         *generation += 1;
-        Ok(Box::new(MemoryWriter {
+        MemoryWriter {
             log: self.clone(),
-            edge_id: edge_id.to_string(),
+            edge_id: key,
             generation: *generation,
-        }))
+        }
     }
 }
 
 struct MemoryWriter {
     log: MemoryLog,
+    /// The edge id, or `shard.<k>`.
     edge_id: String,
     generation: u64,
 }
@@ -109,6 +123,49 @@ impl MemoryWriter {
     }
 }
 
+fn append(inner: &mut Inner, edge_id: &str, hwm: Hwm, batches: &[SegmentBatch]) {
+    for batch in batches {
+        for reading in &batch.readings {
+            inner.records.push(MemoryRecord {
+                edge_id: edge_id.to_string(),
+                epoch: hwm.epoch,
+                seq: batch.seq,
+                reading: reading.clone(),
+            });
+        }
+        for r in &batch.refused {
+            inner.refused.push(MemoryRefused {
+                edge_id: edge_id.to_string(),
+                seq: batch.seq,
+                reading: r.reading.clone(),
+                reason: r.reason.clone(),
+            });
+        }
+    }
+    inner.hwms.insert(edge_id.to_string(), hwm);
+}
+
+impl ShardLogWriter for MemoryWriter {
+    fn marks(&mut self) -> Result<Marks, SinkError> {
+        let inner = self.log.inner.lock().expect("memory log lock");
+        self.check(&inner)?;
+        Ok(inner
+            .hwms
+            .iter()
+            .map(|(edge, hwm)| (edge.clone(), Ok(*hwm)))
+            .collect())
+    }
+
+    fn commit(&mut self, edges: &[EdgeCommit]) -> Result<(), SinkError> {
+        let mut inner = self.log.inner.lock().expect("memory log lock");
+        self.check(&inner)?;
+        for e in edges {
+            append(&mut inner, &e.edge_id, e.hwm, &e.batches);
+        }
+        Ok(())
+    }
+}
+
 impl EdgeLogWriter for MemoryWriter {
     fn high_water_mark(&mut self) -> Result<Option<Hwm>, SinkError> {
         let inner = self.log.inner.lock().expect("memory log lock");
@@ -124,25 +181,7 @@ impl EdgeLogWriter for MemoryWriter {
     ) -> Result<(), SinkError> {
         let mut inner = self.log.inner.lock().expect("memory log lock");
         self.check(&inner)?;
-        for batch in batches {
-            for reading in &batch.readings {
-                inner.records.push(MemoryRecord {
-                    edge_id: edge_id.to_string(),
-                    epoch: hwm.epoch,
-                    seq: batch.seq,
-                    reading: reading.clone(),
-                });
-            }
-            for r in &batch.refused {
-                inner.refused.push(MemoryRefused {
-                    edge_id: edge_id.to_string(),
-                    seq: batch.seq,
-                    reading: r.reading.clone(),
-                    reason: r.reason.clone(),
-                });
-            }
-        }
-        inner.hwms.insert(edge_id.to_string(), hwm);
+        append(&mut inner, edge_id, hwm, batches);
         Ok(())
     }
 }

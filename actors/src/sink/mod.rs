@@ -1,9 +1,12 @@
 //! The log sink: where the cloud writes readings, exactly once.
 //!
-//! The ingest actor for an edge owns one [`EdgeLogWriter`]. Each call to
-//! [`EdgeLogWriter::commit`] is one transaction that holds the readings of one
-//! or more segments *and* the edge's new high-water mark, so that a reader of
-//! the log and the recovery of the mark can never disagree.
+//! A cloud node writes through a bounded number of [`ShardLogWriter`]s, each
+//! a transactional producer shared by the edges that hash to its shard. Each
+//! call to [`ShardLogWriter::commit`] is one transaction that holds the
+//! segments of one or more edges *and* each edge's new high-water mark, so
+//! that a reader of the log and the recovery of a mark can never disagree.
+//! [`EdgeLogWriter`] is the same for one edge alone (tools, tests and the
+//! benchmarks' baseline).
 //!
 //! The trait is synchronous on purpose: the real implementation blocks on
 //! broker round trips (the ingest actor runs it on a blocking thread), and the
@@ -59,20 +62,20 @@ pub struct RefusedReading {
 pub enum SinkError {
     #[error("configuring the log client failed: {0}")]
     Config(String),
-    #[error("fencing the previous writer of edge {edge} failed: {reason}")]
+    #[error("fencing the previous writer of {edge} failed: {reason}")]
     Fence { edge: String, reason: String },
-    #[error("recovering the high-water mark of edge {edge} failed: {reason}")]
+    #[error("recovering the high-water marks of {edge} failed: {reason}")]
     RecoverHwm { edge: String, reason: String },
     #[error("a high-water mark record for edge {edge} is malformed: {reason}")]
     CorruptHwm { edge: String, reason: String },
-    #[error("the transaction for edge {edge} failed and was aborted: {reason}")]
+    #[error("the transaction of {edge} failed and was aborted: {reason}")]
     Aborted { edge: String, reason: String },
     #[error("the cloud stages' log failed while {step}: {reason}")]
     Stages { step: &'static str, reason: String },
     #[error("writing an audit record failed: {0}")]
     Audit(String),
     /// The writer was fenced by a newer one; it must not be used again.
-    #[error("the writer for edge {edge} was fenced by a newer writer")]
+    #[error("the writer of {edge} was fenced by a newer writer")]
     Fenced { edge: String },
 }
 
@@ -83,11 +86,17 @@ impl SinkError {
     }
 }
 
-/// Opens per-edge writers. One sink serves every edge of a cloud node.
+/// Opens writers. One sink serves every edge of a cloud node.
 pub trait LogSink: Send + Sync + 'static {
     /// Opens the writer for one edge. Opening fences any earlier writer of the
     /// same edge (in this process or another), so that a zombie cannot commit.
     fn open_edge(&self, edge_id: &str) -> Result<Box<dyn EdgeLogWriter>, SinkError>;
+
+    /// Opens the writer of shard `shard`. Opening fences any earlier writer
+    /// of the same shard (in this process or another) and ends the
+    /// transaction it left open, so that a zombie cannot commit and the
+    /// marks read next are final.
+    fn open_shard(&self, shard: u32) -> Result<Box<dyn ShardLogWriter>, SinkError>;
 
     /// Where the ingest runs this sink's calls.
     fn calls(&self) -> SinkCalls {
@@ -121,6 +130,41 @@ pub trait EdgeLogWriter: Send + 'static {
         hwm: Hwm,
         batches: &[SegmentBatch],
     ) -> Result<(), SinkError>;
+}
+
+/// Every edge's latest mark in the log, or why its record does not parse
+/// (which matters only to that edge: its recovery fails).
+pub type Marks = std::collections::HashMap<String, Result<Hwm, String>>;
+
+/// One edge's part of a shard's transaction.
+#[derive(Debug, Clone, PartialEq)]
+pub struct EdgeCommit {
+    pub edge_id: String,
+    /// The edge's mark once the transaction commits.
+    pub hwm: Hwm,
+    pub batches: Vec<SegmentBatch>,
+}
+
+impl EdgeCommit {
+    /// Readings admitted to the readings topic.
+    pub fn readings_count(&self) -> usize {
+        self.batches.iter().map(|b| b.readings.len()).sum()
+    }
+}
+
+/// The transactional writer of one shard: the segments of many edges, each
+/// with its new mark, in one transaction.
+pub trait ShardLogWriter: Send + 'static {
+    /// The last committed mark of every edge in the log, read back after
+    /// the opening fenced earlier writers of this shard. Marks of edges of
+    /// other shards are included; the caller keeps what it needs.
+    fn marks(&mut self) -> Result<Marks, SinkError>;
+
+    /// Writes every edge's batches and new mark in one transaction. On
+    /// error, nothing of it is visible to read_committed consumers, or the
+    /// outcome is unknown: the writer must then be dropped and the marks
+    /// read again through a new one.
+    fn commit(&mut self, edges: &[EdgeCommit]) -> Result<(), SinkError>;
 }
 
 /// A committed reading read back from the log, for the cloud's stages.

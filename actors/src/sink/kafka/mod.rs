@@ -11,9 +11,14 @@
 //!   in a stream they claim.
 //! - Marks go to `hwm_topic`: compacted, one partition, keyed by edge id, with
 //!   the JSON of [`Hwm`] as value.
-//! - Each edge has its own transactional producer, `transactional.id =
-//!   <prefix>-<edge>`. Opening it fences every earlier producer of that edge, in
-//!   this process or another, and aborts the transaction it left open.
+//! - A cloud node writes through shard writers: shard `k` is one
+//!   transactional producer, `transactional.id = <prefix>.shard.<k>` (a `.`
+//!   never appears in an edge id), whose transactions carry the segments and
+//!   marks of many edges at once. Opening it fences every earlier producer
+//!   of that shard, in this process or another, and aborts the transaction
+//!   it left open; then it reads every mark back once, and keeps them.
+//! - A writer for one edge alone (`transactional.id = <prefix>-<edge>`) is
+//!   the same with one edge: tools, tests and the benchmarks' baseline.
 //! - The mark is read back with a `read_committed` consumer. It reads up to the
 //!   high watermark, not only up to the last stable offset: a mark committed
 //!   after another edge's still-open transaction lies above that offset, and
@@ -41,7 +46,7 @@ use rdkafka::producer::{BaseProducer, BaseRecord, Producer, ProducerContext};
 use rdkafka::{Offset, TopicPartitionList};
 use serde::{Deserialize, Serialize};
 
-use super::{EdgeLogWriter, Hwm, LogSink, SegmentBatch, SinkError};
+use super::{EdgeCommit, EdgeLogWriter, Hwm, LogSink, SegmentBatch, ShardLogWriter, SinkError};
 
 pub mod audit;
 mod stages;
@@ -155,10 +160,12 @@ pub struct KafkaSinkConfig {
     /// Default `tributary-ingest`.
     pub transactional_id_prefix: String,
     /// After this long without an end, the broker aborts a transaction. It
-    /// bounds how long a crashed writer delays every recovery. Default 60000.
+    /// bounds how long a crashed writer delays every recovery. Default 15000,
+    /// the node's `transaction_timeout_ms`.
     pub transaction_timeout_ms: u64,
     /// Bound on one commit, from the first record to the broker's answer.
-    /// Must be below `transaction_timeout_ms`. Default 30000.
+    /// Must be below `transaction_timeout_ms`. Default 10000, the node's
+    /// `commit_timeout_ms`.
     pub commit_timeout_ms: u64,
     /// Bound on reading an edge's mark back. Default 30000.
     pub hwm_recover_timeout_ms: u64,
@@ -183,8 +190,8 @@ impl Default for KafkaSinkConfig {
             hwm_topic: DEFAULT_HWM_TOPIC.to_string(),
             refused_topic: DEFAULT_REFUSED_TOPIC.to_string(),
             transactional_id_prefix: DEFAULT_TRANSACTIONAL_ID_PREFIX.to_string(),
-            transaction_timeout_ms: 60_000,
-            commit_timeout_ms: 30_000,
+            transaction_timeout_ms: 15_000,
+            commit_timeout_ms: 10_000,
             hwm_recover_timeout_ms: 30_000,
             open_timeout_ms: 30_000,
             message_bytes_max: 1_000_000,
@@ -306,6 +313,10 @@ impl KafkaSinkConfig {
 
     fn transactional_id(&self, edge_id: &str) -> String {
         format!("{}-{edge_id}", self.transactional_id_prefix)
+    }
+
+    fn shard_transactional_id(&self, shard: u32) -> String {
+        format!("{}.shard.{shard}", self.transactional_id_prefix)
     }
 }
 
@@ -597,9 +608,21 @@ fn until_settled<T>(
 
 impl LogSink for KafkaLog {
     fn open_edge(&self, edge_id: &str) -> Result<Box<dyn EdgeLogWriter>, SinkError> {
-        Ok(Box::new(KafkaEdgeWriter::open(
+        if edge_id.is_empty() {
+            return Err(SinkError::Config("the edge id is empty".into()));
+        }
+        let id = self.shared.config.transactional_id(edge_id);
+        let mut writer = KafkaWriter::open(self.shared.clone(), edge_id.to_string(), id)?;
+        writer.edge = Some(edge_id.to_string());
+        Ok(Box::new(writer))
+    }
+
+    fn open_shard(&self, shard: u32) -> Result<Box<dyn ShardLogWriter>, SinkError> {
+        let id = self.shared.config.shard_transactional_id(shard);
+        Ok(Box::new(KafkaWriter::open(
             self.shared.clone(),
-            edge_id,
+            format!("shard-{shard}"),
+            id,
         )?))
     }
 }
@@ -614,15 +637,22 @@ enum Dead {
     Broken(String),
 }
 
-/// One edge's transactional writer.
-pub struct KafkaEdgeWriter {
+/// A transactional writer: of one shard, or of one edge alone.
+pub struct KafkaWriter {
     shared: Arc<Shared>,
-    edge_id: String,
+    /// `shard-<k>`, or the edge id: what errors and logs name.
+    name: String,
+    /// The edge of a writer for one edge alone.
+    edge: Option<String>,
     producer: BaseProducer<WriterContext>,
-    /// The mark once read; `Some(None)` means the edge has none yet.
+    /// The mark of a writer for one edge, once read; `Some(None)` means the
+    /// edge has none yet.
     hwm: Option<Option<Hwm>>,
     dead: Option<Dead>,
 }
+
+/// Every edge's latest mark as read back, or why it does not parse.
+type ReadMarks = super::Marks;
 
 /// How one step of a commit failed.
 enum Failure {
@@ -633,19 +663,21 @@ enum Failure {
     TooLarge(String),
 }
 
-impl KafkaEdgeWriter {
-    fn open(shared: Arc<Shared>, edge_id: &str) -> Result<Self, SinkError> {
-        if edge_id.is_empty() {
-            return Err(SinkError::Config("the edge id is empty".into()));
-        }
+impl KafkaWriter {
+    fn open(
+        shared: Arc<Shared>,
+        name: String,
+        transactional_id: String,
+    ) -> Result<Self, SinkError> {
         let config = &shared.config;
+        let edge_id = name.as_str();
         let fence_error = |reason: String| SinkError::Fence {
             edge: edge_id.to_string(),
             reason,
         };
         let producer: BaseProducer<WriterContext> = config
             .client_config_over(PRODUCER_DEFAULTS)
-            .set("transactional.id", config.transactional_id(edge_id))
+            .set("transactional.id", transactional_id)
             .set("enable.idempotence", "true")
             .set(
                 "transaction.timeout.ms",
@@ -656,29 +688,29 @@ impl KafkaEdgeWriter {
                 edge_id: edge_id.to_string(),
                 delivery_failure: Mutex::new(None),
             })
-            .map_err(|e| {
-                SinkError::Config(format!("creating the producer of edge {edge_id}: {e}"))
-            })?;
+            .map_err(|e| SinkError::Config(format!("creating the producer of {edge_id}: {e}")))?;
         // Fences earlier producers of this transactional id and waits until
         // the transaction they left open is aborted.
         producer
             .init_transactions(Duration::from_millis(config.open_timeout_ms))
             .map_err(|e| fence_error(e.to_string()))?;
-        Ok(KafkaEdgeWriter {
+        Ok(KafkaWriter {
             shared,
-            edge_id: edge_id.to_string(),
+            name,
+            edge: None,
             producer,
             hwm: None,
             dead: None,
         })
     }
 
-    fn recover_hwm(&self) -> Result<Option<Hwm>, SinkError> {
+    /// The latest mark of `only`, or of every edge, read back from the log.
+    fn recover_marks(&self, only: Option<&str>) -> Result<ReadMarks, SinkError> {
         let config = &self.shared.config;
         let topic = config.hwm_topic.as_str();
         let deadline = Instant::now() + Duration::from_millis(config.hwm_recover_timeout_ms);
         let recover_error = |reason: String| SinkError::RecoverHwm {
-            edge: self.edge_id.clone(),
+            edge: self.name.clone(),
             reason,
         };
 
@@ -701,8 +733,9 @@ impl KafkaEdgeWriter {
             SinkError::Config(reason) => recover_error(reason),
             other => other,
         })?;
+        let mut latest = ReadMarks::new();
         if high <= low {
-            return Ok(None);
+            return Ok(latest);
         }
 
         let consumer: BaseConsumer<LogContext> = config
@@ -717,7 +750,7 @@ impl KafkaEdgeWriter {
             .set("auto.offset.reset", "earliest")
             .set("fetch.wait.max.ms", RECOVER_FETCH_WAIT_MS)
             .create_with_context(LogContext {
-                role: format!("hwm-recovery-{}", self.edge_id),
+                role: format!("hwm-recovery-{}", self.name),
             })
             .map_err(|e| recover_error(format!("creating the recovery consumer: {e}")))?;
         let mut assignment = TopicPartitionList::new();
@@ -726,9 +759,8 @@ impl KafkaEdgeWriter {
             .and_then(|()| consumer.assign(&assignment))
             .map_err(|e| recover_error(format!("assigning {topic}: {e}")))?;
 
-        // The latest record of this edge wins; a malformed one only matters
+        // The latest record of an edge wins; a malformed one only matters
         // if nothing newer replaces it.
-        let mut latest: Result<Option<Hwm>, String> = Ok(None);
         loop {
             if Instant::now() >= deadline {
                 let at = position(&consumer, topic).map_or("none".to_string(), |o| o.to_string());
@@ -742,14 +774,19 @@ impl KafkaEdgeWriter {
             let poll = Duration::from_millis(RECOVER_POLL_MS).min(remaining(deadline));
             match consumer.poll(poll) {
                 Some(Ok(message)) => {
-                    if message.key() == Some(self.edge_id.as_bytes()) {
-                        latest = match message.payload() {
+                    let key = message.key().and_then(|k| std::str::from_utf8(k).ok());
+                    if let Some(key) = key.filter(|k| only.is_none_or(|o| o == *k)) {
+                        match message.payload() {
                             // A tombstone deletes the mark.
-                            None => Ok(None),
-                            Some(bytes) => serde_json::from_slice::<Hwm>(bytes)
-                                .map(Some)
-                                .map_err(|e| format!("offset {}: {e}", message.offset())),
-                        };
+                            None => {
+                                latest.remove(key);
+                            }
+                            Some(bytes) => {
+                                let mark = serde_json::from_slice::<Hwm>(bytes)
+                                    .map_err(|e| format!("offset {}: {e}", message.offset()));
+                                latest.insert(key.to_owned(), mark);
+                            }
+                        }
                     }
                     if message.offset() + 1 >= high {
                         break;
@@ -763,7 +800,7 @@ impl KafkaEdgeWriter {
                 // librdkafka retries transient errors by itself; the deadline
                 // bounds how long it may try.
                 Some(Err(e)) => {
-                    tracing::debug!(edge = %self.edge_id, error = %e, "reading the hwm topic")
+                    tracing::debug!(writer = %self.name, error = %e, "reading the hwm topic")
                 }
             }
             // Control records and aborted records are never returned, so the
@@ -772,19 +809,16 @@ impl KafkaEdgeWriter {
                 break;
             }
         }
-        latest.map_err(|reason| SinkError::CorruptHwm {
-            edge: self.edge_id.clone(),
-            reason,
-        })
+        Ok(latest)
     }
 
     fn dead_error(&self, dead: &Dead) -> SinkError {
         match dead {
             Dead::Fenced => SinkError::Fenced {
-                edge: self.edge_id.clone(),
+                edge: self.name.clone(),
             },
             Dead::Broken(reason) => SinkError::Aborted {
-                edge: self.edge_id.clone(),
+                edge: self.name.clone(),
                 reason: format!("the writer is unusable, open a new one: {reason}"),
             },
         }
@@ -853,16 +887,16 @@ impl KafkaEdgeWriter {
             }
             other => other,
         };
-        let edge = self.edge_id.clone();
+        let edge = self.name.clone();
         match failure {
             Failure::Fenced => {
                 counters.writers_fenced.fetch_add(1, Ordering::Relaxed);
-                tracing::warn!(%edge, "the writer was fenced by a newer writer of its edge");
+                tracing::warn!(writer = %edge, "the writer was fenced by a newer writer of its edge or shard");
                 self.dead = Some(Dead::Fenced);
                 SinkError::Fenced { edge }
             }
             Failure::Fatal(reason) => {
-                tracing::warn!(%edge, %reason, "the writer failed fatally");
+                tracing::warn!(writer = %edge, %reason, "the writer failed fatally");
                 let error = SinkError::Aborted {
                     edge,
                     reason: format!("{reason}; the writer is unusable, open a new one"),
@@ -872,7 +906,7 @@ impl KafkaEdgeWriter {
             }
             Failure::Abortable(reason) => SinkError::Aborted { edge, reason },
             Failure::TooLarge(reason) => SinkError::Config(format!(
-                "edge {edge}: {reason}; raise kafka message_bytes_max (now {})",
+                "{edge}: {reason}; raise kafka message_bytes_max (now {})",
                 self.shared.config.message_bytes_max
             )),
         }
@@ -906,14 +940,35 @@ impl KafkaEdgeWriter {
         send_record(&self.producer, record, deadline)
     }
 
-    fn produce_all(
-        &self,
-        hwm: Hwm,
-        batches: &[SegmentBatch],
-        hwm_json: &[u8],
-        deadline: Instant,
-    ) -> Result<(), Failure> {
+    fn produce_all(&self, parts: &[Part<'_>], deadline: Instant) -> Result<(), Failure> {
+        for part in parts {
+            self.produce_edge(part, deadline)?;
+        }
+
+        // commit_transaction flushes too, but with its whole timeout: flushing
+        // first keeps the two within the commit deadline.
+        self.flush(deadline)
+            .map_err(|e| self.classify("flushing", e))?;
+        loop {
+            match self.producer.commit_transaction(remaining(deadline)) {
+                Ok(()) => return Ok(()),
+                // A timed-out commit may be retried; it is still in progress.
+                Err(KafkaError::Transaction(e))
+                    if e.is_retriable()
+                        && !e.is_fatal()
+                        && !e.txn_requires_abort()
+                        && Instant::now() < deadline => {}
+                Err(e) => return Err(self.classify("committing", e)),
+            }
+        }
+    }
+
+    /// Produces one edge's readings, refused readings and mark.
+    fn produce_edge(&self, part: &Part<'_>, deadline: Instant) -> Result<(), Failure> {
         let config = &self.shared.config;
+        let (edge_id, hwm, batches) = (part.edge_id, part.hwm, part.batches);
+        let hwm_json = serde_json::to_vec(&hwm)
+            .map_err(|e| Failure::Abortable(format!("encoding the mark of {edge_id}: {e}")))?;
         let epoch = hwm.epoch.to_string();
         for batch in batches {
             let seq = batch.seq.to_string();
@@ -922,7 +977,7 @@ impl KafkaEdgeWriter {
                 let mut headers = OwnedHeaders::new_with_capacity(4)
                     .insert(Header {
                         key: HEADER_EDGE,
-                        value: Some(&self.edge_id),
+                        value: Some(edge_id),
                     })
                     .insert(Header {
                         key: HEADER_EPOCH,
@@ -952,7 +1007,7 @@ impl KafkaEdgeWriter {
                 let headers = OwnedHeaders::new_with_capacity(4)
                     .insert(Header {
                         key: HEADER_EDGE,
-                        value: Some(&self.edge_id),
+                        value: Some(edge_id),
                     })
                     .insert(Header {
                         key: HEADER_EPOCH,
@@ -980,51 +1035,77 @@ impl KafkaEdgeWriter {
         }
         let record = BaseRecord::to(&config.hwm_topic)
             .partition(HWM_PARTITION)
-            .key(self.edge_id.as_str())
-            .payload(hwm_json);
+            .key(edge_id)
+            .payload(hwm_json.as_slice());
         self.send(record, deadline)
-            .map_err(|e| self.classify("producing the mark", e))?;
+            .map_err(|e| self.classify(&format!("producing the mark of {edge_id}"), e))
+    }
 
-        // commit_transaction flushes too, but with its whole timeout: flushing
-        // first keeps the two within the commit deadline.
-        self.flush(deadline)
-            .map_err(|e| self.classify("flushing", e))?;
-        loop {
-            match self.producer.commit_transaction(remaining(deadline)) {
-                Ok(()) => return Ok(()),
-                // A timed-out commit may be retried; it is still in progress.
-                Err(KafkaError::Transaction(e))
-                    if e.is_retriable()
-                        && !e.is_fatal()
-                        && !e.txn_requires_abort()
-                        && Instant::now() < deadline => {}
-                Err(e) => return Err(self.classify("committing", e)),
-            }
+    /// One transaction holding every part.
+    fn commit_parts(&mut self, parts: &[Part<'_>]) -> Result<(), SinkError> {
+        if let Some(dead) = &self.dead {
+            return Err(self.dead_error(dead));
+        }
+        let deadline = Instant::now() + Duration::from_millis(self.shared.config.commit_timeout_ms);
+        self.producer.context().take_delivery_failure();
+        if let Err(e) = self.producer.begin_transaction() {
+            let failure = self.classify("beginning the transaction", e);
+            return Err(self.fail(failure));
+        }
+        if let Err(failure) = self.produce_all(parts, deadline) {
+            return Err(self.fail(failure));
+        }
+        let records: usize = parts
+            .iter()
+            .flat_map(|p| p.batches)
+            .map(|b| b.readings.len())
+            .sum();
+        let counters = &self.shared.counters;
+        counters
+            .records_sent
+            .fetch_add(records as u64, Ordering::Relaxed);
+        counters
+            .transactions_committed
+            .fetch_add(1, Ordering::Relaxed);
+        Ok(())
+    }
+}
+
+/// One edge's part of a transaction.
+struct Part<'a> {
+    edge_id: &'a str,
+    hwm: Hwm,
+    batches: &'a [SegmentBatch],
+}
+
+impl KafkaWriter {
+    fn check_alive_for_marks(&self) -> Result<(), SinkError> {
+        match &self.dead {
+            Some(Dead::Fenced) => Err(SinkError::Fenced {
+                edge: self.name.clone(),
+            }),
+            // The outcome of its last commit may be unknown, and so the mark.
+            Some(Dead::Broken(reason)) => Err(SinkError::RecoverHwm {
+                edge: self.name.clone(),
+                reason: format!("the writer is unusable, open a new one: {reason}"),
+            }),
+            None => Ok(()),
         }
     }
 }
 
-impl EdgeLogWriter for KafkaEdgeWriter {
+impl EdgeLogWriter for KafkaWriter {
     fn high_water_mark(&mut self) -> Result<Option<Hwm>, SinkError> {
-        match &self.dead {
-            Some(Dead::Fenced) => {
-                return Err(SinkError::Fenced {
-                    edge: self.edge_id.clone(),
-                })
-            }
-            // The outcome of its last commit may be unknown, and so the mark.
-            Some(Dead::Broken(reason)) => {
-                return Err(SinkError::RecoverHwm {
-                    edge: self.edge_id.clone(),
-                    reason: format!("the writer is unusable, open a new one: {reason}"),
-                })
-            }
-            None => {}
-        }
+        self.check_alive_for_marks()?;
         if let Some(hwm) = self.hwm {
             return Ok(hwm);
         }
-        let hwm = self.recover_hwm()?;
+        let edge = self.edge.clone().unwrap_or_else(|| self.name.clone());
+        let hwm = match self.recover_marks(Some(&edge))?.remove(&edge) {
+            None => None,
+            Some(Ok(hwm)) => Some(hwm),
+            Some(Err(reason)) => return Err(SinkError::CorruptHwm { edge, reason }),
+        };
         self.hwm = Some(hwm);
         Ok(hwm)
     }
@@ -1035,38 +1116,38 @@ impl EdgeLogWriter for KafkaEdgeWriter {
         hwm: Hwm,
         batches: &[SegmentBatch],
     ) -> Result<(), SinkError> {
-        if edge_id != self.edge_id {
+        if self.edge.as_deref() != Some(edge_id) {
             return Err(SinkError::Config(format!(
-                "the writer of edge {} was asked to commit for edge {edge_id}",
-                self.edge_id
+                "the writer of {} was asked to commit for edge {edge_id}",
+                self.name
             )));
         }
-        if let Some(dead) = &self.dead {
-            return Err(self.dead_error(dead));
-        }
-        let hwm_json = serde_json::to_vec(&hwm).map_err(|e| SinkError::Aborted {
-            edge: self.edge_id.clone(),
-            reason: format!("encoding the mark: {e}"),
-        })?;
-        let deadline = Instant::now() + Duration::from_millis(self.shared.config.commit_timeout_ms);
-        self.producer.context().take_delivery_failure();
-        if let Err(e) = self.producer.begin_transaction() {
-            let failure = self.classify("beginning the transaction", e);
-            return Err(self.fail(failure));
-        }
-        if let Err(failure) = self.produce_all(hwm, batches, &hwm_json, deadline) {
-            return Err(self.fail(failure));
-        }
-        let records: usize = batches.iter().map(|b| b.readings.len()).sum();
-        let counters = &self.shared.counters;
-        counters
-            .records_sent
-            .fetch_add(records as u64, Ordering::Relaxed);
-        counters
-            .transactions_committed
-            .fetch_add(1, Ordering::Relaxed);
+        self.commit_parts(&[Part {
+            edge_id,
+            hwm,
+            batches,
+        }])?;
         self.hwm = Some(Some(hwm));
         Ok(())
+    }
+}
+
+impl ShardLogWriter for KafkaWriter {
+    fn marks(&mut self) -> Result<super::Marks, SinkError> {
+        self.check_alive_for_marks()?;
+        self.recover_marks(None)
+    }
+
+    fn commit(&mut self, edges: &[EdgeCommit]) -> Result<(), SinkError> {
+        let parts: Vec<Part<'_>> = edges
+            .iter()
+            .map(|e| Part {
+                edge_id: &e.edge_id,
+                hwm: e.hwm,
+                batches: &e.batches,
+            })
+            .collect();
+        self.commit_parts(&parts)
     }
 }
 
