@@ -167,7 +167,9 @@ impl ShardState {
 
     /// Answers the ingests waiting for a mark that is now settled.
     fn answer_marks(&mut self) {
-        if self.writer.is_none() {
+        // The marks are known once open, also while a transaction commits
+        // (the writer is away then): an edge in it is pending and waits.
+        if self.opening || (self.writer.is_none() && !self.committing) {
             return;
         }
         let waiters = std::mem::take(&mut self.mark_waiters);

@@ -1223,7 +1223,7 @@ mod tests {
         assert_eq!(config.readings_topic, "tributary.readings");
         assert_eq!(config.hwm_topic, "tributary.hwm");
         assert_eq!(config.transactional_id_prefix, "tributary-ingest");
-        assert_eq!(config.transaction_timeout_ms, 60_000);
+        assert_eq!(config.transaction_timeout_ms, 15_000);
         assert_eq!(config.transactional_id("edge-1"), "tributary-ingest-edge-1");
     }
 
