@@ -357,6 +357,20 @@ impl Fixture {
         self.cloud.as_mut().expect("cloud running")
     }
 
+    /// The ends of every running node's log, for a failing test to print.
+    pub fn log_tails(&self) -> String {
+        let mut out = String::new();
+        let nodes = self.cloud.iter().map(|p| ("cloud", p)).chain(
+            self.edges
+                .iter()
+                .filter_map(|e| e.process.as_ref().map(|p| (e.id.as_str(), p))),
+        );
+        for (id, p) in nodes {
+            out.push_str(&format!("\n---- {id}'s log ends with:\n{}", p.log_tail()));
+        }
+        out
+    }
+
     /// Puts a fault proxy between edge `i` and the cloud (before its start).
     pub async fn proxy_edge(&mut self, i: usize) {
         let (proxy, addr) = UdpProxy::start(self.cloud_addr)

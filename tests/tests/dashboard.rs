@@ -190,6 +190,7 @@ async fn wait_snapshot<T>(
     http: &Http,
     base: &str,
     what: &str,
+    logs: &dyn Fn() -> String,
     mut done: impl FnMut(&Value) -> Option<T>,
 ) -> T {
     let deadline = Instant::now() + API_SHOWS;
@@ -202,15 +203,16 @@ async fn wait_snapshot<T>(
         }
         assert!(
             Instant::now() < deadline,
-            "the API did not show {what} within {API_SHOWS:?}; last snapshot:\n{snap:#}"
+            "the API did not show {what} within {API_SHOWS:?}; last snapshot:\n{snap:#}{}",
+            logs()
         );
         tokio::time::sleep(POLL).await;
     }
 }
 
 /// Waits until `nodes` have all reported their supervision trees, devices included.
-async fn wait_reported(http: &Http, base: &str, nodes: &[&str], devices: usize) {
-    wait_snapshot(http, base, "every edge's devices", |s| {
+async fn wait_reported(http: &Http, base: &str, f: &Fixture, nodes: &[&str], devices: usize) {
+    wait_snapshot(http, base, "every edge's devices", &|| f.log_tails(), |s| {
         nodes
             .iter()
             .all(|n| {
@@ -435,7 +437,7 @@ async fn the_dashboard_shows_the_cluster_live_in_a_real_browser() {
     let driver = ChromeDriver::start(f.dir.path()).await;
     let page = driver.browser(f.dir.path()).await;
     // The page opens on the whole tree, so its first render is measured on it.
-    wait_reported(&http, &base, &["edge-1", "edge-2"], BUSY.devices).await;
+    wait_reported(&http, &base, &f, &["edge-1", "edge-2"], BUSY.devices).await;
     tokio::time::timeout(WEBDRIVER_TIMEOUT, page.goto(&base))
         .await
         .expect("the page loads in time")
@@ -942,7 +944,7 @@ async fn actions_need_the_token_and_are_audited() {
     f.workload(0, &LIGHT);
     f.edges[0].start();
     let http = Http::new();
-    wait_reported(&http, &base, &["edge-1"], LIGHT.devices).await;
+    wait_reported(&http, &base, &f, &["edge-1"], LIGHT.devices).await;
 
     let device = "device/edge-1-dev-1";
     let restart_url = format!("{base}/api/actions/restart");
@@ -1013,16 +1015,22 @@ async fn actions_need_the_token_and_are_audited() {
 
     // Exactly one restart happened: the refused ones came first, so a report
     // collected after the accepted one would count them too.
-    let (restarts, paused) = wait_snapshot(&http, &base, "a report after the actions", |s| {
-        let edge = node(s, "edge-1")?;
-        let seen = edge["last_seen_ms"].as_u64()?;
-        (seen > accepted_ms + 2 * REPORT_INTERVAL_MS).then(|| {
-            (
-                actor(s, "edge-1", device).map(|a| a["restarts"].clone()),
-                edge["uplink_paused"].clone(),
-            )
-        })
-    })
+    let (restarts, paused) = wait_snapshot(
+        &http,
+        &base,
+        "a report after the actions",
+        &|| f.log_tails(),
+        |s| {
+            let edge = node(s, "edge-1")?;
+            let seen = edge["last_seen_ms"].as_u64()?;
+            (seen > accepted_ms + 2 * REPORT_INTERVAL_MS).then(|| {
+                (
+                    actor(s, "edge-1", device).map(|a| a["restarts"].clone()),
+                    edge["uplink_paused"].clone(),
+                )
+            })
+        },
+    )
     .await;
     assert_eq!(restarts, Some(json!(1)), "restarts of {device}");
     assert_eq!(paused, false, "the uplink stayed paused");
