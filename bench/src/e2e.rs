@@ -16,6 +16,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 
+use crate::latency::{Latency, LatencyProbe};
 use crate::log::{delete_topics, unique_suffix, LogOpts, RawTxBaseline};
 use crate::stats::{
     machine_cpu_s, print_cpu_table, print_table, process_cpu_s, thousands, CpuPerReading, Series,
@@ -49,6 +50,8 @@ pub struct E2eOpts {
     pub runs: usize,
     pub baseline_readings: u64,
     pub broker_pid: Option<u32>,
+    /// Also measure each reading's time from its device to committed.
+    pub latency: bool,
 }
 
 /// `node` next to this binary (target/release when this is a release
@@ -120,7 +123,7 @@ impl Proc {
         Ok(Self { child, log })
     }
 
-    fn log_text(&self) -> String {
+    pub(crate) fn log_text(&self) -> String {
         let mut s = String::new();
         if let Ok(mut f) = File::open(&self.log) {
             let _ = f.read_to_string(&mut s);
@@ -178,15 +181,15 @@ impl Drop for Proc {
 }
 
 /// What a `cloud flow` line says.
-struct Flow {
+pub(crate) struct Flow {
     /// Seconds since midnight (UTC) of the line's timestamp.
-    at_s: f64,
-    readings_committed: u64,
-    transactions: u64,
+    pub(crate) at_s: f64,
+    pub(crate) readings_committed: u64,
+    pub(crate) transactions: u64,
 }
 
 /// The last `cloud flow` line.
-fn last_flow(log: &str) -> Option<Flow> {
+pub(crate) fn last_flow(log: &str) -> Option<Flow> {
     let line = log.lines().rev().find(|l| l.contains("cloud flow"))?;
     // tracing's timestamp: 2026-11-25T09:26:10.123456Z
     let time = line.split_whitespace().next()?.split_once('T')?.1;
@@ -217,6 +220,7 @@ struct Window {
     /// None when the broker's pid is unknown.
     broker_cores: Option<f64>,
     machine_cores: f64,
+    latency: Option<Latency>,
 }
 
 pub(crate) fn free_udp_port() -> Result<u16> {
@@ -286,8 +290,15 @@ fn one_run(
     )?;
     let mut edge = Proc::spawn(bin, &edge_args, dir.join(format!("edge-{run}.log")))?;
     edge.wait_for("edge running", Duration::from_millis(READY_TIMEOUT_MS))?;
+    let probe = o
+        .latency
+        .then(|| LatencyProbe::start(&o.bootstrap, &readings_topic, PARTITIONS))
+        .transpose()?;
 
     std::thread::sleep(Duration::from_secs(o.warmup_s));
+    if let Some(p) = &probe {
+        p.begin();
+    }
     let Some(f0) = last_flow(&cloud.log_text()) else {
         bail!("the cloud reported no flow:\n{}", cloud.log_tail());
     };
@@ -327,6 +338,7 @@ fn one_run(
         edge_cores: (edge1 - edge0) / wall_s,
         broker_cores: broker0.zip(broker1).map(|(a, b)| (b - a) / wall_s),
         machine_cores: (busy1 - busy0) / wall_s,
+        latency: probe.map(LatencyProbe::finish).transpose()?,
     })
 }
 
@@ -467,15 +479,15 @@ pub fn run(o: &E2eOpts) -> Result<()> {
     println!(
         "\n| run | readings/s | cloud CPU (cores) | edge CPU (cores) | broker CPU (cores) \
          | machine busy (cores) | cloud µs/reading | edge µs/reading | broker µs/reading \
-         | readings per transaction |"
+         | readings per transaction | p50 ms | p99 ms |"
     );
-    println!("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
+    println!("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
     let cell =
         |v: Option<f64>, digits: usize| v.map_or("–".to_string(), |v| format!("{v:.digits$}"));
     for (i, w) in windows.iter().enumerate() {
         let per_reading = |cores: f64| cores * 1e6 / w.readings_per_s.max(1e-9);
         println!(
-            "| {} | {} | {:.2} | {:.2} | {} | {:.2} | {:.1} | {:.1} | {} | {:.0} |",
+            "| {} | {} | {:.2} | {:.2} | {} | {:.2} | {:.1} | {:.1} | {} | {:.0} | {} | {} |",
             i + 1,
             thousands(w.readings_per_s),
             w.cloud_cores,
@@ -486,6 +498,8 @@ pub fn run(o: &E2eOpts) -> Result<()> {
             per_reading(w.edge_cores),
             cell(w.broker_cores.map(per_reading), 1),
             w.readings_per_transaction,
+            cell(w.latency.as_ref().map(|l| l.p50_ms), 1),
+            cell(w.latency.as_ref().map(|l| l.p99_ms), 1),
         );
     }
     Ok(())

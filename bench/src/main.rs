@@ -9,7 +9,10 @@
 //! edge node's memory under MQTT load.
 
 mod devices;
+mod drain;
 mod e2e;
+mod fleet;
+mod latency;
 mod log;
 mod mqtt;
 mod mqtt_rss;
@@ -123,6 +126,64 @@ enum Command {
         /// The broker's pid, if it runs here: its CPU share is reported too.
         #[arg(long)]
         broker_pid: Option<u32>,
+        /// Also measure each reading's time from its device to committed
+        /// (a read_committed consumer in this process).
+        #[arg(long)]
+        latency: bool,
+    },
+    /// Many light edges in this process into one cloud `node` process,
+    /// against the raw transactional producer: readings/s, the cloud's CPU
+    /// per reading, threads and RSS.
+    Fleet {
+        /// Kafka bootstrap servers.
+        #[arg(long)]
+        bootstrap: String,
+        /// The node binary [default: `node` next to this binary, else target/debug/node].
+        #[arg(long)]
+        node: Option<PathBuf>,
+        #[arg(long, default_value_t = 1000)]
+        edges: usize,
+        #[arg(long, default_value_t = 1)]
+        devices_per_edge: usize,
+        /// Each device's interval between readings.
+        #[arg(long, default_value_t = 20)]
+        interval_ms: u64,
+        /// Readings per segment on each edge.
+        #[arg(long, default_value_t = 100)]
+        segment_readings_max: usize,
+        #[arg(long, default_value_t = 10)]
+        warmup_s: u64,
+        #[arg(long, default_value_t = 20)]
+        window_s: u64,
+        /// Readings per run of the raw producer baseline.
+        #[arg(long, default_value_t = 64_000)]
+        baseline_readings: u64,
+        /// Also measure each reading's time from its device to committed.
+        #[arg(long)]
+        latency: bool,
+    },
+    /// An edge and a cloud `node` process at a steady live rate, their link
+    /// cut for --outage-s, then healed: how fast the backlog drains, as a
+    /// ratio to the live rate, and the latency meanwhile.
+    Drain {
+        /// Kafka bootstrap servers.
+        #[arg(long)]
+        bootstrap: String,
+        /// The node binary [default: `node` next to this binary, else target/debug/node].
+        #[arg(long)]
+        node: Option<PathBuf>,
+        #[arg(long, default_value_t = 100)]
+        devices: usize,
+        /// Readings per second per device.
+        #[arg(long, default_value_t = 50.0)]
+        rate_hz: f64,
+        #[arg(long, default_value_t = 8)]
+        warmup_s: u64,
+        /// Seconds over which the live rate is measured before the cut.
+        #[arg(long, default_value_t = 10)]
+        live_s: u64,
+        #[arg(long, default_value_t = 60)]
+        outage_s: u64,
     },
     /// Each window and detector stage on one core against a running-mean loop.
     Stages {
@@ -381,6 +442,7 @@ fn main() -> Result<()> {
             runs,
             baseline_readings,
             broker_pid,
+            latency,
         } => e2e::run(&e2e::E2eOpts {
             bootstrap,
             node,
@@ -391,6 +453,47 @@ fn main() -> Result<()> {
             runs,
             baseline_readings,
             broker_pid,
+            latency,
+        }),
+        Command::Drain {
+            bootstrap,
+            node,
+            devices,
+            rate_hz,
+            warmup_s,
+            live_s,
+            outage_s,
+        } => drain::run(&drain::DrainOpts {
+            bootstrap,
+            node,
+            devices,
+            rate_hz,
+            warmup_s,
+            live_s,
+            outage_s,
+        }),
+        Command::Fleet {
+            bootstrap,
+            node,
+            edges,
+            devices_per_edge,
+            interval_ms,
+            segment_readings_max,
+            warmup_s,
+            window_s,
+            baseline_readings,
+            latency,
+        } => fleet::run(&fleet::FleetOpts {
+            bootstrap,
+            node,
+            edges,
+            devices_per_edge,
+            interval_ms,
+            segment_readings_max,
+            warmup_s,
+            window_s,
+            baseline_readings,
+            latency,
         }),
         Command::Stages {
             runs,

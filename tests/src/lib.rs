@@ -6,12 +6,14 @@
 //!   the edges' ack logs: nothing acknowledged lost, nothing duplicated, order kept.
 //! - [`proxy`]: a seeded userspace UDP fault proxy to cut, heal and degrade QUIC paths.
 //! - [`tcp_proxy`]: a TCP proxy that cuts an edge's MQTT connection.
+//! - [`fleet`]: many light edges in one process against a real cloud node.
 //! - [`process`]: runs the `node` binary as a child process that tests can kill -9 or freeze.
 
 pub mod broker;
 pub mod chaos;
 pub mod checker;
 pub mod fixture;
+pub mod fleet;
 pub mod process;
 pub mod proxy;
 pub mod tcp_proxy;

@@ -1,0 +1,270 @@
+//! `bench fleet`: many light edges in this process ([`tributary_tests::fleet`])
+//! into one cloud `node` process, against the raw transactional producer
+//! measured in the same run. Reports readings/s committed, the cloud's CPU
+//! per reading, its threads and RSS, and optionally each reading's time from
+//! its device to committed.
+//!
+//! The light edges share this machine's two cores with the cloud and the
+//! broker, so the rate is what the three together reach; the cloud's CPU
+//! per reading is the figure that says what the cloud itself costs.
+
+use std::path::Path;
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use tributary_tests::fleet::{footprint, Fleet, FleetSpec};
+
+use crate::e2e::{find_node, free_udp_port, last_flow, node, Proc};
+use crate::latency::LatencyProbe;
+use crate::log::{delete_topics, unique_suffix, LogOpts, RawTxBaseline};
+use crate::stats::{print_table, process_cpu_s, thousands, Series};
+
+const REPORT_INTERVAL_MS: u64 = 1000;
+const PARTITIONS: i32 = 3;
+const SEGMENT_READINGS: usize = 1000;
+/// The baseline's batch: the node's `commit_segments_max` default.
+const COMMIT_SEGMENTS: usize = 16;
+/// Bound on every edge having connected.
+const CONNECTED_TIMEOUT_S: u64 = 300;
+
+#[derive(Debug, Clone)]
+pub struct FleetOpts {
+    pub bootstrap: String,
+    pub node: Option<std::path::PathBuf>,
+    pub edges: usize,
+    pub devices_per_edge: usize,
+    pub interval_ms: u64,
+    pub segment_readings_max: usize,
+    pub warmup_s: u64,
+    pub window_s: u64,
+    pub baseline_readings: u64,
+    pub latency: bool,
+}
+
+pub fn run(o: &FleetOpts) -> Result<()> {
+    let bin = find_node(o.node.as_deref())?;
+    println!(
+        "fleet: node binary {}, {} light edges × {} devices every {} ms, {} readings per segment, \
+         warm-up {} s, window {} s, broker {}",
+        bin.display(),
+        o.edges,
+        o.devices_per_edge,
+        o.interval_ms,
+        o.segment_readings_max,
+        o.warmup_s,
+        o.window_s,
+        o.bootstrap
+    );
+    if !o
+        .baseline_readings
+        .is_multiple_of((COMMIT_SEGMENTS * SEGMENT_READINGS) as u64)
+    {
+        bail!(
+            "--baseline-readings must be a multiple of {}",
+            COMMIT_SEGMENTS * SEGMENT_READINGS
+        );
+    }
+    let dir = tempfile::Builder::new()
+        .prefix("tributary-bench-fleet-")
+        .tempdir()?;
+    let pki = dir.path().join("pki");
+    let pki_s = pki.to_str().context("a UTF-8 temp path")?;
+    node(&bin, &["certs", "init", "--dir", pki_s])?;
+    node(
+        &bin,
+        &[
+            "certs", "issue", "--dir", pki_s, "--id", "cloud-1", "--role", "cloud",
+        ],
+    )?;
+
+    let log_opts = LogOpts {
+        bootstrap: o.bootstrap.clone(),
+        readings: o.baseline_readings,
+        runs: 1,
+        warmup: 1,
+        batch_sizes: vec![COMMIT_SEGMENTS],
+        segment_readings: SEGMENT_READINGS,
+        partitions: PARTITIONS,
+        keep_topics: false,
+        broker_pid: None,
+    };
+    let mut baseline = RawTxBaseline::new(&log_opts, "fleetraw")?;
+    baseline.run_once(COMMIT_SEGMENTS)?;
+    let mut raw = Series::new(
+        format!("raw tx producer, {COMMIT_SEGMENTS} segments per commit"),
+        o.baseline_readings,
+        0,
+    );
+    let mut raw_small = Series::new(
+        "raw tx producer, 1 segment per commit",
+        o.baseline_readings,
+        0,
+    );
+    let own_cpu0 = process_cpu_s("self");
+    raw.push(baseline.run_once(COMMIT_SEGMENTS)?);
+    let raw_cpu_us = (process_cpu_s("self") - own_cpu0) * 1e6 / o.baseline_readings as f64;
+    raw_small.push(baseline.run_once(1)?);
+
+    let suffix = unique_suffix();
+    let readings_topic = format!("bench-fleet-readings-{suffix}");
+    let hwm_topic = format!("bench-fleet-hwm-{suffix}");
+    let topics = vec![readings_topic.clone(), hwm_topic.clone()];
+    let result = measure(o, &bin, dir.path(), &readings_topic, &hwm_topic, &suffix);
+    baseline.finish();
+    if let Err(e) = delete_topics(&o.bootstrap, &topics) {
+        eprintln!("deleting the fleet topics failed: {e:#}");
+    }
+    let m = result?;
+
+    let mut fleet = Series::new(
+        format!(
+            "{} light edges × {} devices, one cloud node",
+            o.edges, o.devices_per_edge
+        ),
+        1,
+        0,
+    );
+    fleet.push(Duration::from_secs_f64(1.0 / m.readings_per_s.max(1e-9)));
+    print_table(
+        "fleet: readings/s committed to Kafka",
+        &[(&raw, None), (&raw_small, Some(&raw)), (&fleet, Some(&raw))],
+    );
+    let cloud_us = m.cloud_cores * 1e6 / m.readings_per_s.max(1e-9);
+    println!(
+        "\n| edges | readings/s | readings per transaction | cloud CPU (cores) | cloud µs/reading \
+         | raw producer µs/reading | ratio | cloud threads | cloud RSS (MB) | p50 ms | p99 ms |"
+    );
+    println!("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
+    let cell = |v: Option<f64>| v.map_or("–".to_string(), |v| format!("{v:.1}"));
+    println!(
+        "| {} | {} | {:.0} | {:.2} | {:.1} | {:.1} | {:.2} | {} | {:.1} | {} | {} |",
+        o.edges,
+        thousands(m.readings_per_s),
+        m.readings_per_transaction,
+        m.cloud_cores,
+        cloud_us,
+        raw_cpu_us,
+        cloud_us / raw_cpu_us.max(1e-9),
+        m.threads,
+        m.rss_bytes as f64 / 1e6,
+        cell(m.p50_ms),
+        cell(m.p99_ms),
+    );
+    Ok(())
+}
+
+struct Measured {
+    readings_per_s: f64,
+    readings_per_transaction: f64,
+    cloud_cores: f64,
+    threads: u64,
+    rss_bytes: u64,
+    p50_ms: Option<f64>,
+    p99_ms: Option<f64>,
+}
+
+fn measure(
+    o: &FleetOpts,
+    bin: &Path,
+    dir: &Path,
+    readings_topic: &str,
+    hwm_topic: &str,
+    suffix: &str,
+) -> Result<Measured> {
+    let pki = dir.join("pki");
+    let addr = format!("127.0.0.1:{}", free_udp_port()?);
+    let args: Vec<String> = [
+        "--role",
+        "cloud",
+        "--node-id",
+        "cloud-1",
+        "--tls-dir",
+        pki.to_str().context("a UTF-8 temp path")?,
+        "--listen-addr",
+        &addr,
+        "--kafka-bootstrap",
+        &o.bootstrap,
+        "--readings-topic",
+        readings_topic,
+        "--hwm-topic",
+        hwm_topic,
+        "--transactional-id-prefix",
+        &format!("bench-fleet-{suffix}"),
+        "--report-interval-ms",
+        &REPORT_INTERVAL_MS.to_string(),
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    let mut cloud = Proc::spawn(bin, &args, dir.join("cloud.log"))?;
+    cloud.wait_for("cloud listening for edges", Duration::from_secs(60))?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .context("starting the fleet's runtime")?;
+    let spec = FleetSpec {
+        edges: o.edges,
+        id_prefix: "fleet".into(),
+        devices: o.devices_per_edge,
+        interval_ms: o.interval_ms,
+        readings_max: 0,
+        segment_readings_max: o.segment_readings_max,
+        commit_interval_ms: 50,
+        ack_dir: None,
+    };
+    let cloud_addr = addr.parse().context("the cloud's address")?;
+    let started = std::time::Instant::now();
+    let fleet = runtime
+        .block_on(Fleet::start(&spec, &pki, cloud_addr))
+        .context("starting the fleet")?;
+    cloud.wait_for(
+        &format!("edges={} ", o.edges),
+        Duration::from_secs(CONNECTED_TIMEOUT_S),
+    )?;
+    eprintln!(
+        "  {} edges connected {:.1} s after the first was started",
+        o.edges,
+        started.elapsed().as_secs_f64()
+    );
+    let probe = o
+        .latency
+        .then(|| LatencyProbe::start(&o.bootstrap, readings_topic, PARTITIONS))
+        .transpose()?;
+    std::thread::sleep(Duration::from_secs(o.warmup_s));
+    if let Some(p) = &probe {
+        p.begin();
+    }
+    let flow = |cloud: &Proc| last_flow(&cloud.log_text());
+    let Some(f0) = flow(&cloud) else {
+        bail!("the cloud reported no flow:\n{}", cloud.log_tail());
+    };
+    let (cpu0, wall0) = (cloud.cpu_s(), std::time::Instant::now());
+    std::thread::sleep(Duration::from_secs(o.window_s));
+    let Some(f1) = flow(&cloud) else {
+        bail!("the cloud's flow lines are gone:\n{}", cloud.log_tail());
+    };
+    let cloud_cores = (cloud.cpu_s() - cpu0) / wall0.elapsed().as_secs_f64();
+    let fp = footprint(cloud.child.id()).context("the cloud's /proc status")?;
+    let latency = probe.map(LatencyProbe::finish).transpose()?;
+    drop(fleet);
+    runtime.shutdown_timeout(Duration::from_secs(5));
+    let mut span = f1.at_s - f0.at_s;
+    if span < 0.0 {
+        span += 86_400.0;
+    }
+    let committed = f1.readings_committed.saturating_sub(f0.readings_committed);
+    if span <= 0.0 || committed == 0 {
+        bail!("nothing was committed in the window:\n{}", cloud.log_tail());
+    }
+    Ok(Measured {
+        readings_per_s: committed as f64 / span,
+        readings_per_transaction: committed as f64
+            / f1.transactions.saturating_sub(f0.transactions).max(1) as f64,
+        cloud_cores,
+        threads: fp.threads,
+        rss_bytes: fp.rss_bytes,
+        p50_ms: latency.as_ref().map(|l| l.p50_ms),
+        p99_ms: latency.as_ref().map(|l| l.p99_ms),
+    })
+}
