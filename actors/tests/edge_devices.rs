@@ -91,6 +91,7 @@ async fn a_crashed_device_restarts_and_accepted_readings_stay() {
             on_connect: None,
             names: EdgeNames::default(),
             jitter_seed: None,
+            cloud_return_after_ms: 0,
         },
         devices: vec![DevicesConfig {
             count: 2,

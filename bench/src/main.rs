@@ -65,7 +65,7 @@ enum Command {
         #[arg(long, default_value_t = 16 * 1024 * 1024)]
         cache_bytes_max: u64,
         /// Segments per drain read (the edge's uplink_inflight_segments_max default).
-        #[arg(long, default_value_t = 8)]
+        #[arg(long, default_value_t = 32)]
         drain_segments: usize,
     },
     /// The Kafka log sink against raw rdkafka producers.
@@ -161,6 +161,16 @@ enum Command {
         /// Also measure each reading's time from its device to committed.
         #[arg(long)]
         latency: bool,
+        /// Cloud node processes; every edge is given all of them.
+        #[arg(long, default_value_t = 1)]
+        clouds: usize,
+        /// The cluster's ingest_shards.
+        #[arg(long, default_value_t = 4)]
+        ingest_shards: u32,
+        /// After the window, kill -9 the busiest cloud node and time until
+        /// every edge is connected again.
+        #[arg(long)]
+        kill_one: bool,
     },
     /// An edge and a cloud `node` process at a steady live rate, their link
     /// cut for --outage-s, then healed: how fast the backlog drains, as a
@@ -483,6 +493,9 @@ fn main() -> Result<()> {
             window_s,
             baseline_readings,
             latency,
+            clouds,
+            ingest_shards,
+            kill_one,
         } => fleet::run(&fleet::FleetOpts {
             bootstrap,
             node,
@@ -494,6 +507,9 @@ fn main() -> Result<()> {
             window_s,
             baseline_readings,
             latency,
+            clouds,
+            ingest_shards,
+            kill_one,
         }),
         Command::Stages {
             runs,

@@ -49,8 +49,10 @@ settings! {
     node_id: String = String::new(), "TRIBUTARY_NODE_ID", "Every node";
     /// Directory with ca.pem, <node_id>.pem and <node_id>.key.
     tls_dir: PathBuf = PathBuf::from("pki"), "TRIBUTARY_TLS_DIR", "Every node";
-    /// Edge: the cloud node's QUIC address.
-    cloud_addr: SocketAddr = "127.0.0.1:7400".parse().expect("valid"), "TRIBUTARY_CLOUD_ADDR", "Edge";
+    /// Edge: the cloud nodes' QUIC addresses, comma-separated, each ip:port or dns-name:port (names are resolved at every dial). The edge dials them in an order every edge of its log shard shares, and fails over down that order [default: 127.0.0.1:7400].
+    cloud_addr: String = "127.0.0.1:7400".to_string(), "TRIBUTARY_CLOUD_ADDR", "Edge";
+    /// Edge: on a cloud node other than its first choice, try the preferred ones again after this long (up to twice it, spread over the edges); 0 never moves back [default: 30000].
+    cloud_return_after_ms: u64 = 30_000, "TRIBUTARY_CLOUD_RETURN_AFTER_MS", "Edge";
     /// Cloud: the UDP address to accept edges on.
     listen_addr: SocketAddr = "127.0.0.1:7400".parse().expect("valid"), "TRIBUTARY_LISTEN_ADDR", "Cloud";
     /// Edge: the outbox directory [default: data/<node_id>/outbox].
@@ -73,8 +75,8 @@ settings! {
     outbox_accept_damage: bool = false, "TRIBUTARY_OUTBOX_ACCEPT_DAMAGE", "Edge";
     /// Edge: sled's page cache bound [default: 16777216].
     sled_cache_bytes_max: u64 = 16 * 1024 * 1024, "TRIBUTARY_SLED_CACHE_BYTES_MAX", "Edge";
-    /// Edge: segments sent and not yet acknowledged [default: 8].
-    uplink_inflight_segments_max: usize = 8, "TRIBUTARY_UPLINK_INFLIGHT_SEGMENTS_MAX", "Edge";
+    /// Edge: segments sent and not yet acknowledged; with small segments (few devices, quick commits) a window of 8 held one edge to about 60k readings/s [default: 32].
+    uplink_inflight_segments_max: usize = 32, "TRIBUTARY_UPLINK_INFLIGHT_SEGMENTS_MAX", "Edge";
     /// Edge: how long to wait for the cloud's Welcome; above the cloud's mark recovery, which may wait out a crashed node's transaction [default: 40000].
     welcome_timeout_ms: u64 = 40_000, "TRIBUTARY_WELCOME_TIMEOUT_MS", "Edge";
     /// Edge: the first reconnect delay [default: 100].
@@ -123,8 +125,8 @@ settings! {
     commit_timeout_ms: u64 = 10_000, "TRIBUTARY_COMMIT_TIMEOUT_MS", "Cloud";
     /// Cloud: segments of one edge per log transaction [default: 16].
     commit_segments_max: usize = 16, "TRIBUTARY_COMMIT_SEGMENTS_MAX", "Cloud";
-    /// Cloud: log writers (Kafka transactional producers) of this cloud node, shared by the edges that hash to each; the same on every cloud node of a cluster, changed only with all of them stopped [default: 4].
-    ingest_shards: u32 = 4, "TRIBUTARY_INGEST_SHARDS", "Cloud";
+    /// Log shards of the cluster: each is one Kafka transactional producer, opened by the cloud node its edges reach and shared by every edge that hashes to it. The same on every node of a cluster (edges rank the cloud nodes by their shard), changed only with all of them stopped [default: 4].
+    ingest_shards: u32 = 4, "TRIBUTARY_INGEST_SHARDS", "Every node";
     /// Cloud: segments one shard transaction may hold over all its edges; under load transactions grow to it, when quiet a lone commit goes at once [default: 256].
     ingest_transaction_segments_max: usize = 256, "TRIBUTARY_INGEST_TRANSACTION_SEGMENTS_MAX", "Cloud";
     /// Cloud: segments an edge may have pending [default: 64].
@@ -248,6 +250,30 @@ pub fn load_file(path: &std::path::Path) -> anyhow::Result<Settings> {
 }
 
 impl Resolved {
+    /// The edge's cloud nodes from `cloud_addr`.
+    pub fn clouds(
+        &self,
+    ) -> Result<Vec<tributary_cluster::uplink::link::CloudTarget>, SettingError> {
+        use tributary_cluster::uplink::link::CLOUDS_MAX;
+        let mut out = Vec::new();
+        for entry in self.cloud_addr.split(',').map(str::trim) {
+            let target = entry
+                .parse()
+                .map_err(|e: String| bad("cloud_addr", e))?;
+            if out.contains(&target) {
+                return Err(bad("cloud_addr", format!("{entry:?} is given twice")));
+            }
+            out.push(target);
+        }
+        if out.len() > CLOUDS_MAX {
+            return Err(bad(
+                "cloud_addr",
+                format!("names {} cloud nodes, at most {CLOUDS_MAX}", out.len()),
+            ));
+        }
+        Ok(out)
+    }
+
     /// An address setting validated as `ip:port` or empty.
     pub fn addr(value: &str) -> Option<SocketAddr> {
         value.parse().ok()
@@ -321,6 +347,7 @@ impl Resolved {
                 "must be between 1 and 1024",
             ));
         }
+        self.clouds()?;
         if !(1..=64).contains(&self.ingest_shards) {
             return Err(bad("ingest_shards", "must be 1 to 64"));
         }

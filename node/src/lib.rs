@@ -392,7 +392,16 @@ async fn run_edge(
     topology: Option<&Topology>,
 ) -> anyhow::Result<()> {
     let (devices, mqtt, stages) = edge_plan(&id, &s, topology)?;
-    let connector = EdgeConnector::new(&identity, s.cloud_addr, s.quic(), s.frame_bytes_max)?;
+    // Edges of one log shard share a placement key, so that they prefer the
+    // same cloud node, which then holds that shard's writer alone.
+    let shard = tributary_actors::cloud::shard::shard_of(id.as_str(), s.ingest_shards);
+    let connector = EdgeConnector::to_clouds(
+        &identity,
+        s.clouds()?,
+        &format!("shard/{shard}"),
+        s.quic(),
+        s.frame_bytes_max,
+    )?;
     let cluster = cluster::start(Role::Edge, &id, s.cluster_cookie.clone()).await?;
     let members = cluster.members.clone();
     let outbox_dir = s.outbox_dir.clone();
@@ -443,6 +452,7 @@ async fn run_edge(
             on_connect: cluster.on_connect,
             names: EdgeNames::default(),
             jitter_seed: None,
+            cloud_return_after_ms: s.cloud_return_after_ms,
         },
         devices,
         mqtt,
@@ -454,7 +464,7 @@ async fn run_edge(
     let (root, handle) = start_edge(args)
         .await
         .context("starting the edge's actors")?;
-    tracing::info!(edge = %id, cloud = %s.cloud_addr, mqtt = %s.mqtt_addr, outbox = %s.outbox_dir.display(), "edge running");
+    tracing::info!(edge = %id, clouds = %s.cloud_addr, mqtt = %s.mqtt_addr, outbox = %s.outbox_dir.display(), "edge running");
     // Reports go to the cloud's dashboard whether or not this edge serves
     // its own /metrics.
     let latest = dashboard::metrics::LatestReport::default();

@@ -299,6 +299,9 @@ pub struct Plan {
     pub commit_segments_max: usize,
     /// The cloud's log shards (1 to 3), from the seed alone.
     pub ingest_shards: u32,
+    /// Cloud nodes (1 or 2), from the seed alone. Faults strike the first;
+    /// with two, its edges fail over to the second and come back.
+    pub clouds: u32,
     /// The links' base latency bound.
     pub latency_max_ms: u64,
     /// How long the log takes to answer a transaction it has committed.
@@ -384,6 +387,7 @@ impl Plan {
             inflight_segments_max: rng.random_range(1..=8),
             commit_segments_max: rng.random_range(1..=4),
             ingest_shards: (seed % 3) as u32 + 1,
+            clouds: ((seed / 3) % 2) as u32 + 1,
             latency_max_ms: rng.random_range(1..=30),
             log_latency_ms: rng.random_range(1..=20),
             mqtt: MqttPlan::new(scenario, params, edges, seed, mqtt_fed),

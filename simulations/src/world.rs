@@ -61,7 +61,7 @@ use tributary_actors::topology::{ComponentKind, Simulated, Source, Topology};
 use tributary_cluster::net::TurmoilNetwork;
 use tributary_cluster::quic::QuicConfig;
 use tributary_cluster::tls::{self, NodeId, NodeIdentity, Role};
-use tributary_cluster::uplink::link::EdgeConnector;
+use tributary_cluster::uplink::link::{CloudTarget, EdgeConnector};
 use tributary_cluster::uplink::{EdgeUplinkConfig, IngestConfig};
 
 use crate::broker::{lock, Broker, BrokerSpec, ForgetSameTs, Published, SimConnector};
@@ -72,6 +72,8 @@ use crate::scenario::{FaultKind, Params, Plan, Scenario};
 /// real date, so that readings' timestamps replay too.
 const EPOCH_US: i64 = 1_767_225_600_000_000;
 const CLOUD_HOST: &str = "cloud";
+/// The second cloud node, when the plan has two; faults strike only the first.
+const CLOUD_B_HOST: &str = "cloud-b";
 const CLOUD_PORT: u16 = 4433;
 const FRAME_BYTES_MAX: usize = 1 << 20;
 const TICK_MS: u64 = 1;
@@ -107,14 +109,19 @@ pub enum Mutation {
     /// resends what they acked, more than the source holds, so it overflows
     /// again: a livelock, caught as a backlog that never drains.
     AcksLostOnReconnect,
+    /// The second cloud node names its shard writers apart from the
+    /// first's, so that opening a shard there fences nothing here: two
+    /// cloud nodes can then both commit one edge's segments.
+    SplitBrainShards,
 }
 
 impl Mutation {
-    pub const ALL: [Mutation; 4] = [
+    pub const ALL: [Mutation; 5] = [
         Mutation::AckBeforeFsync,
         Mutation::ForgetHwm,
         Mutation::DedupByDeviceTs,
         Mutation::AcksLostOnReconnect,
+        Mutation::SplitBrainShards,
     ];
 
     pub fn name(self) -> &'static str {
@@ -123,6 +130,7 @@ impl Mutation {
             Mutation::ForgetHwm => "forget-hwm",
             Mutation::DedupByDeviceTs => "dedup-device-ts",
             Mutation::AcksLostOnReconnect => "acks-lost-on-reconnect",
+            Mutation::SplitBrainShards => "split-brain-shards",
         }
     }
 
@@ -417,6 +425,9 @@ struct SimLog {
     log: MemoryLog,
     forget_hwm: bool,
     answer_after: Duration,
+    /// Added to shard numbers to name their writers (the split-brain
+    /// mutation's second cloud node).
+    shard_id_offset: u32,
 }
 
 impl LogSink for SimLog {
@@ -436,7 +447,7 @@ impl LogSink for SimLog {
     }
 
     fn open_shard(&self, shard: u32) -> Result<Box<dyn ShardLogWriter>, SinkError> {
-        let writer = self.log.open_shard(shard)?;
+        let writer = self.log.open_shard(shard + self.shard_id_offset)?;
         if self.forget_hwm {
             Ok(Box::new(ForgetfulShard(writer)))
         } else {
@@ -770,11 +781,16 @@ async fn run_edge(world: Arc<World>, index: usize) -> turmoil::Result {
     let inc = shared.incarnation.fetch_add(1, Relaxed);
     let names = EdgeNames::scoped(format!("sim{}/{}#{inc}/", world.run_id, shared.spec.id));
     let identity = world.pki.edge(&shared.spec.id)?;
-    let cloud = SocketAddr::new(turmoil::lookup(CLOUD_HOST), CLOUD_PORT);
-    let connector = EdgeConnector::new_on(
+    let clouds = [CLOUD_HOST, CLOUD_B_HOST][..world.plan.clouds as usize]
+        .iter()
+        .map(|h| CloudTarget::Addr(SocketAddr::new(turmoil::lookup(*h), CLOUD_PORT)))
+        .collect();
+    let shard = tributary_actors::cloud::shard::shard_of(&shared.spec.id, world.plan.ingest_shards);
+    let connector = EdgeConnector::to_clouds_on(
         &TurmoilNetwork::seeded(world.seed ^ (index as u64 + 1) << 32 ^ inc),
         &identity,
-        cloud,
+        clouds,
+        &format!("shard/{shard}"),
         quic(),
         FRAME_BYTES_MAX,
     )?;
@@ -846,6 +862,8 @@ async fn run_edge(world: Arc<World>, index: usize) -> turmoil::Result {
             on_connect: None,
             names: names.clone(),
             jitter_seed: Some(world.seed ^ inc ^ (index as u64) << 40),
+            // With two cloud nodes, edges that failed over come back.
+            cloud_return_after_ms: if world.plan.clouds > 1 { 2_000 } else { 0 },
         },
         devices,
         mqtt,
@@ -927,7 +945,7 @@ fn acked_readings(status: &tributary_actors::edge::gateway::GatewayStatus) -> u6
     status.stats.readings_committed * status.stats.segments_acked / segments
 }
 
-async fn run_cloud(world: Arc<World>) -> turmoil::Result {
+async fn run_cloud(world: Arc<World>, node: u32) -> turmoil::Result {
     let inc = world.cloud_incarnation.fetch_add(1, Relaxed);
     let args = CloudArgs {
         listen_addr: SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), CLOUD_PORT),
@@ -943,6 +961,11 @@ async fn run_cloud(world: Arc<World>) -> turmoil::Result {
             log: world.log.clone(),
             forget_hwm: world.mutation == Some(Mutation::ForgetHwm),
             answer_after: Duration::from_millis(world.plan.log_latency_ms),
+            shard_id_offset: if node > 0 && world.mutation == Some(Mutation::SplitBrainShards) {
+                1_000
+            } else {
+                0
+            },
         }),
         shards: tributary_actors::cloud::shard::ShardConfig {
             shards_count: world.plan.ingest_shards,
@@ -952,7 +975,7 @@ async fn run_cloud(world: Arc<World>) -> turmoil::Result {
         on_session: None,
         on_report: None,
         admission: Default::default(),
-        names_prefix: format!("sim{}/cloud#{inc}/", world.run_id),
+        names_prefix: format!("sim{}/cloud{node}#{inc}/", world.run_id),
         network: Arc::new(TurmoilNetwork::seeded(world.seed ^ inc)),
         counters: Arc::default(),
     };
@@ -1126,7 +1149,11 @@ pub fn run(spec: &RunSpec) -> Outcome {
         .max_message_latency(Duration::from_millis(plan.latency_max_ms))
         .build();
     let w = world.clone();
-    sim.host(CLOUD_HOST, move || run_cloud(w.clone()));
+    sim.host(CLOUD_HOST, move || run_cloud(w.clone(), 0));
+    if plan.clouds > 1 {
+        let w = world.clone();
+        sim.host(CLOUD_B_HOST, move || run_cloud(w.clone(), 1));
+    }
     for (i, e) in edges.iter().enumerate() {
         let w = world.clone();
         sim.host(e.id.as_str(), move || run_edge(w.clone(), i));
@@ -1241,6 +1268,16 @@ pub fn run(spec: &RunSpec) -> Outcome {
             now_ms,
             &mut timeline,
         );
+        if world.plan.clouds > 1 {
+            restart_if_ended(
+                &mut sim,
+                &mut service_down,
+                CLOUD_B_HOST,
+                false,
+                now_ms,
+                &mut timeline,
+            );
+        }
         if let Err(e) = sim.step() {
             verdict = Err(Violation::Simulation(e.to_string()));
             break;

@@ -132,6 +132,16 @@ impl Edge {
     }
 }
 
+/// A cloud node beside the fixture's first (`cloud-2`, `cloud-3`, …): the
+/// same topics and transactional-id prefix, its own certificate and address.
+pub struct MoreCloud {
+    pub id: String,
+    pub addr: SocketAddr,
+    pub process: Option<NodeProcess>,
+    args: Vec<String>,
+    log: PathBuf,
+}
+
 pub struct Fixture {
     pub dir: tempfile::TempDir,
     pub bootstrap: String,
@@ -143,6 +153,8 @@ pub struct Fixture {
     pub cloud_addr: SocketAddr,
     pub cloud: Option<NodeProcess>,
     pub edges: Vec<Edge>,
+    /// Cloud nodes beside the first, from [`Fixture::add_clouds`].
+    pub more_clouds: Vec<MoreCloud>,
     cloud_args: Vec<String>,
     cloud_log: PathBuf,
     program: Program,
@@ -307,6 +319,7 @@ impl Fixture {
             cloud_addr,
             cloud: None,
             edges,
+            more_clouds: Vec::new(),
             cloud_args,
             cloud_log,
             program: Program::node(),
@@ -357,14 +370,76 @@ impl Fixture {
         self.cloud.as_mut().expect("cloud running")
     }
 
+    /// Adds `n` cloud nodes (`cloud-2`, …) with the first one's settings,
+    /// and gives every edge all of them (before their start). Settings given
+    /// to the first cloud later with `set_cloud` apply to it alone.
+    pub fn add_clouds(&mut self, n: usize) {
+        let pki = self.dir.path().join("pki");
+        for _ in 0..n {
+            let id = format!("cloud-{}", self.more_clouds.len() + 2);
+            node(&[
+                "certs",
+                "issue",
+                "--dir",
+                pki.to_str().expect("utf-8 path"),
+                "--id",
+                &id,
+                "--role",
+                "cloud",
+            ]);
+            let addr = free_udp_addr();
+            let mut args = self.cloud_args.clone();
+            for (flag, value) in [("--node-id", id.clone()), ("--listen-addr", addr.to_string())] {
+                let i = args.iter().position(|a| a == flag).expect("the cloud's flag");
+                args[i + 1] = value;
+            }
+            let log = self.dir.path().join(format!("{id}.log"));
+            self.more_clouds.push(MoreCloud {
+                id,
+                addr,
+                process: None,
+                args,
+                log,
+            });
+        }
+        let all: Vec<String> = std::iter::once(self.cloud_addr)
+            .chain(self.more_clouds.iter().map(|c| c.addr))
+            .map(|a| a.to_string())
+            .collect();
+        let all = all.join(",");
+        for e in &mut self.edges {
+            e.set("cloud-addr", &all);
+        }
+    }
+
+    /// Starts (or restarts) cloud node `i` of [`Fixture::more_clouds`] and
+    /// waits until it listens.
+    pub async fn start_more_cloud(&mut self, i: usize) {
+        let c = &mut self.more_clouds[i];
+        let mut p = self.program.spawn(&c.args, &c.log);
+        p.wait_for_log_line("cloud listening for edges", NODE_READY)
+            .await
+            .unwrap_or_else(|e| panic!("{}: {e}", c.id));
+        c.process = Some(p);
+    }
+
     /// The ends of every running node's log, for a failing test to print.
     pub fn log_tails(&self) -> String {
         let mut out = String::new();
-        let nodes = self.cloud.iter().map(|p| ("cloud", p)).chain(
-            self.edges
-                .iter()
-                .filter_map(|e| e.process.as_ref().map(|p| (e.id.as_str(), p))),
-        );
+        let nodes = self
+            .cloud
+            .iter()
+            .map(|p| ("cloud-1", p))
+            .chain(
+                self.more_clouds
+                    .iter()
+                    .filter_map(|c| c.process.as_ref().map(|p| (c.id.as_str(), p))),
+            )
+            .chain(
+                self.edges
+                    .iter()
+                    .filter_map(|e| e.process.as_ref().map(|p| (e.id.as_str(), p))),
+            );
         for (id, p) in nodes {
             out.push_str(&format!("\n---- {id}'s log ends with:\n{}", p.log_tail()));
         }

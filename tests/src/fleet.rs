@@ -19,7 +19,8 @@ use tributary_actors::edge::{start_edge, DevicesConfig, EdgeArgs, EdgeNames};
 use tributary_actors::outbox::{MemoryStore, OutboxConfig, OutboxStore};
 use tributary_cluster::quic::QuicConfig;
 use tributary_cluster::tls::{self, NodeId, NodeIdentity, Role};
-use tributary_cluster::uplink::link::EdgeConnector;
+use tributary_actors::cloud::shard::shard_of;
+use tributary_cluster::uplink::link::{CloudTarget, EdgeConnector};
 use tributary_cluster::uplink::EdgeUplinkConfig;
 
 /// What each light edge runs.
@@ -40,6 +41,9 @@ pub struct FleetSpec {
     pub commit_interval_ms: u64,
     /// Where the ack logs go (one per edge, `<id>.acks`); None: no ack logs.
     pub ack_dir: Option<PathBuf>,
+    /// The cluster's `ingest_shards`: with several cloud nodes, edges rank
+    /// them by their shard, as `node` does.
+    pub ingest_shards: u32,
 }
 
 /// A running fleet: dropping it stops every edge.
@@ -70,11 +74,12 @@ pub enum FleetError {
 
 impl Fleet {
     /// Issues a certificate for every edge from the CA in `pki` (the
-    /// cloud's `tls_dir`) and starts them all against `cloud_addr`.
+    /// cloud's `tls_dir`) and starts them all, each given every cloud node
+    /// of `clouds`.
     pub async fn start(
         spec: &FleetSpec,
         pki: &Path,
-        cloud_addr: SocketAddr,
+        clouds: &[SocketAddr],
     ) -> Result<Self, FleetError> {
         let mut fleet = Fleet {
             ids: Vec::with_capacity(spec.edges),
@@ -93,9 +98,11 @@ impl Fleet {
             };
             tls::issue(pki, &node_id, Role::Edge, 1).map_err(issued)?;
             let identity = NodeIdentity::load_from_dir(pki, &node_id).map_err(issued)?;
-            let connector = EdgeConnector::new(
+            let shard = shard_of(&id, spec.ingest_shards);
+            let connector = EdgeConnector::to_clouds(
                 &identity,
-                cloud_addr,
+                clouds.iter().map(|a| CloudTarget::Addr(*a)).collect(),
+                &format!("shard/{shard}"),
                 QuicConfig::default(),
                 tributary_cluster::uplink::frame::FRAME_BYTES_MAX_DEFAULT,
             )
@@ -138,6 +145,7 @@ impl Fleet {
                     on_connect: None,
                     names: names.clone(),
                     jitter_seed: None,
+                    cloud_return_after_ms: 0,
                 },
                 devices: vec![DevicesConfig {
                     count: spec.devices,

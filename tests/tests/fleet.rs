@@ -41,9 +41,10 @@ async fn five_hundred_edges_on_one_cloud_all_flow_exactly_once() {
         segment_readings_max: 10,
         commit_interval_ms: 20,
         ack_dir: Some(f.dir.path().to_path_buf()),
+        ingest_shards: 4,
     };
     let pki = f.dir.path().join("pki");
-    let fleet = Fleet::start(&spec, &pki, f.cloud_addr)
+    let fleet = Fleet::start(&spec, &pki, &[f.cloud_addr])
         .await
         .expect("starting the fleet");
     f.cloud()

@@ -48,6 +48,10 @@ pub enum IngestMsg {
     Recovered(Result<Option<Hwm>, SinkError>),
     /// The shard's answer to the commit in flight: readings committed.
     Committed(Result<u64, SinkError>),
+    /// Another cloud node took this edge's shard (its writer fenced this
+    /// one's): the link closes, and the edge reconnects to whichever cloud
+    /// node it prefers now.
+    ShardMoved(String),
 }
 
 impl ractor::Message for IngestMsg {}
@@ -303,6 +307,9 @@ impl Actor for IngestActor {
                     .segments_duplicate
                     .fetch_add(state.core.duplicates() - before, Relaxed);
                 state.pump(&myself);
+            }
+            IngestMsg::ShardMoved(reason) => {
+                state.fail(&myself, reason);
             }
             IngestMsg::Committed(result) => {
                 let Some(batch) = state.committing.take() else {

@@ -70,6 +70,8 @@ pub struct CloudCounters {
     pub transactions: AtomicU64,
     pub protocol_errors: AtomicU64,
     pub log_errors: AtomicU64,
+    /// Shards this node gave up because another cloud node opened them.
+    pub shards_moved: AtomicU64,
     /// From each reading's device timestamp to its commit.
     pub latency: LatencyHistogram,
 }
@@ -559,6 +561,7 @@ impl Actor for Listener {
                     connections_refused = state.counters.connections_refused.load(Relaxed),
                     protocol_errors = state.counters.protocol_errors.load(Relaxed),
                     log_errors = state.counters.log_errors.load(Relaxed),
+                    shards_moved = state.counters.shards_moved.load(Relaxed),
                     "cloud flow"
                 );
             }

@@ -29,13 +29,22 @@
 //!   One that does not is refused, its ingest closes the link, and the edge
 //!   reconnects to learn the mark. With the rule above this never happens;
 //!   it is a second line against writing a segment twice.
-//! - **Failure.** A failed transaction fails the ingests in it (their links
-//!   close, their edges reconnect), and the writer is dropped and opened
-//!   again, which fences it and reads the marks back: its outcome may be
-//!   unknown. Commits queued behind it wait for the new writer and pass the
-//!   overlap check against the fresh marks. A failed opening fails every
+//! - **Opened on demand.** A shard opens its writer when the first of its
+//!   edges arrives, not at start: with several cloud nodes, opening every
+//!   shard everywhere would fence the other nodes' writers.
+//! - **Fenced means moved.** A transaction refused because a newer writer
+//!   of this shard exists (another cloud node opened it) is not retried:
+//!   the shard closes the links of all its edges here and stays closed, so
+//!   that two cloud nodes never fence each other back and forth. The edges
+//!   reconnect in their order of preference; one arriving here again opens
+//!   the shard again, fencing the other node.
+//! - **Failure.** Any other failed transaction fails the ingests in it (their
+//!   links close, their edges reconnect), and the writer is dropped and
+//!   opened again, which fences it and reads the marks back: its outcome may
+//!   be unknown. Commits queued behind it wait for the new writer and pass
+//!   the overlap check against the fresh marks. A failed opening fails every
 //!   waiting ingest and is retried with backoff (up to
-//!   [`REOPEN_BACKOFF_MS_MAX`]).
+//!   [`REOPEN_BACKOFF_MS_MAX`]) while edges wait for it.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::Ordering::Relaxed;
@@ -132,10 +141,28 @@ pub struct ShardState {
     /// Commits of the transaction in flight, per edge.
     in_flight: HashMap<String, ()>,
     mark_waiters: Vec<(String, ActorRef<IngestMsg>)>,
+    /// The ingest of each edge that asked for its mark here, told when the
+    /// shard moves to another cloud node.
+    members: HashMap<String, ActorRef<IngestMsg>>,
     backoff_ms: u64,
+    /// A failed opening's backoff is running: open only when it ends.
+    reopen_scheduled: bool,
 }
 
 impl ShardState {
+    /// Opens the writer if an edge waits for it and nothing else is under way.
+    fn open_if_needed(&mut self, myself: &ActorRef<ShardMsg>) {
+        let wanted = !self.mark_waiters.is_empty() || !self.queue.is_empty();
+        if wanted
+            && self.writer.is_none()
+            && !self.opening
+            && !self.committing
+            && !self.reopen_scheduled
+        {
+            self.open(myself);
+        }
+    }
+
     fn open(&mut self, myself: &ActorRef<ShardMsg>) {
         self.opening = true;
         let sink = self.args.sink.clone();
@@ -277,10 +304,10 @@ impl Actor for ShardActor {
 
     async fn pre_start(
         &self,
-        myself: ActorRef<ShardMsg>,
+        _myself: ActorRef<ShardMsg>,
         args: ShardArgs,
     ) -> Result<ShardState, ActorProcessingErr> {
-        let mut state = ShardState {
+        let state = ShardState {
             args,
             writer: None,
             opening: false,
@@ -289,9 +316,10 @@ impl Actor for ShardActor {
             queue: VecDeque::new(),
             in_flight: HashMap::new(),
             mark_waiters: Vec::new(),
+            members: HashMap::new(),
             backoff_ms: REOPEN_BACKOFF_MS_MIN,
+            reopen_scheduled: false,
         };
-        state.open(&myself);
         Ok(state)
     }
 
@@ -303,7 +331,13 @@ impl Actor for ShardActor {
     ) -> Result<(), ActorProcessingErr> {
         match msg {
             ShardMsg::Mark { edge_id, reply } => {
+                // Bounded by this shard's edges: ingests that ended go.
+                state
+                    .members
+                    .retain(|_, r| r.get_status() != ractor::ActorStatus::Stopped);
+                state.members.insert(edge_id.clone(), reply.clone());
                 state.mark_waiters.push((edge_id, reply));
+                state.open_if_needed(&myself);
                 state.answer_marks();
             }
             ShardMsg::Commit(p) => {
@@ -315,6 +349,7 @@ impl Actor for ShardActor {
                     "one commit per ingest at a time"
                 );
                 state.queue.push_back(p);
+                state.open_if_needed(&myself);
                 state.pump(&myself);
             }
             ShardMsg::Opened(Ok((writer, marks))) => {
@@ -353,13 +388,13 @@ impl Actor for ShardActor {
                             reason: e.to_string(),
                         })));
                 }
+                state.reopen_scheduled = true;
                 myself.send_after(Duration::from_millis(state.backoff_ms), || ShardMsg::Reopen);
                 state.backoff_ms = (state.backoff_ms * 2).min(REOPEN_BACKOFF_MS_MAX);
             }
             ShardMsg::Reopen => {
-                if state.writer.is_none() && !state.opening && !state.committing {
-                    state.open(&myself);
-                }
+                state.reopen_scheduled = false;
+                state.open_if_needed(&myself);
             }
             ShardMsg::Committed(writer, done, result) => {
                 state.committing = false;
@@ -377,9 +412,35 @@ impl Actor for ShardActor {
                         }
                         state.writer = Some(writer);
                     }
+                    Err(e @ SinkError::Fenced { .. }) => {
+                        // Another cloud node opened this shard: it is
+                        // theirs now. Reopening would take it back and
+                        // start a tug of war; the edges choose instead.
+                        drop(writer);
+                        counters.shards_moved.fetch_add(1, Relaxed);
+                        tracing::warn!(shard = state.args.shard, edges = state.members.len(), "another cloud node took this log shard; closing its edges' links here");
+                        let reason = format!("log shard {} moved to another cloud node: {e}", state.args.shard);
+                        for p in done.into_iter().chain(state.queue.drain(..)) {
+                            let _ = p.reply.send_message(IngestMsg::Committed(Err(
+                                SinkError::Aborted {
+                                    edge: p.commit.edge_id.clone(),
+                                    reason: reason.clone(),
+                                },
+                            )));
+                        }
+                        // Edges that arrived since wait for a new opening.
+                        let waiting: Vec<String> =
+                            state.mark_waiters.iter().map(|(e, _)| e.clone()).collect();
+                        for (edge, m) in state.members.drain() {
+                            if !waiting.contains(&edge) {
+                                let _ = m.send_message(IngestMsg::ShardMoved(reason.clone()));
+                            }
+                        }
+                        state.marks.clear();
+                    }
                     Err(e) => {
-                        // Fenced, or in an unknown state: drop it, and read
-                        // the marks again through a new one.
+                        // In an unknown state: drop it, and read the marks
+                        // again through a new one.
                         drop(writer);
                         counters.log_errors.fetch_add(1, Relaxed);
                         tracing::warn!(shard = state.args.shard, edges = done.len(), error = %e, "a shard transaction failed");
@@ -395,6 +456,7 @@ impl Actor for ShardActor {
                     }
                 }
                 state.answer_marks();
+                state.open_if_needed(&myself);
                 state.pump(&myself);
             }
         }

@@ -5,6 +5,7 @@
 //! older connection are recognised and ignored, so a late frame or a late
 //! "closed" can never act on the current link.
 
+use std::time::Duration;
 use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
@@ -43,6 +44,11 @@ pub struct UplinkArgs {
     /// the cloud together do not redial in step. A simulation sets it to
     /// replay a run.
     pub jitter_seed: Option<u64>,
+    /// While on a cloud node other than its first choice, the edge tries
+    /// the ones it prefers again after this long (stretched by up to as
+    /// much again, different for every edge, so that edges that failed over
+    /// together do not all move back at once). 0: never.
+    pub cloud_return_after_ms: u64,
 }
 
 /// What the uplink reports about itself.
@@ -63,6 +69,10 @@ pub enum UplinkMsg {
     Connect,
     Connected(u64, Box<tributary_cluster::uplink::link::DialedUplink>),
     ConnectFailed(u64, String),
+    /// Time to try the cloud nodes preferred to the current one.
+    TryPreferred(u64),
+    /// One of them answered: move to it.
+    Preferred(u64, Box<tributary_cluster::uplink::link::DialedUplink>),
     Frame(u64, Frame),
     LinkDown(u64, String),
     Sealed(u64),
@@ -80,6 +90,8 @@ pub struct Uplink;
 
 struct Live {
     generation: u64,
+    /// The cloud node's place in this edge's order of preference.
+    rank: usize,
     tx: mpsc::Sender<Frame>,
     handle: LinkHandle,
     tasks: Vec<JoinHandle<()>>,
@@ -94,6 +106,9 @@ pub struct UplinkState {
     live: Option<Live>,
     connects: u64,
     segments_sent: u64,
+    /// The rank of the cloud node whose link went down last: dialled last
+    /// on the next attempt.
+    last_lost: Option<usize>,
 }
 
 impl UplinkState {
@@ -103,12 +118,25 @@ impl UplinkState {
 
     fn drop_link(&mut self, reason: &str) {
         if let Some(live) = self.live.take() {
+            self.last_lost = Some(live.rank);
             live.handle.close(CLOSE_PROTOCOL, reason);
             for t in live.tasks {
                 t.abort();
             }
         }
         self.core.handle_link_down();
+    }
+
+    /// When to try the preferred cloud nodes again: `cloud_return_after_ms`
+    /// plus a share of it that depends on the edge and the connection.
+    fn return_delay(&self, generation: u64) -> Duration {
+        let base = self.args.cloud_return_after_ms;
+        let mut h: u64 = 0xcbf2_9ce4_8422_2325 ^ generation;
+        for b in self.args.edge_id.bytes() {
+            h ^= u64::from(b);
+            h = h.wrapping_mul(0x0100_0000_01b3);
+        }
+        Duration::from_millis(base + h % base.max(1))
     }
 
     fn schedule_connect(&mut self, myself: &ActorRef<UplinkMsg>) {
@@ -229,6 +257,7 @@ impl Actor for Uplink {
             live: None,
             connects: 0,
             segments_sent: 0,
+            last_lost: None,
         })
     }
 
@@ -248,8 +277,9 @@ impl Actor for Uplink {
                 let generation = state.generation;
                 let connector = state.args.connector.clone();
                 let me = myself.clone();
+                let last_lost = state.last_lost;
                 tokio::spawn(async move {
-                    let msg = match connector.connect().await {
+                    let msg = match connector.connect_avoiding(last_lost).await {
                         Ok(d) => UplinkMsg::Connected(generation, Box::new(d)),
                         Err(e) => UplinkMsg::ConnectFailed(generation, e.to_string()),
                     };
@@ -320,9 +350,15 @@ impl Actor for Uplink {
                 if let Some(hook) = &state.args.on_connect {
                     hook(&dialed.handle);
                 }
-                tracing::info!(cloud = %dialed.handle.remote_address(), "uplink connected");
+                tracing::info!(cloud = %dialed.handle.remote_address(), rank = dialed.rank, "uplink connected");
+                if dialed.rank > 0 && state.args.cloud_return_after_ms > 0 {
+                    myself.send_after(state.return_delay(generation), move || {
+                        UplinkMsg::TryPreferred(generation)
+                    });
+                }
                 state.live = Some(Live {
                     generation,
+                    rank: dialed.rank,
                     tx,
                     handle: dialed.handle,
                     tasks: vec![write_task, read_task, watch_task],
@@ -331,6 +367,41 @@ impl Actor for Uplink {
                     .core
                     .handle_link_up(tokio::time::Instant::now().into_std());
                 state.pump(&myself).await;
+            }
+            UplinkMsg::TryPreferred(generation) => {
+                let Some(rank) = state
+                    .live
+                    .as_ref()
+                    .filter(|l| l.generation == generation)
+                    .map(|l| l.rank)
+                else {
+                    return Ok(());
+                };
+                let connector = state.args.connector.clone();
+                let me = myself.clone();
+                let retry = state.return_delay(generation.wrapping_add(state.connects));
+                tokio::spawn(async move {
+                    let msg = match connector.connect_above(rank).await {
+                        Ok(d) => UplinkMsg::Preferred(generation, Box::new(d)),
+                        Err(_) => {
+                            // Still away: try again later.
+                            me.send_after(retry, move || UplinkMsg::TryPreferred(generation));
+                            return;
+                        }
+                    };
+                    let _ = me.send_message(msg);
+                });
+            }
+            UplinkMsg::Preferred(generation, dialed) => {
+                // The probe only shows the preferred node is back; the move is
+                // an ordinary reconnect, which dials it first.
+                dialed.handle.close(0, "probe");
+                if state.live.as_ref().map(|l| l.generation) == Some(generation) {
+                    tracing::info!(cloud = %dialed.handle.remote_address(), "a preferred cloud node answers; moving to it");
+                    state.drop_link("moving to a preferred cloud node");
+                    state.backoff.reset();
+                    myself.send_message(UplinkMsg::Connect)?;
+                }
             }
             UplinkMsg::Frame(generation, frame) => {
                 if state.live.as_ref().map(|l| l.generation) != Some(generation) {

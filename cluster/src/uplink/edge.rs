@@ -28,7 +28,7 @@ pub struct EdgeUplinkConfig {
 impl Default for EdgeUplinkConfig {
     fn default() -> Self {
         Self {
-            inflight_segments_max: 8,
+            inflight_segments_max: 32,
             welcome_timeout_ms: 40_000,
         }
     }

@@ -138,6 +138,10 @@ pub enum UplinkSetupError {
     IdentityMismatch { claimed: String, reason: String },
     #[error("the connection opened no stream within {timeout_ms} ms")]
     FirstStreamTimeout { timeout_ms: u64 },
+    #[error("resolving the cloud node {target}: {reason}")]
+    Resolve { target: String, reason: String },
+    #[error("an edge needs at least one cloud node to dial")]
+    NoClouds,
 }
 
 /// The edge's end of a fresh uplink: Hello is not sent yet.
@@ -145,6 +149,9 @@ pub struct DialedUplink {
     pub reader: FrameReader,
     pub writer: FrameWriter,
     pub handle: LinkHandle,
+    /// The cloud node's place in the edge's order of preference (0: its
+    /// first choice).
+    pub rank: usize,
 }
 
 /// Connects to a cloud node and opens the uplink stream.
@@ -170,6 +177,7 @@ pub async fn dial_uplink(
         reader: FrameReader::new(recv, frame_bytes_max),
         writer: FrameWriter::new(send),
         handle: LinkHandle::new(conn),
+        rank: 0,
     })
 }
 
@@ -239,12 +247,120 @@ pub async fn accept_uplink(
 #[derive(Clone)]
 pub struct EdgeConnector {
     endpoint: quinn::Endpoint,
-    cloud_addr: std::net::SocketAddr,
+    /// In the edge's order of preference.
+    clouds: Vec<CloudTarget>,
     quic: crate::quic::QuicConfig,
     frame_bytes_max: usize,
 }
 
+/// The most cloud nodes one edge may be given.
+pub const CLOUDS_MAX: usize = 16;
+
+/// A cloud node an edge may dial: an address, or a DNS name resolved at
+/// every dial (so that a replaced cloud node may come back elsewhere).
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum CloudTarget {
+    Addr(std::net::SocketAddr),
+    Name { host: String, port: u16 },
+}
+
+impl std::str::FromStr for CloudTarget {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        let s = s.trim();
+        if let Ok(a) = s.parse::<std::net::SocketAddr>() {
+            return Ok(Self::Addr(a));
+        }
+        let (host, port) = s
+            .rsplit_once(':')
+            .ok_or_else(|| format!("{s:?} is not host:port"))?;
+        let port: u16 = port
+            .parse()
+            .map_err(|_| format!("{s:?}: the port {port:?} is not a number from 1 to 65535"))?;
+        let label_ok = |l: &str| {
+            !l.is_empty()
+                && l.len() <= 63
+                && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+                && !l.starts_with('-')
+                && !l.ends_with('-')
+        };
+        if port == 0 || host.is_empty() || host.len() > 253 || !host.split('.').all(label_ok) {
+            return Err(format!(
+                "{s:?} is neither an IP address with a port nor a DNS name with a port"
+            ));
+        }
+        Ok(Self::Name {
+            host: host.to_ascii_lowercase(),
+            port,
+        })
+    }
+}
+
+impl std::fmt::Display for CloudTarget {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Addr(a) => write!(f, "{a}"),
+            Self::Name { host, port } => write!(f, "{host}:{port}"),
+        }
+    }
+}
+
+impl CloudTarget {
+    async fn resolve(&self, timeout_ms: u64) -> Result<std::net::SocketAddr, UplinkSetupError> {
+        let (host, port) = match self {
+            Self::Addr(a) => return Ok(*a),
+            Self::Name { host, port } => (host.as_str(), *port),
+        };
+        let err = |reason: String| UplinkSetupError::Resolve {
+            target: self.to_string(),
+            reason,
+        };
+        let found = tokio::time::timeout(
+            std::time::Duration::from_millis(timeout_ms),
+            tokio::net::lookup_host((host, port)),
+        )
+        .await
+        .map_err(|_| err(format!("no answer within {timeout_ms} ms")))?
+        .map_err(|e| err(e.to_string()))?;
+        // The endpoint is bound for IPv4 unless the first target says
+        // otherwise; take an address of that family first.
+        let mut found: Vec<_> = found.collect();
+        found.sort_by_key(|a| !a.is_ipv4());
+        found
+            .into_iter()
+            .next()
+            .ok_or_else(|| err("no address".into()))
+    }
+}
+
+/// Rendezvous (highest random weight) score of `target` for `key`: every
+/// edge with the same key ranks the same cloud nodes the same way, and a
+/// cloud node leaving moves only the keys it ranked first.
+fn rendezvous_score(key: &str, target: &CloudTarget) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in key
+        .bytes()
+        .chain(std::iter::once(0xff))
+        .chain(target.to_string().into_bytes())
+    {
+        h ^= u64::from(b);
+        h = h.wrapping_mul(0x0100_0000_01b3);
+    }
+    // splitmix64's finaliser: FNV alone spreads close keys poorly.
+    h = (h ^ (h >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    h = (h ^ (h >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    h ^ (h >> 31)
+}
+
+/// `clouds` in the order an edge with `key` prefers them.
+pub fn rank_clouds(key: &str, mut clouds: Vec<CloudTarget>) -> Vec<CloudTarget> {
+    clouds.sort_by_key(|c| std::cmp::Reverse(rendezvous_score(key, c)));
+    clouds
+}
+
 impl EdgeConnector {
+    /// An edge with one cloud node.
     pub fn new(
         identity: &crate::tls::NodeIdentity,
         cloud_addr: std::net::SocketAddr,
@@ -268,28 +384,121 @@ impl EdgeConnector {
         quic: crate::quic::QuicConfig,
         frame_bytes_max: usize,
     ) -> Result<Self, UplinkSetupError> {
-        let bind = crate::quic::unspecified_bind_for(cloud_addr);
+        Self::to_clouds_on(
+            network,
+            identity,
+            vec![CloudTarget::Addr(cloud_addr)],
+            "",
+            quic,
+            frame_bytes_max,
+        )
+    }
+
+    /// An edge with several cloud nodes, dialled in the rendezvous order of
+    /// `placement_key` (edges of one log shard share a key, so that they
+    /// all prefer the same cloud node and its writer of that shard).
+    pub fn to_clouds(
+        identity: &crate::tls::NodeIdentity,
+        clouds: Vec<CloudTarget>,
+        placement_key: &str,
+        quic: crate::quic::QuicConfig,
+        frame_bytes_max: usize,
+    ) -> Result<Self, UplinkSetupError> {
+        Self::to_clouds_on(
+            &crate::net::OsNetwork,
+            identity,
+            clouds,
+            placement_key,
+            quic,
+            frame_bytes_max,
+        )
+    }
+
+    /// [`EdgeConnector::to_clouds`] on the given network.
+    pub fn to_clouds_on(
+        network: &dyn crate::net::Network,
+        identity: &crate::tls::NodeIdentity,
+        clouds: Vec<CloudTarget>,
+        placement_key: &str,
+        quic: crate::quic::QuicConfig,
+        frame_bytes_max: usize,
+    ) -> Result<Self, UplinkSetupError> {
+        if clouds.is_empty() {
+            return Err(UplinkSetupError::NoClouds);
+        }
+        let clouds = rank_clouds(placement_key, clouds);
+        let bind = match clouds.iter().find_map(|c| match c {
+            CloudTarget::Addr(a) => Some(*a),
+            CloudTarget::Name { .. } => None,
+        }) {
+            Some(a) => crate::quic::unspecified_bind_for(a),
+            None => std::net::SocketAddr::from((std::net::Ipv4Addr::UNSPECIFIED, 0)),
+        };
         let endpoint = crate::quic::client_endpoint_on(network, bind, identity, &quic)?;
         Ok(Self {
             endpoint,
-            cloud_addr,
+            clouds,
             quic,
             frame_bytes_max,
         })
     }
 
-    pub fn cloud_addr(&self) -> std::net::SocketAddr {
-        self.cloud_addr
+    /// The cloud nodes, in this edge's order of preference.
+    pub fn clouds(&self) -> &[CloudTarget] {
+        &self.clouds
     }
 
+    /// The cloud node this edge prefers.
+    pub fn cloud_addr(&self) -> String {
+        self.clouds[0].to_string()
+    }
+
+    /// Dials the cloud nodes in order of preference; the first that answers
+    /// wins. The error is the last one's.
     pub async fn connect(&self) -> Result<DialedUplink, UplinkSetupError> {
-        dial_uplink(
-            &self.endpoint,
-            self.cloud_addr,
-            &self.quic,
-            self.frame_bytes_max,
-        )
-        .await
+        self.connect_avoiding(None).await
+    }
+
+    /// [`EdgeConnector::connect`], but the cloud node of rank `last_lost`
+    /// (the one whose link just went down) is tried last, so that a dead
+    /// first choice does not cost a connect timeout before every failover.
+    pub async fn connect_avoiding(
+        &self,
+        last_lost: Option<usize>,
+    ) -> Result<DialedUplink, UplinkSetupError> {
+        let order: Vec<usize> = (0..self.clouds.len())
+            .filter(|i| Some(*i) != last_lost)
+            .chain(last_lost.filter(|i| *i < self.clouds.len()))
+            .collect();
+        self.dial_in(&order).await
+    }
+
+    /// Dials only the cloud nodes this edge prefers to the one of `rank`.
+    pub async fn connect_above(&self, rank: usize) -> Result<DialedUplink, UplinkSetupError> {
+        let order: Vec<usize> = (0..rank.min(self.clouds.len())).collect();
+        self.dial_in(&order).await
+    }
+
+    async fn dial_in(&self, order: &[usize]) -> Result<DialedUplink, UplinkSetupError> {
+        let mut last = UplinkSetupError::NoClouds;
+        for &i in order {
+            let target = &self.clouds[i];
+            let attempt = async {
+                let addr = target.resolve(self.quic.connect_timeout_ms).await?;
+                dial_uplink(&self.endpoint, addr, &self.quic, self.frame_bytes_max).await
+            };
+            match attempt.await {
+                Ok(mut d) => {
+                    d.rank = i;
+                    return Ok(d);
+                }
+                Err(e) => {
+                    tracing::debug!(cloud = %target, error = %e, "a cloud node did not answer");
+                    last = e;
+                }
+            }
+        }
+        Err(last)
     }
 }
 
