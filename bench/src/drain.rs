@@ -123,7 +123,9 @@ fn measure(o: &DrainOpts, bin: &Path, dir: &Path, topics: &[String], suffix: &st
         .build()
         .context("starting the proxy's runtime")?;
     let (proxy, proxy_addr) = runtime
-        .block_on(UdpProxy::start(addr.parse().context("the cloud's address")?))
+        .block_on(UdpProxy::start(
+            addr.parse().context("the cloud's address")?,
+        ))
         .context("starting the proxy")?;
     // The proxy's task runs on this runtime: drive it from a thread of its own.
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
@@ -158,7 +160,8 @@ fn measure(o: &DrainOpts, bin: &Path, dir: &Path, topics: &[String], suffix: &st
 
     // The live rate, and the live latency, before the cut.
     probe.begin();
-    let committed = |cloud: &Proc| last_flow(&cloud.log_text()).map(|f| (f.at_s, f.readings_committed));
+    let committed =
+        |cloud: &Proc| last_flow(&cloud.log_text()).map(|f| (f.at_s, f.readings_committed));
     let Some((t0, c0)) = committed(&cloud) else {
         bail!("the cloud reported no flow:\n{}", cloud.log_tail());
     };

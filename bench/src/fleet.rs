@@ -208,7 +208,9 @@ fn measure(
         if k > 1 {
             node(
                 bin,
-                &["certs", "issue", "--dir", pki_s, "--id", &id, "--role", "cloud"],
+                &[
+                    "certs", "issue", "--dir", pki_s, "--id", &id, "--role", "cloud",
+                ],
             )?;
         }
         let addr = format!("127.0.0.1:{}", free_udp_port()?);
@@ -262,9 +264,8 @@ fn measure(
     let fleet = runtime
         .block_on(Fleet::start(&spec, &pki, &addrs))
         .context("starting the fleet")?;
-    let all_connected = |clouds: &[Proc]| {
-        clouds.iter().map(edges_connected).sum::<u64>() >= o.edges as u64
-    };
+    let all_connected =
+        |clouds: &[Proc]| clouds.iter().map(edges_connected).sum::<u64>() >= o.edges as u64;
     let deadline = Instant::now() + Duration::from_secs(CONNECTED_TIMEOUT_S);
     while !all_connected(&clouds) {
         if Instant::now() >= deadline {
@@ -304,7 +305,8 @@ fn measure(
     let wall0 = Instant::now();
     std::thread::sleep(Duration::from_secs(o.window_s));
     let f1 = flows(&clouds)?;
-    let cloud_cores = (clouds.iter().map(Proc::cpu_s).sum::<f64>() - cpu0) / wall0.elapsed().as_secs_f64();
+    let cloud_cores =
+        (clouds.iter().map(Proc::cpu_s).sum::<f64>() - cpu0) / wall0.elapsed().as_secs_f64();
     let (mut rate, mut committed, mut transactions) = (0.0, 0u64, 0u64);
     for (a, b) in f0.iter().zip(&f1) {
         let mut span = b.at_s - a.at_s;
@@ -319,7 +321,10 @@ fn measure(
         transactions += b.transactions.saturating_sub(a.transactions);
     }
     if committed == 0 {
-        bail!("nothing was committed in the window:\n{}", clouds[0].log_tail());
+        bail!(
+            "nothing was committed in the window:\n{}",
+            clouds[0].log_tail()
+        );
     }
     let (threads, rss_bytes) = clouds
         .iter()

@@ -54,7 +54,9 @@ impl LatencyProbe {
             tpl.add_partition_offset(topic, p, Offset::End)
                 .context("assigning the readings topic")?;
         }
-        consumer.assign(&tpl).context("assigning the readings topic")?;
+        consumer
+            .assign(&tpl)
+            .context("assigning the readings topic")?;
         let stop = Arc::new(AtomicBool::new(false));
         let sampling = Arc::new(AtomicBool::new(false));
         let samples_us = Arc::new(Mutex::new(Vec::with_capacity(1 << 20)));

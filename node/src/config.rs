@@ -257,9 +257,7 @@ impl Resolved {
         use tributary_cluster::uplink::link::CLOUDS_MAX;
         let mut out = Vec::new();
         for entry in self.cloud_addr.split(',').map(str::trim) {
-            let target = entry
-                .parse()
-                .map_err(|e: String| bad("cloud_addr", e))?;
+            let target = entry.parse().map_err(|e: String| bad("cloud_addr", e))?;
             if out.contains(&target) {
                 return Err(bad("cloud_addr", format!("{entry:?} is given twice")));
             }

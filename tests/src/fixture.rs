@@ -389,8 +389,14 @@ impl Fixture {
             ]);
             let addr = free_udp_addr();
             let mut args = self.cloud_args.clone();
-            for (flag, value) in [("--node-id", id.clone()), ("--listen-addr", addr.to_string())] {
-                let i = args.iter().position(|a| a == flag).expect("the cloud's flag");
+            for (flag, value) in [
+                ("--node-id", id.clone()),
+                ("--listen-addr", addr.to_string()),
+            ] {
+                let i = args
+                    .iter()
+                    .position(|a| a == flag)
+                    .expect("the cloud's flag");
                 args[i + 1] = value;
             }
             let log = self.dir.path().join(format!("{id}.log"));

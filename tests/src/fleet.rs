@@ -12,14 +12,14 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+use tributary_actors::cloud::shard::shard_of;
+use tributary_actors::edge::device::Signal;
 use tributary_actors::edge::gateway::{GatewayArgs, StoreFactory};
 use tributary_actors::edge::uplink::UplinkArgs;
-use tributary_actors::edge::device::Signal;
 use tributary_actors::edge::{start_edge, DevicesConfig, EdgeArgs, EdgeNames};
 use tributary_actors::outbox::{MemoryStore, OutboxConfig, OutboxStore};
 use tributary_cluster::quic::QuicConfig;
 use tributary_cluster::tls::{self, NodeId, NodeIdentity, Role};
-use tributary_actors::cloud::shard::shard_of;
 use tributary_cluster::uplink::link::{CloudTarget, EdgeConnector};
 use tributary_cluster::uplink::EdgeUplinkConfig;
 

@@ -35,7 +35,9 @@ fn line_time_s(line: &str) -> Option<f64> {
 }
 
 fn now_s() -> f64 {
-    let d = SystemTime::now().duration_since(UNIX_EPOCH).expect("after 1970");
+    let d = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .expect("after 1970");
     (d.as_secs_f64()) % 86_400.0
 }
 
@@ -103,7 +105,10 @@ fn streamed_counts(f: &Fixture) -> BTreeMap<String, usize> {
         .map(|e| {
             let log = std::fs::read_to_string(e.process.as_ref().expect("running").log_path())
                 .expect("reading the edge's log");
-            let n = log.lines().filter(|l| l.contains("uplink streaming")).count();
+            let n = log
+                .lines()
+                .filter(|l| l.contains("uplink streaming"))
+                .count();
             (e.id.clone(), n)
         })
         .collect()
@@ -148,9 +153,9 @@ async fn edges_fail_over_across_three_cloud_nodes_through_a_kill_and_a_freeze() 
     let fault_s = now_s();
     kill_cloud(&mut f, &frozen, Fault::Stop);
     let moved = failovers(&mut f, &before, &frozen, &streamed, fault_s).await;
-    tokio::time::sleep(FREEZE.saturating_sub(Duration::from_secs_f64(
-        (now_s() - fault_s).max(0.0),
-    )))
+    tokio::time::sleep(
+        FREEZE.saturating_sub(Duration::from_secs_f64((now_s() - fault_s).max(0.0))),
+    )
     .await;
     kill_cloud(&mut f, &frozen, Fault::Cont);
 

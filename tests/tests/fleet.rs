@@ -72,7 +72,10 @@ async fn five_hundred_edges_on_one_cloud_all_flow_exactly_once() {
     );
     assert!(report.is_exactly_once(), "{report}");
     assert_eq!(report.acked, total, "every reading acknowledged: {report}");
-    assert_eq!(report.distinct, total, "every reading in the topic: {report}");
+    assert_eq!(
+        report.distinct, total,
+        "every reading in the topic: {report}"
+    );
     assert_eq!(
         report.per_device.len(),
         EDGES,

@@ -418,8 +418,15 @@ impl Actor for ShardActor {
                         // start a tug of war; the edges choose instead.
                         drop(writer);
                         counters.shards_moved.fetch_add(1, Relaxed);
-                        tracing::warn!(shard = state.args.shard, edges = state.members.len(), "another cloud node took this log shard; closing its edges' links here");
-                        let reason = format!("log shard {} moved to another cloud node: {e}", state.args.shard);
+                        tracing::warn!(
+                            shard = state.args.shard,
+                            edges = state.members.len(),
+                            "another cloud node took this log shard; closing its edges' links here"
+                        );
+                        let reason = format!(
+                            "log shard {} moved to another cloud node: {e}",
+                            state.args.shard
+                        );
                         for p in done.into_iter().chain(state.queue.drain(..)) {
                             let _ = p.reply.send_message(IngestMsg::Committed(Err(
                                 SinkError::Aborted {

@@ -5,8 +5,8 @@
 //! older connection are recognised and ignored, so a late frame or a late
 //! "closed" can never act on the current link.
 
-use std::time::Duration;
 use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
+use std::time::Duration;
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 

@@ -96,10 +96,16 @@ const PRODUCER_DEFAULTS: &[(&str, &str)] = &[
 ];
 /// How long a commit waits for room in a full local queue before trying again.
 const QUEUE_FULL_BACKOFF_MS: u64 = 5;
-/// How long a flush sleeps between polls for delivery reports: the latency it
-/// adds to a commit at most. A sleep, not `poll(1 ms)`: rdkafka 0.39 rounds
-/// that timeout down to zero and spins, burning a core for the whole wait.
-const FLUSH_SLEEP: Duration = Duration::from_micros(200);
+/// How long a flush sleeps between polls for delivery reports, at first; each
+/// sleep of one flush is twice the one before, up to [`FLUSH_SLEEP_MAX`].
+/// A sleep, not `poll(1 ms)`: rdkafka 0.39's `poll(t)` always waits the whole
+/// of `t`, and rounds 1 ms down to zero and spins.
+const FLUSH_SLEEP_MIN: Duration = Duration::from_micros(100);
+/// The longest sleep of a flush: the latency it adds to a commit at most.
+/// Doubling up to it keeps a quick flush quick and a long one from waking
+/// its thread every 200 µs (thousands of context switches a second on a
+/// busy cloud node).
+const FLUSH_SLEEP_MAX: Duration = Duration::from_millis(1);
 /// How long one attempt of an abort waits before the writer serves the
 /// delivery reports it waits for.
 const ABORT_STEP_MS: u64 = 100;
@@ -1153,11 +1159,14 @@ impl ShardLogWriter for KafkaWriter {
 
 /// Waits until every record is acknowledged and its delivery report
 /// served. The base producer's own flush polls in steps of 100 ms, which
-/// would add up to that much to every commit.
+/// would add up to that much to every commit; `rd_kafka_flush` with a real
+/// timeout waits for the delivery reports to be *served*, which only a poll
+/// does, so it always ran to its timeout.
 fn flush_producer(
     producer: &BaseProducer<WriterContext>,
     deadline: Instant,
 ) -> Result<(), KafkaError> {
+    let mut sleep = FLUSH_SLEEP_MIN;
     loop {
         producer.poll(Duration::ZERO);
         if producer.in_flight_count() == 0 {
@@ -1166,7 +1175,8 @@ fn flush_producer(
         if Instant::now() >= deadline {
             return Err(KafkaError::Flush(RDKafkaErrorCode::OperationTimedOut));
         }
-        std::thread::sleep(FLUSH_SLEEP.min(remaining(deadline)));
+        std::thread::sleep(sleep.min(remaining(deadline)));
+        sleep = (sleep * 2).min(FLUSH_SLEEP_MAX);
     }
 }
 
