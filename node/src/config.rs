@@ -560,4 +560,36 @@ mod tests {
             .to_string();
         assert!(err.contains("full_policy"), "{err}");
     }
+
+    fn clouds_of(list: &str) -> Result<Vec<String>, SettingError> {
+        let file: Settings =
+            toml::from_str(&format!("node_id = \"edge-1\"\ncloud_addr = \"{list}\"")).unwrap();
+        let mut s = Settings::default().resolve(file);
+        s.validate()?;
+        Ok(s.clouds()?.iter().map(|c| c.to_string()).collect())
+    }
+
+    #[test]
+    fn cloud_addr_takes_a_list_of_addresses_and_dns_names() {
+        assert_eq!(
+            clouds_of("10.0.0.5:7400, Cloud-2.Plant.example:7401,[::1]:7402").unwrap(),
+            ["10.0.0.5:7400", "cloud-2.plant.example:7401", "[::1]:7402"]
+        );
+        for bad in [
+            "10.0.0.5",
+            "cloud:0",
+            "cloud:70000",
+            "clo ud:7400",
+            "-cloud:7400",
+            ":7400",
+            "a:7400,a:7400",
+            "a:7400,,b:7400",
+        ] {
+            let err = clouds_of(bad).unwrap_err();
+            assert_eq!(err.key, "cloud_addr", "{bad}: {err}");
+        }
+        let many: Vec<String> = (0..17).map(|i| format!("10.0.0.{i}:7400")).collect();
+        let err = clouds_of(&many.join(",")).unwrap_err();
+        assert!(err.to_string().contains("at most 16"), "{err}");
+    }
 }

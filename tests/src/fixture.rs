@@ -110,9 +110,13 @@ impl Edge {
         while self.acked() < n {
             assert!(
                 tokio::time::Instant::now() < deadline,
-                "edge {}: only {} of {n} readings acknowledged after {timeout:?}",
+                "edge {}: only {} of {n} readings acknowledged after {timeout:?} (reading its ack log: {}); its log ends with:\n{}",
                 self.id,
-                self.acked()
+                self.acked(),
+                read_ack_logs([&self.ack_log]).map_or_else(|e| e.to_string(), |a| format!("{} acked", a.acked.len())),
+                self.process
+                    .as_ref()
+                    .map_or_else(|| "(not running)".to_string(), |p| p.log_tail())
             );
             // The ack log is a file another process appends to: poll it.
             tokio::time::sleep(POLL).await;

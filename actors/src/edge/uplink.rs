@@ -72,7 +72,7 @@ pub enum UplinkMsg {
     /// Time to try the cloud nodes preferred to the current one.
     TryPreferred(u64),
     /// One of them answered: move to it.
-    Preferred(u64, Box<tributary_cluster::uplink::link::DialedUplink>),
+    Preferred(u64),
     Frame(u64, Frame),
     LinkDown(u64, String),
     Sealed(u64),
@@ -381,8 +381,8 @@ impl Actor for Uplink {
                 let me = myself.clone();
                 let retry = state.return_delay(generation.wrapping_add(state.connects));
                 tokio::spawn(async move {
-                    let msg = match connector.connect_above(rank).await {
-                        Ok(d) => UplinkMsg::Preferred(generation, Box::new(d)),
+                    let msg = match connector.probe_above(rank).await {
+                        Ok(_) => UplinkMsg::Preferred(generation),
                         Err(_) => {
                             // Still away: try again later.
                             me.send_after(retry, move || UplinkMsg::TryPreferred(generation));
@@ -392,12 +392,11 @@ impl Actor for Uplink {
                     let _ = me.send_message(msg);
                 });
             }
-            UplinkMsg::Preferred(generation, dialed) => {
+            UplinkMsg::Preferred(generation) => {
                 // The probe only shows the preferred node is back; the move is
                 // an ordinary reconnect, which dials it first.
-                dialed.handle.close(0, "probe");
                 if state.live.as_ref().map(|l| l.generation) == Some(generation) {
-                    tracing::info!(cloud = %dialed.handle.remote_address(), "a preferred cloud node answers; moving to it");
+                    tracing::info!("a preferred cloud node answers; moving to it");
                     state.drop_link("moving to a preferred cloud node");
                     state.backoff.reset();
                     myself.send_message(UplinkMsg::Connect)?;

@@ -474,10 +474,27 @@ impl EdgeConnector {
         self.dial_in(&order).await
     }
 
-    /// Dials only the cloud nodes this edge prefers to the one of `rank`.
-    pub async fn connect_above(&self, rank: usize) -> Result<DialedUplink, UplinkSetupError> {
-        let order: Vec<usize> = (0..rank.min(self.clouds.len())).collect();
-        self.dial_in(&order).await
+    /// Whether a cloud node this edge prefers to the one of `rank` answers:
+    /// a handshake, closed at once, with no stream (so the node counts no
+    /// uplink that never said Hello). Returns the rank of the first that did.
+    pub async fn probe_above(&self, rank: usize) -> Result<usize, UplinkSetupError> {
+        let mut last = UplinkSetupError::NoClouds;
+        for (i, target) in self.clouds.iter().enumerate().take(rank) {
+            let attempt = async {
+                let addr = target.resolve(self.quic.connect_timeout_ms).await?;
+                Ok::<_, UplinkSetupError>(
+                    crate::quic::connect(&self.endpoint, addr, &self.quic).await?,
+                )
+            };
+            match attempt.await {
+                Ok(conn) => {
+                    conn.close(crate::quic::CLOSE_SHUTDOWN, b"probe");
+                    return Ok(i);
+                }
+                Err(e) => last = e,
+            }
+        }
+        Err(last)
     }
 
     async fn dial_in(&self, order: &[usize]) -> Result<DialedUplink, UplinkSetupError> {
@@ -712,5 +729,53 @@ impl IncomingConnection {
     pub fn close_identity_mismatch(&self, reason: &str) {
         self.conn
             .close(crate::quic::CLOSE_IDENTITY_MISMATCH, reason.as_bytes());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{rank_clouds, CloudTarget};
+
+    fn targets(n: usize) -> Vec<CloudTarget> {
+        (0..n)
+            .map(|i| format!("10.0.0.{i}:7400").parse().expect("an address"))
+            .collect()
+    }
+
+    #[test]
+    fn every_edge_of_a_shard_ranks_the_clouds_alike_whatever_their_order() {
+        let clouds = targets(5);
+        let mut reversed = clouds.clone();
+        reversed.reverse();
+        for k in 0..32 {
+            let key = format!("shard/{k}");
+            assert_eq!(
+                rank_clouds(&key, clouds.clone()),
+                rank_clouds(&key, reversed.clone())
+            );
+        }
+    }
+
+    #[test]
+    fn a_cloud_leaving_moves_only_the_shards_it_ranked_first() {
+        let clouds = targets(4);
+        let gone = clouds[2].clone();
+        let rest: Vec<CloudTarget> = clouds.iter().filter(|c| **c != gone).cloned().collect();
+        let mut firsts = std::collections::HashMap::new();
+        for k in 0..256 {
+            let key = format!("shard/{k}");
+            let before = rank_clouds(&key, clouds.clone());
+            let after = rank_clouds(&key, rest.clone());
+            *firsts.entry(before[0].clone()).or_insert(0) += 1;
+            if before[0] != gone {
+                assert_eq!(before[0], after[0], "{key} moved though its cloud stayed");
+            } else {
+                // It goes to its second choice.
+                assert_eq!(after[0], before[1], "{key}");
+            }
+        }
+        // Spread: every cloud is someone's first choice, none takes most.
+        assert_eq!(firsts.len(), 4, "{firsts:?}");
+        assert!(firsts.values().all(|n| *n < 128), "{firsts:?}");
     }
 }
