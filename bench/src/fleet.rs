@@ -19,7 +19,9 @@ use crate::latency::LatencyProbe;
 use crate::log::{delete_topics, unique_suffix, LogOpts, RawTxBaseline};
 use crate::stats::{print_table, process_cpu_s, thousands, Series};
 
-const REPORT_INTERVAL_MS: u64 = 1000;
+/// The cloud nodes' report interval: their `cloud flow` lines, read for the
+/// rates and for the failover time, which is known to within one interval.
+const REPORT_INTERVAL_MS: u64 = 200;
 const PARTITIONS: i32 = 3;
 const SEGMENT_READINGS: usize = 1000;
 /// The baseline's batch: the node's `commit_segments_max` default.

@@ -36,7 +36,8 @@
 //!   of this shard exists (another cloud node opened it) is not retried:
 //!   the shard closes the links of all its edges here and stays closed, so
 //!   that two cloud nodes never fence each other back and forth. The edges
-//!   reconnect in their order of preference; one arriving here again opens
+//!   reconnect in their order of preference. For [`MOVED_HOLD_MS`] edges
+//!   arriving here are refused and dial on; after it, one arriving opens
 //!   the shard again, fencing the other node.
 //! - **Failure.** Any other failed transaction fails the ingests in it (their
 //!   links close, their edges reconnect), and the writer is dropped and
@@ -63,6 +64,13 @@ use crate::sink::{EdgeCommit, Hwm, LogSink, ShardLogWriter, SinkError};
 const REOPEN_BACKOFF_MS_MIN: u64 = 100;
 /// The longest wait between two attempts to open a shard's writer.
 pub const REOPEN_BACKOFF_MS_MAX: u64 = 5_000;
+/// How long a shard that another cloud node took stays closed here: edges
+/// arriving meanwhile are refused (and dial their next cloud node), so
+/// that one edge which could not reach the new owner for a moment does not
+/// take the shard back and throw out every other edge of it. Without this,
+/// a thousand edges on three overloaded nodes passed shards back and forth
+/// for tens of seconds.
+pub const MOVED_HOLD_MS: u64 = 3_000;
 
 /// The shard of an edge: FNV-1a of its id, so that every cloud node, of any
 /// version, places an edge in the same shard.
@@ -147,6 +155,8 @@ pub struct ShardState {
     backoff_ms: u64,
     /// A failed opening's backoff is running: open only when it ends.
     reopen_scheduled: bool,
+    /// When another cloud node last took this shard.
+    moved_at: Option<tokio::time::Instant>,
 }
 
 impl ShardState {
@@ -319,6 +329,7 @@ impl Actor for ShardActor {
             members: HashMap::new(),
             backoff_ms: REOPEN_BACKOFF_MS_MIN,
             reopen_scheduled: false,
+            moved_at: None,
         };
         Ok(state)
     }
@@ -331,6 +342,20 @@ impl Actor for ShardActor {
     ) -> Result<(), ActorProcessingErr> {
         match msg {
             ShardMsg::Mark { edge_id, reply } => {
+                let held = state
+                    .moved_at
+                    .filter(|t| t.elapsed() < Duration::from_millis(MOVED_HOLD_MS));
+                if let (Some(t), None, false) = (held, &state.writer, state.opening) {
+                    let _ = reply.send_message(IngestMsg::Recovered(Err(SinkError::Aborted {
+                        edge: edge_id,
+                        reason: format!(
+                            "log shard {} moved to another cloud node {} ms ago; dial that one",
+                            state.args.shard,
+                            t.elapsed().as_millis()
+                        ),
+                    })));
+                    return Ok(());
+                }
                 // Bounded by this shard's edges: ingests that ended go.
                 state
                     .members
@@ -435,15 +460,19 @@ impl Actor for ShardActor {
                                 },
                             )));
                         }
-                        // Edges that arrived since wait for a new opening.
-                        let waiting: Vec<String> =
-                            state.mark_waiters.iter().map(|(e, _)| e.clone()).collect();
-                        for (edge, m) in state.members.drain() {
-                            if !waiting.contains(&edge) {
-                                let _ = m.send_message(IngestMsg::ShardMoved(reason.clone()));
-                            }
+                        for (_, m) in state.members.drain() {
+                            let _ = m.send_message(IngestMsg::ShardMoved(reason.clone()));
+                        }
+                        // Edges that arrived since go too: for a while the
+                        // shard is the other node's (see MOVED_HOLD_MS).
+                        for (edge, w) in state.mark_waiters.drain(..) {
+                            let _ = w.send_message(IngestMsg::Recovered(Err(SinkError::Aborted {
+                                edge,
+                                reason: reason.clone(),
+                            })));
                         }
                         state.marks.clear();
+                        state.moved_at = Some(tokio::time::Instant::now());
                     }
                     Err(e) => {
                         // In an unknown state: drop it, and read the marks
