@@ -462,6 +462,31 @@ impl Pipeline {
     }
 }
 
+/// Adds `from` into `into`, stage by stage by name, as one report of
+/// several pipelines of the same stages (a cloud node's, one per partition).
+pub fn merge_reports(into: &mut Vec<StageReport>, from: Vec<StageReport>) {
+    for r in from {
+        match into.iter_mut().find(|i| i.name == r.name) {
+            Some(i) => {
+                add_stats(&mut i.stats, r.stats);
+                i.restarts += r.restarts;
+                if r.last_failure.as_ref().map(|f| f.0) > i.last_failure.as_ref().map(|f| f.0) {
+                    i.last_failure = r.last_failure;
+                }
+            }
+            None => into.push(r),
+        }
+    }
+}
+
+impl PipelineStats {
+    pub fn add(&mut self, other: PipelineStats) {
+        self.received += other.received;
+        self.emitted += other.emitted;
+        self.outputs_cut += other.outputs_cut;
+    }
+}
+
 fn add_stats(into: &mut StageStats, s: StageStats) {
     into.readings_in += s.readings_in;
     into.readings_out += s.readings_out;

@@ -160,3 +160,60 @@ async fn state_is_kept_per_edge_and_device() {
     assert_eq!(alerts.len(), 1, "{alerts:?}");
     assert_eq!(alerts[0]["device_id"], "edge-1/press-1");
 }
+
+/// A node that takes over a partition (here: a second stages actor on the
+/// same log, after the first stopped) takes its state too: a threshold held
+/// across the move alerts once, and re-arms as it would have.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_held_threshold_that_spans_a_move_alerts_once() {
+    use tributary_actors::stages::secs;
+    let topology = Topology::builder("t")
+        .edge("plant", |e| e.source("sim", Simulated::devices(1)))
+        .cloud(|c| {
+            c.stage(
+                "overheat",
+                "sim",
+                Threshold::above("temperature", 100.0).for_at_least(secs(5)),
+            )
+            .sink("alerts", "overheat", Kafka::topic("alerts"))
+        })
+        .build()
+        .unwrap();
+    let part = topology.part_for("cloud-1", &[], Role::Cloud);
+    let log = MemoryStageLog::new();
+    let l = log.clone();
+    let args = CloudStagesArgs {
+        open_log: Arc::new(move || Ok(Box::new(l.open()) as Box<dyn StageLog>)),
+        stages: part.stages.iter().map(|c| (*c).clone()).collect(),
+        sinks: vec![("overheat".into(), "alerts".into())],
+        restarts: StageRestarts::default(),
+        batch_readings_max: 64,
+        poll_ms: 5,
+        watermark_lag_ms: 1_000,
+        report_interval_ms: 0,
+        alerts: None,
+    };
+    let (first, handle) = Actor::spawn(None, CloudStages, args.clone()).await.unwrap();
+    log.append("edge-1", (0..=7).map(|i| reading(i, 500.0)));
+    until("the first node committed", || log.committed_offset() == 8).await;
+    assert_eq!(log.outputs().len(), 1, "{:?}", log.outputs());
+    assert!(log.checkpoint().is_some());
+    first.stop(None);
+    handle.await.unwrap();
+
+    let (_second, _handle) = Actor::spawn(None, CloudStages, args).await.unwrap();
+    // Still hot for 13 s more: the same episode, no new alert.
+    log.append("edge-1", (8..=20).map(|i| reading(i, 500.0)));
+    // Then cool for one reading, and hot again for 6 s: a second episode.
+    log.append("edge-1", [reading(21, 20.0)]);
+    log.append("edge-1", (22..=28).map(|i| reading(i, 500.0)));
+    until("every reading committed", || log.committed_offset() == 29).await;
+    let alerts: Vec<serde_json::Value> = log
+        .outputs()
+        .iter()
+        .map(|o| serde_json::from_slice(&o.value).unwrap())
+        .collect();
+    assert_eq!(alerts.len(), 2, "{alerts:#?}");
+    assert_eq!(alerts[0]["device_ts_us"], T0_US + 5_000_000, "{alerts:#?}");
+    assert_eq!(alerts[1]["device_ts_us"], T0_US + 27_000_000, "{alerts:#?}");
+}

@@ -197,6 +197,10 @@ settings! {
     stages_poll_ms: u64 = 200, "TRIBUTARY_STAGES_POLL_MS", "Cloud";
     /// How far the stages' watermark trails the wall clock when input is quiet [default: 5000].
     stages_watermark_lag_ms: u64 = 5_000, "TRIBUTARY_STAGES_WATERMARK_LAG_MS", "Cloud";
+    /// Cloud: how long the stages' consumer group waits for a silent cloud node before its partitions (and their state) move to the others; the broker's group.min.session.timeout.ms (6000 by default) bounds it from below [default: 10000].
+    stages_session_timeout_ms: u64 = 10_000, "TRIBUTARY_STAGES_SESSION_TIMEOUT_MS", "Cloud";
+    /// Cloud: bound on reading back a partition's state when the group gives it to this node; past it the stages restart [default: 30000].
+    stages_restore_timeout_ms: u64 = 30_000, "TRIBUTARY_STAGES_RESTORE_TIMEOUT_MS", "Cloud";
     /// Labels of this node, comma-separated: a topology places edge blocks by node id or label. They are part of the certificate (certs issue --labels); set here, they must match it [default: the certificate's].
     labels: String = String::new(), "TRIBUTARY_LABELS", "Every node";
 }

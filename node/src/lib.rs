@@ -786,6 +786,9 @@ async fn start_cloud_stages(
             s.node_id
         ),
         sink_topics: sinks.iter().map(|(_, topic)| topic.clone()).collect(),
+        state_topic: format!("{}-stages-{}-state", s.transactional_id_prefix, t.name()),
+        session_timeout_ms: s.stages_session_timeout_ms,
+        restore_timeout_ms: s.stages_restore_timeout_ms,
         sink,
     };
     let args = CloudStagesArgs {

@@ -75,6 +75,8 @@ pub async fn consume_all(
 pub struct ConsumedValue {
     pub key: String,
     pub value: serde_json::Value,
+    /// The `tributary-edge` header, if the record has one (readings do).
+    pub edge: Option<String>,
     pub partition: i32,
     pub offset: i64,
 }
@@ -98,9 +100,16 @@ pub async fn consume_values(
             let key = String::from_utf8_lossy(msg.key().unwrap_or_default()).into_owned();
             let value = serde_json::from_slice(msg.payload().unwrap_or_default())
                 .map_err(|e| bad(format!("value is not JSON: {e}")))?;
+            let edge = msg.headers().and_then(|h| {
+                h.iter()
+                    .find(|h| h.key == EDGE_HEADER)
+                    .and_then(|h| h.value)
+                    .map(|v| String::from_utf8_lossy(v).into_owned())
+            });
             Ok(ConsumedValue {
                 key,
                 value,
+                edge,
                 partition,
                 offset,
             })
@@ -128,6 +137,14 @@ pub async fn wait_group_caught_up(
             .set("enable.auto.commit", "false")
             .create()
             .map_err(kafka("creating the offsets client"))?;
+        let tail: BaseConsumer = ClientConfig::new()
+            .set("bootstrap.servers", &bootstrap)
+            .set("group.id", format!("{group}-tail-check"))
+            .set("isolation.level", "read_committed")
+            .set("enable.auto.commit", "false")
+            .set("enable.partition.eof", "true")
+            .create()
+            .map_err(kafka("creating the tail reader"))?;
         let mut tpl = TopicPartitionList::new();
         for p in 0..partitions {
             tpl.add_partition(&topic, p);
@@ -150,7 +167,10 @@ pub async fn wait_group_caught_up(
                 };
                 // A commit marker follows the last record: a group that read
                 // everything sits at most one offset below the watermark.
-                if at + 1 < high {
+                // Past that, the tail may be only markers and aborted records
+                // (a crashed writer's transactions, aborted after the last
+                // commit): behind only if a committed record lies there.
+                if at + 1 < high && committed_record_from(&tail, &topic, p, at, call)? {
                     behind.push((p, at, high));
                 }
             }
@@ -167,6 +187,33 @@ pub async fn wait_group_caught_up(
         })
     })
     .await
+}
+
+/// Whether `read_committed` finds a record of `topic` partition `p` at
+/// `from` or later, before its end.
+fn committed_record_from(
+    tail: &BaseConsumer,
+    topic: &str,
+    p: i32,
+    from: i64,
+    timeout: Duration,
+) -> Result<bool, HarnessError> {
+    let kafka = |step| move |source| HarnessError::Kafka { step, source };
+    let mut tpl = TopicPartitionList::new();
+    tpl.add_partition_offset(topic, p, Offset::Offset(from))
+        .and_then(|()| tail.assign(&tpl))
+        .map_err(kafka("assigning the tail reader"))?;
+    let deadline = Instant::now() + timeout;
+    while Instant::now() < deadline {
+        match tail.poll(Duration::from_millis(POLL_INTERVAL_MS)) {
+            Some(Ok(m)) => return Ok(m.offset() >= from),
+            Some(Err(rdkafka::error::KafkaError::PartitionEOF(_))) => return Ok(false),
+            Some(Err(e)) => return Err(kafka("reading the partition's tail")(e)),
+            None => {}
+        }
+    }
+    // An open transaction holds read_committed back: not caught up yet.
+    Ok(true)
 }
 
 fn consume_blocking<T>(

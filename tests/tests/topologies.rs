@@ -98,3 +98,167 @@ async fn one_injected_anomaly_yields_exactly_one_alert_per_detector_across_a_clo
         assert!((19.0..=35.0).contains(&mean), "{w:?}");
     }
 }
+
+/// What a held threshold (above `value` for at least `held_us`) must raise
+/// over one device's readings in event-time order: the (device, time) of
+/// each alert. The same rule as the stage's, written out again here so that
+/// the test does not trust the code it checks.
+fn held_alerts(
+    device: &str,
+    readings: &[(i64, f64)],
+    value: f64,
+    held_us: i64,
+) -> Vec<(String, i64)> {
+    let mut out = Vec::new();
+    let (mut since, mut fired) = (None, false);
+    for &(t, v) in readings {
+        if v <= value {
+            since = None;
+            fired = false;
+            continue;
+        }
+        let s = *since.get_or_insert(t);
+        if !fired && t - s >= held_us {
+            fired = true;
+            out.push((device.to_owned(), t));
+        }
+    }
+    out
+}
+
+/// Cloud stages on two cloud nodes share the readings topic's partitions
+/// through their consumer group. One is killed -9 right after the first
+/// alert, in the middle of every device's hot stretch: its partitions move
+/// to the other with the state committed with their offsets, so the
+/// stretch that was already alerted is not alerted again, and every alert
+/// the readings call for is in the topic exactly once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cloud_stages_on_two_nodes_alert_exactly_once_across_a_kill_9() {
+    const PER_DEVICE: usize = 600;
+    const EDGES: [&str; 2] = ["edge-a", "edge-b"];
+    let bootstrap = shared_bootstrap();
+    let alerts_topic = unique_topic("alerts");
+    let mut f = Fixture::new("held", &bootstrap, &EDGES).with_program(
+        PathBuf::from(env!("CARGO_BIN_EXE_topology-node")),
+        &[
+            ("TRIBUTARY_TEST_TOPOLOGY", "held"),
+            ("TRIBUTARY_TEST_ALERTS_TOPIC", &alerts_topic),
+        ],
+    );
+    // The broker's smallest session timeout: the killed node's partitions
+    // move after it.
+    f.set_cloud("stages-session-timeout-ms", "6000");
+    f.set_cloud("stages-watermark-lag-ms", "1000");
+    f.add_clouds(1);
+    for e in &mut f.edges {
+        e.set("device-readings-max", &PER_DEVICE.to_string());
+        e.set("cloud-return-after-ms", "0");
+    }
+    f.start_cloud().await;
+    f.start_more_cloud(0).await;
+    for e in &mut f.edges {
+        e.start();
+    }
+
+    let first = consume_values(&bootstrap, &alerts_topic, 1, DRAIN)
+        .await
+        .expect("the first alert");
+    assert!(!first.is_empty());
+    f.cloud().kill9().expect("killing cloud-1");
+
+    for e in &f.edges {
+        e.wait_acked(6 * PER_DEVICE, DRAIN).await;
+    }
+    let group = format!("{}-stages-held", f.txn_prefix);
+    if let Err(e) = wait_group_caught_up(&bootstrap, &group, &f.topic, DRAIN).await {
+        panic!(
+            "the surviving node's stages did not process every reading: {e}{}",
+            f.log_tails()
+        );
+    }
+
+    // The oracle: every reading in the log, per edge and device.
+    let readings = consume_values(&bootstrap, &f.topic, EDGES.len() * 6 * PER_DEVICE, DRAIN)
+        .await
+        .expect("reading the readings topic");
+    let mut per_device: std::collections::BTreeMap<String, Vec<(i64, f64)>> = Default::default();
+    let partitions: std::collections::BTreeSet<i32> =
+        readings.iter().map(|r| r.partition).collect();
+    let keys: std::collections::BTreeSet<(&str, i32)> = readings
+        .iter()
+        .map(|r| (r.key.as_str(), r.partition))
+        .collect();
+    assert_eq!(
+        partitions.len(),
+        3,
+        "the devices must cover every partition, whichever the killed node held: {keys:?}"
+    );
+    for r in &readings {
+        let edge = r.edge.clone().expect("an edge header");
+        let device = format!(
+            "{edge}/{}",
+            r.value["device_id"].as_str().expect("a device")
+        );
+        let t = r.value["device_ts_us"].as_i64().expect("a timestamp");
+        let v = metric(r, "temperature").expect("a temperature");
+        per_device.entry(device).or_default().push((t, v));
+    }
+    let mut expected: Vec<(String, i64)> = Vec::new();
+    for (device, rs) in &mut per_device {
+        rs.sort_by_key(|(t, _)| *t);
+        expected.extend(held_alerts(device, rs, 100.0, 500_000));
+    }
+    expected.sort();
+    assert!(
+        expected.len() >= 2 * EDGES.len() * 6,
+        "the wave ran {} hot stretches",
+        expected.len()
+    );
+
+    let alerts = consume_values(&bootstrap, &alerts_topic, expected.len(), DRAIN)
+        .await
+        .expect("reading the alerts");
+    let mut got: Vec<(String, i64)> = alerts
+        .iter()
+        .map(|a| {
+            (
+                a.value["device_id"].as_str().unwrap_or("?").to_owned(),
+                a.value["device_ts_us"].as_i64().unwrap_or(0),
+            )
+        })
+        .collect();
+    got.sort();
+    let repeated: Vec<_> = got.iter().filter(|a| !expected.contains(a)).collect();
+    let missing: Vec<_> = expected.iter().filter(|a| !got.contains(a)).collect();
+    assert!(
+        got == expected,
+        "{} alerts, {} expected; not expected: {repeated:?}; missing: {missing:?}",
+        got.len(),
+        expected.len()
+    );
+
+    // The move happened, and with the state.
+    let survivor = std::fs::read_to_string(
+        f.more_clouds[0]
+            .process
+            .as_ref()
+            .expect("cloud-2 running")
+            .log_path(),
+    )
+    .expect("reading cloud-2's log");
+    let restored = survivor
+        .lines()
+        .filter(|l| {
+            l.contains("partition taken by this node's stages") && l.contains("restored=true")
+        })
+        .count();
+    assert!(
+        restored > 0,
+        "cloud-2 took no partition with its state:{}",
+        f.log_tails()
+    );
+    println!(
+        "stages across two cloud nodes: {} alerts, each once; cloud-2 took {restored} partition(s) with state",
+        got.len()
+    );
+}

@@ -206,7 +206,8 @@ mod tests {
 }
 
 /// The cloud stages' side of an in-memory log: a single-partition readings
-/// log, a committed offset for the stages' group, and the committed outputs.
+/// log, a committed offset and state checkpoint for the stages' group, and
+/// the committed outputs.
 /// Clones share it; each [`MemoryStageLog::open`] is a fresh consumer that
 /// starts at the committed offset, as a restarted stages actor would.
 #[derive(Debug, Clone, Default)]
@@ -219,6 +220,8 @@ struct StageInner {
     /// Each with the edge it came through.
     readings: Vec<(String, Reading)>,
     committed_offset: usize,
+    /// Committed with the offset: what the stages held of partition 0.
+    checkpoint: Option<Vec<u8>>,
     outputs: Vec<super::SinkRecord>,
     /// Commits that fail before any effect, as a broker outage would.
     commits_to_fail: u32,
@@ -228,6 +231,8 @@ struct StageInner {
 pub struct MemoryStageConsumer {
     log: MemoryStageLog,
     position: usize,
+    /// Whether the first poll told that partition 0 is this consumer's.
+    assigned: bool,
 }
 
 impl MemoryStageLog {
@@ -251,6 +256,7 @@ impl MemoryStageLog {
         MemoryStageConsumer {
             position: self.lock().committed_offset,
             log: self.clone(),
+            assigned: false,
         }
     }
 
@@ -260,6 +266,11 @@ impl MemoryStageLog {
 
     pub fn committed_offset(&self) -> usize {
         self.lock().committed_offset
+    }
+
+    /// The stages' state committed with the offset.
+    pub fn checkpoint(&self) -> Option<Vec<u8>> {
+        self.lock().checkpoint.clone()
     }
 
     pub fn len(&self) -> usize {
@@ -281,8 +292,15 @@ impl super::StageLog for MemoryStageConsumer {
         &mut self,
         records_max: usize,
         timeout: std::time::Duration,
-    ) -> Result<Vec<super::LogReading>, SinkError> {
+    ) -> Result<super::Polled, SinkError> {
         let mut inner = self.log.lock();
+        if !self.assigned {
+            self.assigned = true;
+            return Ok(super::Polled {
+                assigned: vec![(0, inner.checkpoint.clone())],
+                ..super::Polled::default()
+            });
+        }
         if inner.readings.len() == self.position {
             // Waits a little, as a broker would, so that a driver polling in
             // a loop does not spin; a simulation passes a zero timeout.
@@ -302,10 +320,17 @@ impl super::StageLog for MemoryStageConsumer {
             })
             .collect();
         self.position = end;
-        Ok(batch)
+        Ok(super::Polled {
+            readings: batch,
+            ..super::Polled::default()
+        })
     }
 
-    fn commit(&mut self, outputs: &[super::SinkRecord]) -> Result<(), SinkError> {
+    fn commit(
+        &mut self,
+        outputs: &[super::SinkRecord],
+        checkpoints: &[(i32, Vec<u8>)],
+    ) -> Result<(), SinkError> {
         let mut inner = self.log.lock();
         if inner.commits_to_fail > 0 {
             inner.commits_to_fail -= 1;
@@ -314,8 +339,17 @@ impl super::StageLog for MemoryStageConsumer {
                 reason: "the simulated broker is unavailable".into(),
             });
         }
+        if self.position != inner.committed_offset && !checkpoints.iter().any(|(p, _)| *p == 0) {
+            return Err(SinkError::Stages {
+                step: "checking the checkpoints",
+                reason: "partition 0 was polled but its state is not in the commit".into(),
+            });
+        }
         inner.outputs.extend_from_slice(outputs);
         inner.committed_offset = self.position;
+        if let Some((_, state)) = checkpoints.iter().find(|(p, _)| *p == 0) {
+            inner.checkpoint = Some(state.clone());
+        }
         Ok(())
     }
 

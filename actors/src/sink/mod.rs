@@ -177,6 +177,17 @@ pub struct LogReading {
     pub reading: Reading,
 }
 
+/// What one [`StageLog::poll`] brought.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Polled {
+    pub readings: Vec<LogReading>,
+    /// Partitions no longer this consumer's: drop their state, unsaved.
+    pub revoked: Vec<i32>,
+    /// Partitions newly this consumer's, each with the state committed with
+    /// its offsets (`None`: start fresh). Applied before `readings`.
+    pub assigned: Vec<(i32, Option<Vec<u8>>)>,
+}
+
 /// A record a cloud stage writes to a sink topic.
 #[derive(Debug, Clone, PartialEq)]
 pub struct SinkRecord {
@@ -188,20 +199,31 @@ pub struct SinkRecord {
 }
 
 /// The cloud stages' view of the log: consume-transform-produce. Each
-/// [`StageLog::commit`] writes the outputs *and* moves the consumer group's
+/// [`StageLog::commit`] writes the outputs, the stages' state of every
+/// partition it touched (a checkpoint), *and* moves the consumer group's
 /// offsets past everything polled so far, in one transaction, so that a
-/// crash never loses nor repeats an output.
+/// crash or a move of a partition to another cloud node never loses nor
+/// repeats an output, and a window or a held threshold that spans the move
+/// goes on where it was.
 pub trait StageLog: Send + 'static {
     /// Up to `records_max` committed readings (`read_committed`), waiting at
-    /// most `timeout` for the first. Records that are not readings are
-    /// skipped and counted; their offsets still move on.
-    fn poll(&mut self, records_max: usize, timeout: Duration)
-        -> Result<Vec<LogReading>, SinkError>;
+    /// most `timeout` for the first, and the partitions that left or joined
+    /// this consumer meanwhile. Records that are not readings are skipped
+    /// and counted; their offsets still move on. Readings of a partition
+    /// revoked during the poll are not returned (their next owner reads
+    /// them).
+    fn poll(&mut self, records_max: usize, timeout: Duration) -> Result<Polled, SinkError>;
 
-    /// Writes `outputs` and commits the offsets of everything polled, at once.
-    /// After an error the caller must start over from the committed offsets
-    /// with fresh stage state (a new `StageLog`).
-    fn commit(&mut self, outputs: &[SinkRecord]) -> Result<(), SinkError>;
+    /// Writes `outputs` and each `(partition, state)` checkpoint and commits
+    /// the offsets of everything polled, at once. Every partition polled
+    /// since the last commit must have its checkpoint here. After an error
+    /// the caller must start over from the committed offsets with the
+    /// committed state (a new `StageLog`).
+    fn commit(
+        &mut self,
+        outputs: &[SinkRecord],
+        checkpoints: &[(i32, Vec<u8>)],
+    ) -> Result<(), SinkError>;
 
     /// Records skipped because they were not readings.
     fn records_malformed(&self) -> u64;

@@ -163,9 +163,9 @@ pub trait Operator: Send {
 
     fn stats(&self) -> StageStats;
 
-    /// The operator's state as bytes, for the edge's checkpoints (see the
-    /// gateway); `None` when the operator cannot save it. Stateless
-    /// operators save an empty state.
+    /// The operator's state as bytes, for checkpoints (the edge gateway's,
+    /// and the cloud stages' per partition); `None` when the operator cannot
+    /// save it. Stateless operators save an empty state.
     fn snapshot(&self) -> Option<Vec<u8>> {
         None
     }

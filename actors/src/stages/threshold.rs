@@ -14,7 +14,7 @@
 
 use std::time::Duration;
 
-use super::devices::DeviceTable;
+use super::devices::{DeviceTable, TableParts};
 use super::{
     duration_us, finite, nonempty, nonzero, numeric, Alert, AlertKind, Operator, Output,
     ParamError, StageStats, DEVICES_MAX_DEFAULT,
@@ -116,6 +116,7 @@ pub(crate) struct ThresholdStage {
     stats: StageStats,
 }
 
+#[derive(bincode::Encode, bincode::Decode)]
 struct Held {
     latest_us: i64,
     /// When the condition started holding, if it holds.
@@ -181,6 +182,19 @@ impl Operator for ThresholdStage {
                 self.spec.metric, self.spec.value
             ),
         })]
+    }
+
+    fn snapshot(&self) -> Option<Vec<u8>> {
+        let parts = self.devices.to_parts();
+        bincode::encode_to_vec(&parts, crate::reading::bincode_config()).ok()
+    }
+
+    fn restore(&mut self, bytes: &[u8]) -> Result<(), String> {
+        let (parts, _): (TableParts<Held>, _) =
+            bincode::decode_from_slice(bytes, crate::reading::bincode_config())
+                .map_err(|e| format!("the threshold's checkpoint does not decode: {e}"))?;
+        self.devices = DeviceTable::from_parts(self.devices.devices_max(), parts);
+        Ok(())
     }
 
     fn stats(&self) -> StageStats {

@@ -15,7 +15,7 @@
 use std::collections::VecDeque;
 use std::time::Duration;
 
-use super::devices::DeviceTable;
+use super::devices::{DeviceTable, TableParts};
 use super::{
     duration_us, finite, nonempty, nonzero, numeric, Alert, AlertKind, Operator, Output,
     ParamError, StageStats, DEVICES_MAX_DEFAULT,
@@ -132,6 +132,7 @@ pub(crate) struct ZScoreStage {
 
 /// Running sums over values minus `shift` (a value of the window), which
 /// keeps the variance accurate when values are large and their spread small.
+#[derive(bincode::Encode, bincode::Decode)]
 struct Samples {
     latest_us: i64,
     samples: VecDeque<(i64, f64)>,
@@ -246,6 +247,19 @@ impl Operator for ZScoreStage {
         }
         s.push(t, v, self.spec.samples_max);
         out
+    }
+
+    fn snapshot(&self) -> Option<Vec<u8>> {
+        let parts = self.devices.to_parts();
+        bincode::encode_to_vec(&parts, crate::reading::bincode_config()).ok()
+    }
+
+    fn restore(&mut self, bytes: &[u8]) -> Result<(), String> {
+        let (parts, _): (TableParts<Samples>, _) =
+            bincode::decode_from_slice(bytes, crate::reading::bincode_config())
+                .map_err(|e| format!("the z-score's checkpoint does not decode: {e}"))?;
+        self.devices = DeviceTable::from_parts(self.devices.devices_max(), parts);
+        Ok(())
     }
 
     fn stats(&self) -> StageStats {

@@ -9,6 +9,12 @@
 //! threshold and a z-score detector on the raw stream. Alerts go to
 //! `TRIBUTARY_TEST_ALERTS_TOPIC`, windows to `TRIBUTARY_TEST_WINDOWS_TOPIC`.
 //!
+//! `held`: six simulated devices per edge (`kiln-0` … `kiln-5`) at 25 Hz on a slow wave (20 ±
+//! 100 °C, a period of 8 s, no noise), so each is above 100 °C for about
+//! 1.6 s in each period; the cloud raises `hot` when one stays above 100 °C
+//! for 0.5 s, into `TRIBUTARY_TEST_ALERTS_TOPIC`. For the tests of cloud
+//! stages whose state must move with their partitions.
+//!
 //! `mqtt-window`: an MQTT source on `TRIBUTARY_TEST_MQTT_TOPIC` that only an
 //! edge window reads (10 s tumbling: the count of `v`, the largest `n`); the
 //! windows go to `TRIBUTARY_TEST_WINDOWS_TOPIC`, the raw readings nowhere.
@@ -17,6 +23,8 @@
 //! labelled `plant-b` run `b-presses` (simulated devices, steady at 20 °C);
 //! the cloud raises `a-hot` when a plant-a press passes 100 °C, into
 //! `TRIBUTARY_TEST_ALERTS_TOPIC`. For the tests of what one edge may send.
+
+use std::time::Duration;
 
 use anyhow::{bail, Context};
 use tributary_actors::edge::device::Signal;
@@ -64,6 +72,41 @@ fn anomaly() -> anyhow::Result<Topology> {
                 .stage("spike", "sim", ZScore::new("temperature", secs(30), 6.0))
                 .sink("alerts", ["overheat", "spike"], Kafka::topic(alerts))
                 .sink("windows", "per-second", Kafka::topic(windows))
+        })
+        .build()?)
+}
+
+fn held() -> anyhow::Result<Topology> {
+    let wave = Signal {
+        base: 20.0,
+        amplitude: 100.0,
+        period_s: 8.0,
+        noise: 0.0,
+        spike_probability: 0.0,
+        spike_magnitude: 0.0,
+        spike_at_reading: 0,
+    };
+    let alerts = var("TRIBUTARY_TEST_ALERTS_TOPIC")?;
+    Ok(Topology::builder("held")
+        .edge(EdgeSelector::all(), |e| {
+            // Named so that the six devices' keys cover all three
+            // partitions of the readings topic (murmur2: 2, 0, 1, 0, 0, 1),
+            // whichever ones the killed node held.
+            e.source(
+                "kiln",
+                Simulated::devices(6)
+                    .rate_hz(25.0)
+                    .id_prefix("kiln-")
+                    .signal(wave),
+            )
+        })
+        .cloud(|c| {
+            c.stage(
+                "hot",
+                "kiln",
+                Threshold::above("temperature", 100.0).for_at_least(Duration::from_millis(500)),
+            )
+            .sink("alerts", "hot", Kafka::topic(alerts))
         })
         .build()?)
 }
@@ -119,6 +162,7 @@ fn two_plants() -> anyhow::Result<Topology> {
 fn main() -> anyhow::Result<()> {
     let topology = match var("TRIBUTARY_TEST_TOPOLOGY")?.as_str() {
         "anomaly" => anomaly()?,
+        "held" => held()?,
         "mqtt-window" => mqtt_window()?,
         "two-plants" => two_plants()?,
         other => bail!("no test topology named {other:?}"),

@@ -383,11 +383,23 @@ impl ClientContext for LogContext {
     }
 
     fn error(&self, error: KafkaError, reason: &str) {
+        if is_partition_eof(&error) {
+            return;
+        }
         tracing::warn!(role = %self.role, %error, reason, "kafka client error");
     }
 }
 
 impl ConsumerContext for LogContext {}
+
+/// The end of a partition, which readers that ask for it (marks recovery,
+/// checkpoints) also get as a client error: not one.
+fn is_partition_eof(error: &KafkaError) -> bool {
+    matches!(
+        error,
+        KafkaError::PartitionEOF(_) | KafkaError::Global(RDKafkaErrorCode::PartitionEOF)
+    )
+}
 
 fn log_rdkafka(role: &str, level: RDKafkaLogLevel, fac: &str, message: &str) {
     match level {
