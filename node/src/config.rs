@@ -197,6 +197,10 @@ settings! {
     stages_poll_ms: u64 = 200, "TRIBUTARY_STAGES_POLL_MS", "Cloud";
     /// How far the stages' watermark trails the wall clock when input is quiet [default: 5000].
     stages_watermark_lag_ms: u64 = 5_000, "TRIBUTARY_STAGES_WATERMARK_LAG_MS", "Cloud";
+    /// Cloud: the compacted topic through which cloud nodes share the fleet's status, so that any one's dashboard shows every node; `off` keeps each page to the nodes placed on it [default: <transactional_id_prefix>-status].
+    status_topic: String = String::new(), "TRIBUTARY_STATUS_TOPIC", "Dashboard (cloud)";
+    /// Cloud: the largest status record (one node's complete report); a larger one is not shared, and counted [default: 1000000].
+    status_record_bytes_max: usize = 1_000_000, "TRIBUTARY_STATUS_RECORD_BYTES_MAX", "Dashboard (cloud)";
     /// Cloud: how long the stages' consumer group waits for a silent cloud node before its partitions (and their state) move to the others; the broker's group.min.session.timeout.ms (6000 by default) bounds it from below [default: 10000].
     stages_session_timeout_ms: u64 = 10_000, "TRIBUTARY_STAGES_SESSION_TIMEOUT_MS", "Cloud";
     /// Cloud: bound on reading back a partition's state when the group gives it to this node; past it the stages restart [default: 30000].

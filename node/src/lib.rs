@@ -730,6 +730,35 @@ async fn start_dashboard(
         tracing::info!(addr = %served.local_addr, "metrics serving");
         tasks.push(served.task);
     }
+    let status = match (dashboard_addr, s.status_topic.as_str()) {
+        (None, _) | (_, "off") => None,
+        (Some(_), topic) => {
+            let topic = if topic.is_empty() {
+                format!("{}-status", s.transactional_id_prefix)
+            } else {
+                topic.to_owned()
+            };
+            let (bootstrap, bytes_max, node) = (
+                s.kafka_bootstrap.clone(),
+                s.status_record_bytes_max,
+                s.node_id.clone(),
+            );
+            let t = topic.clone();
+            let status = tokio::task::spawn_blocking(move || {
+                tributary_actors::sink::kafka::status::KafkaStatus::open(
+                    &bootstrap, &t, bytes_max, &node,
+                )
+            })
+            .await?
+            .with_context(|| {
+                format!(
+                    "opening the status topic {topic} (status_topic = \"off\" turns sharing off)"
+                )
+            })?;
+            tracing::info!(%topic, "sharing the fleet's status with the other cloud nodes");
+            Some(Arc::new(status))
+        }
+    };
     tasks.push(spawn_cloud_ticker(CloudTicker {
         node_id: s.node_id.clone(),
         listener: LISTENER_NAME.to_string(),
@@ -739,6 +768,7 @@ async fn start_dashboard(
         hub,
         latest,
         updates,
+        status,
     }));
     Ok(tasks)
 }

@@ -1591,3 +1591,77 @@ async fn views_need_the_token_and_one_client_cannot_take_every_page() {
          {same} the same bytes as the one before it"
     );
 }
+
+/// Two cloud nodes, each edge placed on one of them: either node's page
+/// shows the whole fleet, each edge marked with the node it is placed on;
+/// when one cloud node is killed -9, the other's page marks it down, and
+/// the edge that could only reach it stale.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn any_cloud_node_shows_the_whole_fleet_and_marks_a_dead_one_down() {
+    let mut f = Fixture::new("fleet-view", &shared_bootstrap(), &["edge-1", "edge-2"]);
+    f.set_cloud("dashboard-addr", "127.0.0.1:0");
+    f.add_clouds(1);
+    let (one, two) = (f.cloud_addr.to_string(), f.more_clouds[0].addr.to_string());
+    f.edges[0].set("cloud-addr", &one);
+    f.edges[1].set("cloud-addr", &two);
+    f.start_cloud().await;
+    f.start_more_cloud(0).await;
+    let base_one = served_addr(f.cloud(), "dashboard").await;
+    let base_two = served_addr(
+        f.more_clouds[0].process.as_mut().expect("cloud-2 running"),
+        "dashboard",
+    )
+    .await;
+    for i in 0..2 {
+        f.workload(i, &LIGHT);
+        f.edges[i].start();
+    }
+    let http = Http::new();
+    let shown = |s: &Value, id: &str, via: Option<&str>| {
+        node(s, id)
+            .is_some_and(|n| n["stale"] == false && n["link"] == "up" && n["via"].as_str() == via)
+    };
+    for (base, here, there, edge_here, edge_there) in [
+        (&base_one, "cloud-1", "cloud-2", "edge-1", "edge-2"),
+        (&base_two, "cloud-2", "cloud-1", "edge-2", "edge-1"),
+    ] {
+        wait_snapshot(
+            &http,
+            base,
+            &format!("the whole fleet on {here}"),
+            &|| f.log_tails(),
+            |s| {
+                (shown(s, edge_here, None)
+                    && shown(s, edge_there, Some(there))
+                    && shown(s, there, Some(there)))
+                .then_some(())
+            },
+        )
+        .await;
+    }
+    // The relayed edge's tree came along.
+    let snap = http.get(&format!("{base_one}/api/snapshot")).await.json();
+    let devices = node(&snap, "edge-2")
+        .and_then(|n| n["actors"].as_array())
+        .map_or(0, |a| a.iter().filter(|a| a["kind"] == "device").count());
+    assert_eq!(devices, LIGHT.devices, "{snap:#}");
+
+    f.more_clouds[0]
+        .process
+        .as_mut()
+        .expect("cloud-2 running")
+        .kill9()
+        .expect("killing cloud-2");
+    wait_snapshot(
+        &http,
+        &base_one,
+        "cloud-2 and its edge down on cloud-1",
+        &|| f.log_tails(),
+        |s| {
+            let down =
+                |id: &str| node(s, id).is_some_and(|n| n["stale"] == true && n["link"] == "down");
+            (down("cloud-2") && down("edge-2") && shown(s, "edge-1", None)).then_some(())
+        },
+    )
+    .await;
+}

@@ -17,6 +17,16 @@
 //!   [`ACTORS_PER_NODE_MAX`] actors; what breaks these is dropped and
 //!   counted, so no node can rewrite another's tree or mark another's actors
 //!   restartable.
+//! - Several cloud nodes: each publishes the reports of the nodes placed on
+//!   it, and its own, to the compacted status topic once a second, and
+//!   reads everyone's back ([`RelayedStatus`], `sink::kafka::status`), so
+//!   any cloud node's page shows the whole fleet. A relayed node shows which
+//!   cloud node it is placed on (`via`), and goes stale (down) when that
+//!   node stops relaying it, so a cloud node that died is marked down on
+//!   the others' pages, with the edges it held until they report elsewhere.
+//!   Reports are compared by when their cloud node received them, so cloud
+//!   nodes' clocks must agree to well within `STALE_AFTER_MS`. The charts
+//!   and the alerts feed are this node's own.
 //! - Actions (restart an actor, pause or resume an edge's uplink) need the
 //!   configured bearer token, are written to the audit topic first, and go to
 //!   edges as control calls.
@@ -85,6 +95,20 @@ pub struct NodeView {
     pub backlog: Option<Backlog>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub actors: Option<Vec<ActorView>>,
+    /// The cloud node this one's report came through, when that is another
+    /// cloud node (the node is placed there).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub via: Option<String>,
+}
+
+/// One record of the status topic: the latest complete report of a node,
+/// as the cloud node it is placed on (`via`) received it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RelayedStatus {
+    pub via: String,
+    /// When `via` received it, Unix ms by `via`'s clock.
+    pub received_ms: u64,
+    pub report: NodeReport,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -147,6 +171,8 @@ struct Reported {
     received_ms: u64,
     /// (at_ms, readings confirmed) of the previous report, for the drain rate.
     previous_confirmed: Option<(u64, u64)>,
+    /// The other cloud node that relayed it; `None`: it reported here.
+    via: Option<String>,
 }
 
 /// The cloud's view of the cluster, fed by reports and ticks.
@@ -162,6 +188,11 @@ pub struct Hub {
     pub reports_undecodable: u64,
     /// Reports kept.
     pub reports_kept: u64,
+    /// Relayed reports kept, and those older than what was here already.
+    pub relayed_kept: u64,
+    pub relayed_older: u64,
+    /// Status records that did not decode.
+    pub relayed_undecodable: u64,
     /// Actors dropped because their id or parent is not of the reporting
     /// node.
     pub actors_foreign: u64,
@@ -212,6 +243,9 @@ impl Hub {
             reports_spoofed: 0,
             reports_undecodable: 0,
             reports_kept: 0,
+            relayed_kept: 0,
+            relayed_older: 0,
+            relayed_undecodable: 0,
             actors_foreign: 0,
             actors_over_limit: 0,
             actors_oversized: 0,
@@ -242,7 +276,55 @@ impl Hub {
     /// node's tree; otherwise its actors are the changed ones and
     /// `actors_removed` the gone ones. Only the node's own actors are taken
     /// (ids and parents under `<node_id>/`), at most `ACTORS_PER_NODE_MAX`.
-    pub fn put_report(&mut self, mut report: NodeReport, now_ms: u64) {
+    pub fn put_report(&mut self, report: NodeReport, now_ms: u64) {
+        self.put_report_via(report, now_ms, None);
+    }
+
+    /// Keeps a report another cloud node relayed, unless what is here is
+    /// newer (a node that moved here reports directly, and the old node's
+    /// last relay of it is older).
+    pub fn put_relayed(&mut self, status: RelayedStatus) {
+        let RelayedStatus {
+            via,
+            received_ms,
+            report,
+        } = status;
+        if via == self.cloud_id || report.node_id == self.cloud_id || !report.actors_complete {
+            return;
+        }
+        if self
+            .reports
+            .get(&report.node_id)
+            .is_some_and(|r| r.received_ms >= received_ms)
+        {
+            self.relayed_older += 1;
+            return;
+        }
+        self.relayed_kept += 1;
+        self.put_report_via(report, received_ms, Some(via));
+    }
+
+    /// The complete latest report of every node that reported here (this
+    /// node's own included) within `STALE_AFTER_MS`, for the status topic.
+    pub fn direct_reports(&self, now_ms: u64) -> Vec<RelayedStatus> {
+        self.reports
+            .values()
+            .filter(|r| r.via.is_none() && now_ms.saturating_sub(r.received_ms) <= STALE_AFTER_MS)
+            .map(|r| {
+                let mut report = r.report.clone();
+                report.actors = r.tree.values().cloned().collect();
+                report.actors_complete = true;
+                report.actors_removed.clear();
+                RelayedStatus {
+                    via: self.cloud_id.clone(),
+                    received_ms: r.received_ms,
+                    report,
+                }
+            })
+            .collect()
+    }
+
+    fn put_report_via(&mut self, mut report: NodeReport, now_ms: u64, via: Option<String>) {
         if !self.reports.contains_key(&report.node_id) && self.reports.len() >= NODES_MAX {
             self.reports_refused += 1;
             return;
@@ -280,6 +362,7 @@ impl Hub {
                 tree: BTreeMap::new(),
                 received_ms: now_ms,
                 previous_confirmed: None,
+                via: None,
             });
         entry.previous_confirmed = entry
             .report
@@ -318,6 +401,7 @@ impl Hub {
         }
         entry.report = report;
         entry.received_ms = now_ms;
+        entry.via = via;
         self.count_dropped(&node, foreign, over_limit, oversized);
     }
 
@@ -375,11 +459,15 @@ impl Hub {
         let is_self = id == self.cloud_id;
         let member = self.members.iter().find(|m| m.peer == id);
         let fresh = now_ms.saturating_sub(r.received_ms) <= STALE_AFTER_MS;
-        let (link, rtt_ms) = node_link(member, fresh, is_self);
+        let (link, rtt_ms) = match &r.via {
+            // Placed on another cloud node: up while that node relays it.
+            Some(_) => (if fresh { "up" } else { "down" }, None),
+            None => node_link(member, fresh, is_self),
+        };
         let stale = !is_self && (!fresh || link == "down");
         let stale_since_ms = stale.then(|| match member {
             // Down: since the link went down, which is when it stopped reporting.
-            Some(m) if !m.up => epoch_ms_of(m.since),
+            Some(m) if !m.up && r.via.is_none() => epoch_ms_of(m.since),
             _ => r.received_ms + STALE_AFTER_MS,
         });
         let backlog = r.report.outbox.as_ref().map(|o| {
@@ -412,6 +500,7 @@ impl Hub {
             uplink_paused: r.report.uplink_paused,
             backlog,
             actors: with_actors.then(|| r.tree.values().cloned().collect()),
+            via: r.via.clone(),
         }
     }
 
@@ -432,6 +521,7 @@ impl Hub {
                 uplink_paused: None,
                 backlog: None,
                 actors: None,
+                via: None,
             })
             .collect()
     }
@@ -660,6 +750,65 @@ mod tests {
             session: 1,
             ups: 1,
         }
+    }
+
+    /// Two cloud nodes: each page shows the nodes placed on the other,
+    /// through the status the other publishes; a node that moved here is
+    /// taken as it reports here, not as the other's last relay of it; and a
+    /// cloud node that stops publishing is down with the edges it held.
+    #[test]
+    fn a_relayed_node_shows_where_it_is_placed_and_goes_down_with_its_cloud_node() {
+        let mut one = Hub::new("cloud-1");
+        let mut two = Hub::new("cloud-2");
+        one.put_report(report("cloud-1", "cloud", T0, 0, Vec::new()), T0);
+        one.put_report_from(
+            "edge-1",
+            report("edge-1", "edge", T0, 5, vec![actor("edge-1", "gateway", 0)]),
+            T0,
+        );
+        for status in one.direct_reports(T0) {
+            assert_eq!(status.via, "cloud-1");
+            two.put_relayed(status);
+        }
+        // Its own report, relayed back, is not taken.
+        for status in two.direct_reports(T0) {
+            two.put_relayed(status);
+        }
+        let snap = two.snapshot(T0 + 500);
+        let e = node(&snap, "edge-1");
+        assert_eq!(
+            (e.via.as_deref(), e.link.as_str(), e.stale),
+            (Some("cloud-1"), "up", false),
+            "{e:?}"
+        );
+        assert_eq!(e.actors.as_ref().map(Vec::len), Some(1));
+        assert_eq!(node(&snap, "cloud-1").link, "up");
+
+        // cloud-1 stops publishing: it and its edge go down on cloud-2's page.
+        let late = T0 + STALE_AFTER_MS + 1_000;
+        let snap = two.snapshot(late);
+        for id in ["cloud-1", "edge-1"] {
+            let n = node(&snap, id);
+            assert!(n.stale && n.link == "down", "{n:?}");
+        }
+
+        // edge-1 moves to cloud-2 and reports there; cloud-1's old relay of
+        // it, arriving late, does not take it back.
+        two.set_members(vec![member("edge-1", true, late)]);
+        two.put_report_from(
+            "edge-1",
+            report("edge-1", "edge", late, 9, Vec::new()),
+            late,
+        );
+        let old = one.direct_reports(T0);
+        for status in old {
+            two.put_relayed(status);
+        }
+        let e = node(&two.snapshot(late), "edge-1").clone();
+        assert_eq!((e.via, e.stale), (None, false));
+        assert!(two.relayed_older >= 1);
+        // Direct reports older than the stale bound are not published.
+        assert!(one.direct_reports(late).is_empty());
     }
 
     fn node<'a>(s: &'a Snapshot, id: &str) -> &'a NodeView {

@@ -164,8 +164,15 @@ impl HttpCounters {
 /// The hub's refusals as components of the cloud's report: reports (kept,
 /// or refused past `NODES_MAX`, spoofed or undecodable) and actors (of
 /// another node, oversized, or past `ACTORS_PER_NODE_MAX`).
-fn hub_components(hub: &Hub) -> [ComponentFigures; 2] {
+fn hub_components(hub: &Hub) -> [ComponentFigures; 3] {
     [
+        ComponentFigures {
+            component: "dashboard-relayed".into(),
+            received: hub.relayed_kept + hub.relayed_older + hub.relayed_undecodable,
+            sent: hub.relayed_kept,
+            errors: hub.relayed_undecodable,
+            dropped: hub.relayed_older,
+        },
         ComponentFigures {
             component: "dashboard-reports".into(),
             received: hub.reports_kept
@@ -184,6 +191,20 @@ fn hub_components(hub: &Hub) -> [ComponentFigures; 2] {
             dropped: hub.actors_over_limit,
         },
     ]
+}
+
+fn status_component(
+    status: &tributary_actors::sink::kafka::status::KafkaStatus,
+) -> ComponentFigures {
+    use std::sync::atomic::Ordering::Relaxed;
+    let c = &status.counters;
+    ComponentFigures {
+        component: "status-topic".into(),
+        received: c.received.load(Relaxed),
+        sent: c.sent.load(Relaxed),
+        errors: c.errors.load(Relaxed),
+        dropped: c.dropped.load(Relaxed),
+    }
 }
 
 /// What the ticker hands the pages: each second's update, and the snapshot
@@ -961,7 +982,14 @@ pub struct CloudTicker {
     pub latest: LatestReport,
     /// `None` without a dashboard (metrics only).
     pub updates: Option<DashboardFeed>,
+    /// The fleet's status shared with the other cloud nodes; `None`: this
+    /// node's page shows only the nodes placed on it.
+    pub status: Option<Arc<tributary_actors::sink::kafka::status::KafkaStatus>>,
 }
+
+/// Status records taken from the status topic per tick at most; the rest
+/// wait for the next tick.
+const STATUS_RECORDS_PER_TICK_MAX: usize = crate::dashboard::NODES_MAX;
 
 /// Each second: the cloud's own report (for `/metrics` and the hub), then
 /// one update to every page, and the snapshot pages start from.
@@ -979,17 +1007,45 @@ pub fn spawn_cloud_ticker(t: CloudTicker) -> JoinHandle<()> {
             if let Some(feed) = &t.updates {
                 report.components.extend(feed.counters().components());
             }
+            if let Some(status) = &t.status {
+                report.components.push(status_component(status));
+            }
             t.latest.set(report.clone());
-            let (update, snapshot) = {
+            let relayed: Vec<_> = t
+                .status
+                .as_ref()
+                .map(|s| s.poll(STATUS_RECORDS_PER_TICK_MAX))
+                .unwrap_or_default();
+            let (update, snapshot, direct) = {
                 let mut hub = t.hub.lock().unwrap_or_else(|p| p.into_inner());
                 hub.set_members(t.members.borrow().clone());
                 let now = now_ms();
                 hub.put_report(report, now);
+                for record in relayed {
+                    match serde_json::from_slice::<crate::dashboard::RelayedStatus>(&record.value) {
+                        Ok(status) if status.report.node_id == record.key => {
+                            hub.put_relayed(status)
+                        }
+                        _ => hub.relayed_undecodable += 1,
+                    }
+                }
+                let direct = t.status.is_some().then(|| hub.direct_reports(now));
                 let update = hub.tick(now, &t.alerts.recent());
                 // Built here once a tick; requests serve it as it is.
                 let snapshot = t.updates.is_some().then(|| hub.snapshot(now));
-                (update, snapshot)
+                (update, snapshot, direct)
             };
+            if let (Some(status), Some(direct)) = (&t.status, direct) {
+                // Serialized outside the hub's lock.
+                for d in direct {
+                    match serde_json::to_vec(&d) {
+                        Ok(bytes) => {
+                            status.publish(&d.report.node_id, &bytes);
+                        }
+                        Err(e) => tracing::warn!(error = %e, "serializing a status record failed"),
+                    }
+                }
+            }
             if let (Some(feed), Some(snapshot)) = (&t.updates, snapshot) {
                 // Serialized outside the hub's lock.
                 match (

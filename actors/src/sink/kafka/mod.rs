@@ -50,6 +50,7 @@ use super::{EdgeCommit, EdgeLogWriter, Hwm, LogSink, SegmentBatch, ShardLogWrite
 
 pub mod audit;
 mod stages;
+pub mod status;
 pub use stages::{KafkaStageLog, KafkaStageLogConfig};
 
 pub const DEFAULT_READINGS_TOPIC: &str = "tributary.readings";
