@@ -29,9 +29,10 @@ use crate::topology::{Component, ComponentKind};
 
 /// Outputs one input may cause across the pipeline, windows closing included.
 pub const OUTPUTS_PER_READING_MAX: usize = 4096;
-/// Restarts of one stage allowed within `restart_period_ms` unless told otherwise.
-pub const STAGE_RESTARTS_MAX_DEFAULT: u32 = 3;
-pub const STAGE_RESTART_PERIOD_MS_DEFAULT: u64 = 60_000;
+/// Restarts of one stage allowed within `restart_period_ms` unless told
+/// otherwise: the supervisors' (and so the node's) defaults.
+pub const STAGE_RESTARTS_MAX_DEFAULT: u32 = crate::supervision::RESTARTS_MAX_DEFAULT;
+pub const STAGE_RESTART_PERIOD_MS_DEFAULT: u64 = crate::supervision::RESTART_PERIOD_MS_DEFAULT;
 
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
 pub enum PipelineError {

@@ -28,6 +28,11 @@ use ractor::{
 };
 use tokio::time::Instant;
 
+/// Restarts a supervisor allows per period unless told otherwise; the
+/// node's `restarts_max` and `restart_period_ms` default to these.
+pub const RESTARTS_MAX_DEFAULT: u32 = 5;
+pub const RESTART_PERIOD_MS_DEFAULT: u64 = 10_000;
+
 /// Restart times kept per child in [`ChildStatus::restarted_at`].
 const RESTART_HISTORY_MAX: usize = 64;
 
@@ -106,8 +111,8 @@ impl SupervisorArgs {
     pub fn new(strategy: Strategy, children: Vec<ChildSpec>) -> Self {
         Self {
             strategy,
-            restarts_max: 5,
-            restart_period_ms: 10_000,
+            restarts_max: RESTARTS_MAX_DEFAULT,
+            restart_period_ms: RESTART_PERIOD_MS_DEFAULT,
             backoff_initial_ms: 100,
             backoff_max_ms: 5_000,
             child_shutdown_timeout_ms: 5_000,

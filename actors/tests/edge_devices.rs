@@ -108,6 +108,7 @@ async fn a_crashed_device_restarts_and_accepted_readings_stay() {
         restarts_max: 5,
         restart_period_ms: 10_000,
         names: EdgeNames::default(),
+        node_children: Vec::new(),
     };
     let (root, _handle) = start_edge(args).await.unwrap();
 

@@ -19,9 +19,10 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use ractor::{Actor, ActorRef};
+use ractor::ActorRef;
 use tokio::sync::watch;
 use tributary_actors::cloud::SessionHook;
+use tributary_actors::supervision::{ChildSpec, Restart};
 use tributary_cluster::session::{self, NodeServerRef, SessionError, SessionHandle};
 use tributary_cluster::tls::{NodeId, Role};
 use tributary_cluster::uplink::link::LinkHandle;
@@ -74,6 +75,9 @@ pub struct ClusterParts {
     pub members: watch::Receiver<Vec<Member>>,
     /// An edge's dashboard reports, on each connection's report stream.
     pub reports: Option<crate::dashboard::reports::ReportLink>,
+    /// This node's membership and control actors, for its root supervisor
+    /// to start (they are not running before).
+    pub children: Vec<ChildSpec>,
 }
 
 /// The registry name of node `id`'s membership actor. Names are
@@ -87,8 +91,26 @@ struct Node {
     id: NodeId,
     role: Role,
     node_server: NodeServerRef,
-    membership: ActorRef<MembershipMsg>,
     config: ClusterConfig,
+}
+
+impl Node {
+    /// The membership actor as it runs now: its supervisor may have
+    /// restarted it, so it is found by name at each use.
+    fn membership(&self) -> Option<ActorRef<MembershipMsg>> {
+        ractor::registry::where_is(membership_name(&self.id)).map(Into::into)
+    }
+
+    fn cast_membership(&self, msg: MembershipMsg) {
+        match self.membership() {
+            Some(m) => {
+                let _ = m.cast(msg);
+            }
+            None => {
+                tracing::warn!("the membership is not running; a session change is not recorded")
+            }
+        }
+    }
 }
 
 /// Starts this node's side of the cluster with the default limits.
@@ -96,8 +118,9 @@ pub async fn start(role: Role, id: &NodeId, cookie: String) -> anyhow::Result<Cl
     start_with(role, id, cookie, ClusterConfig::default()).await
 }
 
-/// Starts this node's side of the cluster: its node server, its membership,
-/// and its control actor.
+/// Starts this node's side of the cluster: its node server now; its
+/// membership and its control actor as [`ClusterParts::children`], for the
+/// node's root supervisor.
 pub async fn start_with(
     role: Role,
     id: &NodeId,
@@ -107,51 +130,52 @@ pub async fn start_with(
     let node_server = session::start_node_server(id, cookie).await?;
     tributary_cluster::guard::set_policy(id, session_policy());
     let (publish, members) = watch::channel(Vec::new());
-    let (membership, _) = Actor::spawn(
-        Some(membership_name(id)),
+    let membership = ChildSpec::new(
+        membership_name(id),
+        Restart::Permanent,
         membership::Membership,
         membership::MembershipArgs {
             members_max: config.members_max,
             rtt_sample_interval_ms: config.rtt_sample_interval_ms,
             publish,
         },
-    )
-    .await?;
+    );
     let node = Arc::new(Node {
         id: id.clone(),
         role,
         node_server,
-        membership,
         config,
     });
     Ok(match role {
         Role::Edge => {
-            Actor::spawn(
-                Some(control::edge_control_name(id.as_str())),
+            let control = ChildSpec::new(
+                control::edge_control_name(id.as_str()),
+                Restart::Permanent,
                 control::EdgeControl,
                 id.to_string(),
-            )
-            .await?;
+            );
             let reports = crate::dashboard::reports::ReportLink::new();
             ClusterParts {
                 on_connect: Some(edge_on_connect(node, reports.clone())),
                 on_session: None,
                 members,
                 reports: Some(reports),
+                children: vec![membership, control],
             }
         }
         Role::Cloud => {
-            Actor::spawn(
-                Some(control::cloud_control_name(id.as_str())),
+            let control = ChildSpec::new(
+                control::cloud_control_name(id.as_str()),
+                Restart::Permanent,
                 control::CloudControl,
                 (),
-            )
-            .await?;
+            );
             ClusterParts {
                 on_connect: None,
                 on_session: Some(cloud_on_session(node)),
                 members,
                 reports: None,
+                children: vec![membership, control],
             }
         }
     })
@@ -240,8 +264,12 @@ where
         );
         return;
     }
+    let Some(membership) = node.membership() else {
+        tracing::warn!(peer = %peer, "the membership is not running; no cluster session");
+        return;
+    };
     let opening = ractor::call_t!(
-        node.membership,
+        membership,
         |reply| MembershipMsg::Opening {
             peer: peer.clone(),
             role,
@@ -270,7 +298,7 @@ where
         }
     }
     let down = |reason: String| {
-        let _ = node.membership.cast(MembershipMsg::Down {
+        node.cast_membership(MembershipMsg::Down {
             peer: peer.clone(),
             session: number,
             reason,
@@ -284,7 +312,7 @@ where
             return;
         }
     };
-    let _ = node.membership.cast(MembershipMsg::Attach {
+    node.cast_membership(MembershipMsg::Attach {
         peer: peer.clone(),
         session: number,
         closer: s.closer(),
@@ -296,7 +324,7 @@ where
         down(e.to_string());
         return;
     }
-    let _ = node.membership.cast(MembershipMsg::Up {
+    node.cast_membership(MembershipMsg::Up {
         peer: peer.clone(),
         session: number,
         link: link.clone(),

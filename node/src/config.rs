@@ -120,9 +120,9 @@ settings! {
     /// Cloud: prefix of the transactional.ids; empty derives it from the cluster's CA, so that every cloud node of a cluster has the same and fences the others (set it only for Kafka ACLs, and then the same on every cloud node) [default: tributary-<CA fingerprint>].
     transactional_id_prefix: String = String::new(), "TRIBUTARY_TRANSACTIONAL_ID_PREFIX", "Cloud";
     /// Cloud: the broker aborts a transaction left open this long; it bounds how long a crashed cloud node delays every edge's recovery [default: 15000].
-    transaction_timeout_ms: u64 = 15_000, "TRIBUTARY_TRANSACTION_TIMEOUT_MS", "Cloud";
+    transaction_timeout_ms: u64 = tributary_actors::sink::kafka::TRANSACTION_TIMEOUT_MS_DEFAULT, "TRIBUTARY_TRANSACTION_TIMEOUT_MS", "Cloud";
     /// Cloud: bound on one log commit, below transaction_timeout_ms [default: 10000].
-    commit_timeout_ms: u64 = 10_000, "TRIBUTARY_COMMIT_TIMEOUT_MS", "Cloud";
+    commit_timeout_ms: u64 = tributary_actors::sink::kafka::COMMIT_TIMEOUT_MS_DEFAULT, "TRIBUTARY_COMMIT_TIMEOUT_MS", "Cloud";
     /// Cloud: segments of one edge per log transaction [default: 16].
     commit_segments_max: usize = 16, "TRIBUTARY_COMMIT_SEGMENTS_MAX", "Cloud";
     /// Log shards of the cluster: each is one Kafka transactional producer, opened by the cloud node its edges reach and shared by every edge that hashes to it. The same on every node of a cluster (edges rank the cloud nodes by their shard), changed only with all of them stopped [default: 4].
@@ -188,9 +188,9 @@ settings! {
     /// Edge: the largest MQTT packet accepted; keep the broker's limit at or below it [default: 262144].
     mqtt_packet_bytes_max: usize = 256 * 1024, "TRIBUTARY_MQTT_PACKET_BYTES_MAX", "MQTT (edge)";
     /// Supervisors: restarts allowed per period before escalating [default: 5].
-    restarts_max: u32 = 5, "TRIBUTARY_RESTARTS_MAX", "Every node";
+    restarts_max: u32 = tributary_actors::supervision::RESTARTS_MAX_DEFAULT, "TRIBUTARY_RESTARTS_MAX", "Every node";
     /// Supervisors: the period of restarts_max [default: 10000].
-    restart_period_ms: u64 = 10_000, "TRIBUTARY_RESTART_PERIOD_MS", "Every node";
+    restart_period_ms: u64 = tributary_actors::supervision::RESTART_PERIOD_MS_DEFAULT, "TRIBUTARY_RESTART_PERIOD_MS", "Every node";
     /// Cloud: readings per stages transaction at most [default: 1000].
     stages_batch_readings_max: usize = 1000, "TRIBUTARY_STAGES_BATCH_READINGS_MAX", "Cloud";
     /// Cloud: how long the stages wait for readings before a quiet turn [default: 200].

@@ -23,7 +23,7 @@ use tributary_actors::edge::{start_edge, DevicesConfig, EdgeArgs, EdgeNames};
 use tributary_actors::outbox::{Outbox, OutboxStore, SledStore};
 use tributary_actors::pipeline::StageRestarts;
 use tributary_actors::sink::kafka::{KafkaLog, KafkaSinkConfig};
-use tributary_actors::topology::{ComponentKind, Source, Topology};
+use tributary_actors::topology::{ComponentKind, Topology};
 use tributary_cluster::tls::{self, NodeId, NodeIdentity, Role};
 use tributary_cluster::uplink::link::EdgeConnector;
 use tributary_cluster::uplink::{EdgeUplinkConfig, IngestConfig};
@@ -334,55 +334,44 @@ fn edge_plan(
     let Some(t) = topology else {
         return Ok((vec![from_settings(None)], s.mqtt()?, None));
     };
-    let labels = s.labels();
-    let part = t.part_for(id.as_str(), &labels, Role::Edge);
-    let mut devices = Vec::new();
-    let mut mqtt = None;
-    let mut prefixes = std::collections::HashSet::new();
-    for c in &part.sources {
-        match &c.kind {
-            ComponentKind::Source(Source::Simulated(sim)) => {
-                if !prefixes.insert(sim.id_prefix.clone()) {
-                    bail!("two simulated sources on {id} use the device id prefix {:?}: give {:?} its own with .id_prefix(..)", sim.id_prefix, c.name);
-                }
-                devices.push(DevicesConfig {
-                    readings_max: s.device_readings_max,
-                    ..sim.devices_config(&c.name)
-                });
-            }
-            ComponentKind::Source(Source::Mqtt(m)) => {
-                if mqtt.is_some() {
-                    bail!("an edge runs one MQTT source, but {id} is given a second, {:?}: subscribe to a wider topic filter instead", c.name);
-                }
-                let Some(mut config) = s.mqtt()? else {
-                    bail!(
-                        "the topology's MQTT source {:?} needs a broker: set mqtt_addr",
-                        c.name
-                    );
-                };
-                config.topic = m.topic_filter.clone();
-                config.device_level = m
-                    .device_level()
-                    .context("validated topologies name the device level")?;
-                config.stream = Some(c.name.clone());
-                if m.qos != 1 {
-                    tracing::warn!(source = %c.name, qos = m.qos, "the MQTT source subscribes with QoS 1, so that nothing is acked before the outbox has it");
-                }
-                mqtt = Some(config);
-            }
-            _ => {}
-        }
-    }
-    let stages = EdgeStages {
-        stages: part.stages.iter().map(|c| (*c).clone()).collect(),
-        uplink: part.uplink.iter().map(|n| n.to_string()).collect(),
-        restarts: StageRestarts {
-            restarts_max: s.restarts_max,
-            restart_period_ms: s.restart_period_ms,
-        },
-        checkpoint_interval_ms: s.stages_checkpoint_interval_ms,
+    let restarts = StageRestarts {
+        restarts_max: s.restarts_max,
+        restart_period_ms: s.restart_period_ms,
     };
-    Ok((devices, mqtt, Some(stages)))
+    let part = tributary_actors::edge::plan::edge_part(
+        t,
+        id.as_str(),
+        &s.labels(),
+        restarts,
+        s.stages_checkpoint_interval_ms,
+    )?;
+    let devices = part
+        .devices
+        .into_iter()
+        .map(|d| DevicesConfig {
+            readings_max: s.device_readings_max,
+            ..d
+        })
+        .collect();
+    let mqtt = match part.mqtt {
+        None => None,
+        Some(m) => {
+            let Some(mut config) = s.mqtt()? else {
+                bail!(
+                    "the topology's MQTT source {:?} needs a broker: set mqtt_addr",
+                    m.source
+                );
+            };
+            if m.qos != 1 {
+                tracing::warn!(source = %m.source, qos = m.qos, "the MQTT source subscribes with QoS 1, so that nothing is acked before the outbox has it");
+            }
+            config.topic = m.topic_filter;
+            config.device_level = m.device_level;
+            config.stream = Some(m.source);
+            Some(config)
+        }
+    };
+    Ok((devices, mqtt, Some(part.stages)))
 }
 
 async fn run_edge(
@@ -460,6 +449,7 @@ async fn run_edge(
         restarts_max: s.restarts_max,
         restart_period_ms: s.restart_period_ms,
         names: EdgeNames::default(),
+        node_children: cluster.children,
     };
     let (root, handle) = start_edge(args)
         .await
@@ -487,7 +477,7 @@ async fn run_edge(
             s.report_interval_ms,
         )))
     });
-    let result = wait_for_stop(root.get_cell(), handle, None).await;
+    let result = wait_for_stop(root.get_cell(), handle).await;
     if let Some(r) = reporter {
         r.abort();
     }
@@ -665,17 +655,40 @@ async fn run_cloud(
         network: tributary_cluster::net::os(),
         counters: counters.clone(),
     };
-    let (listener, handle): (ActorRef<_>, _) =
-        ractor::Actor::spawn(Some(LISTENER_NAME.to_string()), Listener, args)
+    use tributary_actors::supervision::{ChildSpec, Restart, Strategy, Supervisor, SupervisorArgs};
+    // One tree: the cluster's membership and control, the listener (and its
+    // ingests and shards), the stages. Each restarts alone; past the
+    // restart intensity the root fails and the node exits.
+    let mut children = cluster.children;
+    children.push(ChildSpec::new(
+        LISTENER_NAME,
+        Restart::Permanent,
+        Listener,
+        args,
+    ));
+    if let Some(t) = topology {
+        if let Some(stages) = cloud_stages_args(t, &s, stages_sink_cfg, alerts.clone())? {
+            children.push(ChildSpec::new(
+                tributary_actors::cloud::stages::CLOUD_STAGES_NAME,
+                Restart::Permanent,
+                tributary_actors::cloud::stages::CloudStages,
+                stages,
+            ));
+        }
+    }
+    let mut root = SupervisorArgs::new(Strategy::OneForOne, children);
+    root.restarts_max = s.restarts_max;
+    root.restart_period_ms = s.restart_period_ms;
+    let (root, handle): (ActorRef<_>, _) =
+        ractor::Actor::spawn(Some(CLOUD_ROOT_NAME.to_string()), Supervisor, root)
             .await
-            .context("starting the cloud listener")?;
-    let stages = match topology {
-        Some(t) => start_cloud_stages(t, &s, stages_sink_cfg, alerts.clone()).await?,
-        None => None,
-    };
+            .context("starting the cloud's actors")?;
     let _dashboard = start_dashboard(&s, hub, counters, alerts, members).await?;
-    wait_for_stop(listener.get_cell(), handle, stages).await
+    wait_for_stop(root.get_cell(), handle).await
 }
+
+/// The cloud's root supervisor.
+pub const CLOUD_ROOT_NAME: &str = dashboard::report::CLOUD_ROOT;
 
 /// The cloud's dashboard (and `/metrics`), when an address is set for
 /// either; the ticker runs whenever one of them does.
@@ -773,18 +786,17 @@ async fn start_dashboard(
     Ok(tasks)
 }
 
-/// Starts the cloud's stages and sinks, when the topology places any here:
-/// a consume-transform-produce actor under its own supervisor.
-async fn start_cloud_stages(
+/// The cloud's stages and sinks, when the topology places any here: the
+/// arguments of the consume-transform-produce actor.
+fn cloud_stages_args(
     t: &Topology,
     s: &config::Resolved,
     sink: KafkaSinkConfig,
     alerts: tributary_actors::cloud::stages::AlertFeed,
-) -> anyhow::Result<Option<(ractor::ActorCell, tokio::task::JoinHandle<()>)>> {
-    use tributary_actors::cloud::stages::{CloudStages, CloudStagesArgs, CLOUD_STAGES_NAME};
+) -> anyhow::Result<Option<tributary_actors::cloud::stages::CloudStagesArgs>> {
+    use tributary_actors::cloud::stages::CloudStagesArgs;
     use tributary_actors::sink::kafka::{KafkaStageLog, KafkaStageLogConfig};
     use tributary_actors::sink::StageLog;
-    use tributary_actors::supervision::{ChildSpec, Restart, Strategy, Supervisor, SupervisorArgs};
     use tributary_actors::topology::Sink;
 
     let part = t.part_for(&s.node_id, &s.labels(), Role::Cloud);
@@ -837,22 +849,7 @@ async fn start_cloud_stages(
         report_interval_ms: s.report_interval_ms,
         alerts: Some(alerts),
     };
-    let mut sup = SupervisorArgs::new(
-        Strategy::OneForOne,
-        vec![ChildSpec::new(
-            CLOUD_STAGES_NAME,
-            Restart::Permanent,
-            CloudStages,
-            args,
-        )],
-    );
-    sup.restarts_max = s.restarts_max;
-    sup.restart_period_ms = s.restart_period_ms;
-    let (root, handle) =
-        ractor::Actor::spawn(Some("tributary.cloud-stages".to_string()), Supervisor, sup)
-            .await
-            .context("starting the cloud stages")?;
-    Ok(Some((root.get_cell(), handle)))
+    Ok(Some(args))
 }
 
 /// How long a graceful stop may take before the process exits anyway.
@@ -862,29 +859,12 @@ const SHUTDOWN_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(15)
 async fn wait_for_stop(
     root: ractor::ActorCell,
     handle: tokio::task::JoinHandle<()>,
-    other: Option<(ractor::ActorCell, tokio::task::JoinHandle<()>)>,
 ) -> anyhow::Result<()> {
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
-    let (other_root, other_handle) = match other {
-        Some((r, h)) => (Some(r), Some(h)),
-        None => (None, None),
-    };
-    let other_ended = async {
-        match other_handle {
-            Some(h) => h.await,
-            None => std::future::pending().await,
-        }
-    };
     tokio::select! {
         _ = tokio::signal::ctrl_c() => tracing::info!("interrupted; stopping"),
         _ = term.recv() => tracing::info!("terminated; stopping"),
-        _ = handle => bail!("the node's root actor stopped (see the errors above)"),
-        _ = other_ended => bail!("the node's stages stopped after failing past their restart limit (see the errors above)"),
-    }
-    if let Some(r) = other_root {
-        let _ = r
-            .stop_and_wait(Some("node stopping".into()), Some(SHUTDOWN_TIMEOUT))
-            .await;
+        _ = handle => bail!("the node's root actor stopped after a child failed past its restart limit (see the errors above)"),
     }
     // Stop gracefully so the gateway commits what is open and answers its
     // sources; bounded, so a stuck actor cannot hold the process forever.

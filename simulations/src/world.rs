@@ -677,47 +677,24 @@ fn edge_plan(spec: &RunSpec, edge: &EdgeSpec, mqtt_fed: bool) -> Result<EdgePlan
         });
     };
     let labels: Vec<&str> = edge.labels.iter().map(String::as_str).collect();
-    let part = t.part_for(&edge.id, &labels, Role::Edge);
-    let mut devices = Vec::new();
-    let mut mqtt = None;
-    for c in &part.sources {
-        match &c.kind {
-            ComponentKind::Source(Source::Simulated(sim)) => {
-                devices.push(sim.devices_config(&c.name))
-            }
-            ComponentKind::Source(Source::Mqtt(m)) => {
-                if mqtt.is_some() {
-                    return Err(format!(
-                        "an edge runs one MQTT source, but {} is given a second, {:?}",
-                        edge.id, c.name
-                    ));
-                }
-                let device_level = m
-                    .device_level()
-                    .ok_or_else(|| format!("{:?} has no device level", c.name))?;
-                mqtt = Some(MqttSourcePlan {
-                    filter: m.topic_filter.clone(),
-                    device_level,
-                    stream: Some(c.name.clone()),
-                    devices: mqtt_devices(&format!("{}.mq", c.name)),
-                    uplinked: part.uplink.iter().any(|u| *u == c.name),
-                });
-            }
-            _ => {}
-        }
-    }
-    let stages = EdgeStages {
-        stages: part.stages.iter().map(|c| (*c).clone()).collect(),
-        uplink: part.uplink.iter().map(|n| n.to_string()).collect(),
-        restarts: StageRestarts {
-            restarts_max: 5,
-            restart_period_ms: 10_000,
-        },
-        checkpoint_interval_ms: 5_000,
+    // The node's supervisor defaults: the simulated edge restarts as a
+    // node would.
+    let restarts = StageRestarts {
+        restarts_max: 5,
+        restart_period_ms: 10_000,
     };
+    let part = tributary_actors::edge::plan::edge_part(t, &edge.id, &labels, restarts, 5_000)
+        .map_err(|e| e.to_string())?;
+    let mqtt = part.mqtt.map(|m| MqttSourcePlan {
+        filter: m.topic_filter,
+        device_level: m.device_level,
+        devices: mqtt_devices(&format!("{}.mq", m.source)),
+        stream: Some(m.source),
+        uplinked: m.uplinked,
+    });
     Ok(EdgePlan {
-        devices,
-        stages: Some(stages),
+        devices: part.devices,
+        stages: Some(part.stages),
         mqtt,
     })
 }
@@ -871,6 +848,7 @@ async fn run_edge(world: Arc<World>, index: usize) -> turmoil::Result {
         restarts_max: 5,
         restart_period_ms: 10_000,
         names: names.clone(),
+        node_children: Vec::new(),
     };
     let (_root, handle) = start_edge(args).await?;
     let sampler = tokio::spawn(sample_edge(world.clone(), index, inc, names));

@@ -162,6 +162,7 @@ impl Fleet {
                 restarts_max: 5,
                 restart_period_ms: 10_000,
                 names,
+                node_children: Vec::new(),
             };
             let (root, _handle) = start_edge(args).await.map_err(|e| FleetError::Start {
                 edge: id.clone(),

@@ -1,13 +1,18 @@
 //! The cloud node: a listener that accepts edges over QUIC, one ingest actor
-//! per connected edge, and the log shards they write through.
+//! per connected edge, and the log shards they write through. The node puts
+//! it under its root supervisor with the stages and its cluster actors:
 //!
 //! ```text
-//! tributary.listener           binds the endpoint, accepts connections
-//! ├── shard/<k> ...            `shards_count` log writers, each one
-//! │                            transactional producer for the edges that
-//! │                            hash to it (a failure stops the listener)
-//! └── ingest/<edge-id> ...     one per connected edge (linked, not restarted:
-//!                              the edge reconnects, which starts a new one)
+//! tributary.cloud                  one_for_one (the node's root)
+//! ├── tributary.membership.<id>    who is up (node::cluster)
+//! ├── tributary.cloud.control.<id> control calls
+//! ├── tributary.listener           binds the endpoint, accepts connections
+//! │   ├── shard/<k> ...            `shards_count` log writers, each one
+//! │   │                            transactional producer for the edges that
+//! │   │                            hash to it (a failure stops the listener)
+//! │   └── ingest/<edge-id> ...     one per connected edge (linked, not restarted:
+//! │                                the edge reconnects, which starts a new one)
+//! └── tributary.stages             the cloud stages, when the topology has any
 //! ```
 
 pub mod admit;

@@ -17,6 +17,7 @@
 pub mod device;
 pub mod gateway;
 pub mod mqtt;
+pub mod plan;
 pub mod uplink;
 
 use std::sync::Arc;
@@ -35,6 +36,8 @@ pub const EDGE_NAME: &str = "tributary.edge";
 pub const GATEWAY_NAME: &str = "tributary.gateway";
 pub const UPLINK_NAME: &str = "tributary.uplink";
 pub const DEVICES_NAME: &str = "tributary.devices";
+/// The supervisor of the node's cluster actors (membership, control) on an edge.
+pub const CLUSTER_NAME: &str = "tributary.edge-cluster";
 
 /// The registered names of one edge's actors. A node process runs one edge,
 /// under the fixed names above; a simulation runs several edges in one
@@ -71,6 +74,10 @@ impl EdgeNames {
 
     pub fn devices(&self) -> String {
         self.name(DEVICES_NAME)
+    }
+
+    pub fn cluster(&self) -> String {
+        self.name(CLUSTER_NAME)
     }
 
     pub fn mqtt(&self) -> String {
@@ -120,6 +127,11 @@ pub struct EdgeArgs {
     /// The names the edge's actors register under; the same value must be in
     /// the gateway's, uplink's and devices' arguments.
     pub names: EdgeNames,
+    /// The node's own actors beside the data path (its cluster membership
+    /// and control), started first (an uplink's first connection needs the
+    /// membership) under a one_for_one supervisor of their own, so that a
+    /// failure of theirs restarts only them.
+    pub node_children: Vec<ChildSpec>,
 }
 
 /// Starts the edge's supervision tree.
@@ -189,6 +201,20 @@ pub async fn start_edge(
             MqttSource,
             source,
         ));
+    }
+    if !args.node_children.is_empty() {
+        let mut cluster = SupervisorArgs::new(Strategy::OneForOne, args.node_children);
+        cluster.restarts_max = args.restarts_max;
+        cluster.restart_period_ms = args.restart_period_ms;
+        children.insert(
+            0,
+            ChildSpec::new(
+                args.names.cluster(),
+                Restart::Permanent,
+                Supervisor,
+                cluster,
+            ),
+        );
     }
     let mut root = SupervisorArgs::new(Strategy::RestForOne, children);
     root.restarts_max = args.restarts_max;

@@ -275,6 +275,13 @@ async fn serve(request: ControlRequest, state: &EdgeControlState) -> ControlAnsw
             }
         }
         ControlRequest::RestartActor { name } => {
+            if name.starts_with(EDGE_CONTROL_GROUP) {
+                // Its supervisor would wait for it to stop while it waits
+                // for the supervisor's answer.
+                return Err(format!(
+                    "{name:?} serves this call; a control actor does not restart itself"
+                ));
+            }
             restart_supervised(&name).await?;
             Ok(ControlReply::Done)
         }

@@ -195,6 +195,7 @@ async fn membership_control_calls_and_stale_sessions_over_quic() {
     let cloud = start_with(Role::Cloud, &id(cloud_id), COOKIE.into(), cloud_config)
         .await
         .unwrap();
+    let _cloud_root = supervise(&cloud).await;
     let edge = start_with(
         Role::Edge,
         &id(edge_id),
@@ -203,6 +204,7 @@ async fn membership_control_calls_and_stale_sessions_over_quic() {
     )
     .await
     .unwrap();
+    let _edge_root = supervise(&edge).await;
     let endpoint = Arc::new(
         CloudEndpoint::bind(
             "127.0.0.1:0".parse::<SocketAddr>().unwrap(),
@@ -341,6 +343,7 @@ async fn membership_control_calls_and_stale_sessions_over_quic() {
     )
     .await
     .unwrap();
+    let _other_root = supervise(&other).await;
     let other_connector = EdgeConnector::new(
         &pki.identities[2],
         cloud_addr,
@@ -366,4 +369,17 @@ async fn membership_control_calls_and_stale_sessions_over_quic() {
     let took = lost.elapsed();
     assert!(took < DOWN_DETECTION_MAX, "down after {took:?}");
     assert_eq!(member(&seen, edge_id).unwrap().ups, 2);
+}
+
+/// Starts a node's cluster actors under a supervisor, as the node's root
+/// would.
+async fn supervise(parts: &ClusterParts) -> ActorRef<tributary_actors::supervision::SupervisorMsg> {
+    let (sup, _) = Actor::spawn(
+        None,
+        Supervisor,
+        SupervisorArgs::new(Strategy::OneForOne, parts.children.clone()),
+    )
+    .await
+    .expect("starting the cluster's actors");
+    sup
 }

@@ -17,8 +17,8 @@ use tributary_actors::supervision::{ChildStatus, SupervisorMsg};
 
 /// How long collecting waits for one actor's status.
 const STATUS_CALL_MS: u64 = 1_000;
-/// The cloud stages' supervisor, as `node` names it.
-pub const CLOUD_STAGES_SUPERVISOR: &str = "tributary.cloud-stages";
+/// The cloud's root supervisor, as `node` names it.
+pub const CLOUD_ROOT: &str = "tributary.cloud";
 
 pub fn now_ms() -> u64 {
     SystemTime::now()
@@ -180,8 +180,11 @@ fn kind_of(name: &str) -> &'static str {
     match name {
         GATEWAY_NAME => "gateway",
         UPLINK_NAME => "uplink",
-        DEVICES_NAME => "supervisor",
+        DEVICES_NAME | tributary_actors::edge::CLUSTER_NAME => "supervisor",
         CLOUD_STAGES_NAME => "stages",
+        tributary_actors::cloud::LISTENER_NAME => "listener",
+        n if n.starts_with("tributary.membership.") => "membership",
+        n if n.contains(".control") => "control",
         n if n.starts_with("device/") => "device",
         n if n.starts_with("ingest/") => "ingest",
         n if n.contains("mqtt") => "mqtt-source",
@@ -326,8 +329,9 @@ pub async fn collect_edge(node_id: &str) -> NodeReport {
     r
 }
 
-/// Collects the cloud's report: its listener and ingest actors, its stages,
-/// its counters and the latency histogram.
+/// Collects the cloud's report: its tree (the root supervisor, its children,
+/// the listener's ingests), its stages, its counters and the latency
+/// histogram.
 pub async fn collect_cloud(node_id: &str, listener: &str, counters: &CloudCounters) -> NodeReport {
     use std::sync::atomic::Ordering::Relaxed;
     let mut r = NodeReport::new(node_id, "cloud");
@@ -337,19 +341,35 @@ pub async fn collect_cloud(node_id: &str, listener: &str, counters: &CloudCounte
         Some(l) => ractor::call_t!(l, ListenerMsg::Status, STATUS_CALL_MS).ok(),
         None => None,
     };
-    let root_id = format!("{node_id}/{listener}");
-    let mut root = ActorView::root(
+    let stages: Option<ActorRef<CloudStagesMsg>> =
+        ractor::registry::where_is(CLOUD_STAGES_NAME).map(Into::into);
+    let st = match stages {
+        Some(s) => ractor::call_t!(s, CloudStagesMsg::Status, STATUS_CALL_MS).ok(),
+        None => None,
+    };
+    let root_id = format!("{node_id}/{CLOUD_ROOT}");
+    let children = supervisor_children(CLOUD_ROOT).await;
+    r.actors.push(ActorView::root(
         node_id,
-        listener,
-        "listener",
-        if status.is_some() {
+        CLOUD_ROOT,
+        "supervisor",
+        if children.is_some() {
             "running"
         } else {
             "failed"
         },
-    );
-    root.messages = status.as_ref().map(|s| s.readings_committed);
-    r.actors.push(root);
+    ));
+    for c in children.unwrap_or_default() {
+        let messages = if c.name == listener {
+            status.as_ref().map(|s| s.readings_committed)
+        } else if c.name == CLOUD_STAGES_NAME {
+            st.as_ref().map(|s| s.readings_polled)
+        } else {
+            None
+        };
+        r.actors.push(child_view(&root_id, &c, messages));
+    }
+    let listener_id = format!("{root_id}/{listener}");
     if let Some(cell) = listener_cell {
         let mut ingests: Vec<String> = cell
             .get_children()
@@ -359,8 +379,8 @@ pub async fn collect_cloud(node_id: &str, listener: &str, counters: &CloudCounte
         ingests.sort();
         for name in ingests {
             r.actors.push(ActorView {
-                id: format!("{root_id}/{name}"),
-                parent: Some(root_id.clone()),
+                id: format!("{listener_id}/{name}"),
+                parent: Some(listener_id.clone()),
                 kind: kind_of(&name).to_string(),
                 name,
                 status: "running".into(),
@@ -373,36 +393,14 @@ pub async fn collect_cloud(node_id: &str, listener: &str, counters: &CloudCounte
             });
         }
     }
-    if let Some(children) = supervisor_children(CLOUD_STAGES_SUPERVISOR).await {
-        let sup_id = format!("{node_id}/{CLOUD_STAGES_SUPERVISOR}");
-        r.actors.push(ActorView::root(
-            node_id,
-            CLOUD_STAGES_SUPERVISOR,
-            "supervisor",
-            "running",
-        ));
-        let stages: Option<ActorRef<CloudStagesMsg>> =
-            ractor::registry::where_is(CLOUD_STAGES_NAME).map(Into::into);
-        let st = match stages {
-            Some(s) => ractor::call_t!(s, CloudStagesMsg::Status, STATUS_CALL_MS).ok(),
-            None => None,
-        };
-        for c in children {
-            r.actors.push(child_view(
-                &sup_id,
-                &c,
-                st.as_ref().map(|s| s.readings_polled),
-            ));
-        }
-        if let Some(s) = st {
-            r.components.push(ComponentFigures {
-                component: "stages".into(),
-                received: s.readings_polled,
-                sent: s.records_written,
-                errors: s.records_malformed,
-                dropped: s.pipeline.outputs_cut,
-            });
-        }
+    if let Some(s) = st {
+        r.components.push(ComponentFigures {
+            component: "stages".into(),
+            received: s.readings_polled,
+            sent: s.records_written,
+            errors: s.records_malformed,
+            dropped: s.pipeline.outputs_cut,
+        });
     }
     r.components.push(ComponentFigures {
         component: "ingest".into(),

@@ -77,7 +77,8 @@ impl MqttConfig {
             keep_alive_ms: 30_000,
             packet_bytes_max: 256 * 1024,
             reconnect_backoff_initial_ms: 100,
-            reconnect_backoff_max_ms: 5_000,
+            // The node's reconnect_backoff_max_ms, shared with the uplink.
+            reconnect_backoff_max_ms: 500,
             redelivery_requires_dup: true,
             take_retained: false,
             stream: None,

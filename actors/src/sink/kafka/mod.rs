@@ -187,6 +187,10 @@ pub struct KafkaSinkConfig {
     pub client_properties: BTreeMap<String, String>,
 }
 
+/// The node's `transaction_timeout_ms` and `commit_timeout_ms` default to these.
+pub const TRANSACTION_TIMEOUT_MS_DEFAULT: u64 = 15_000;
+pub const COMMIT_TIMEOUT_MS_DEFAULT: u64 = 10_000;
+
 impl Default for KafkaSinkConfig {
     fn default() -> Self {
         Self {
@@ -197,8 +201,8 @@ impl Default for KafkaSinkConfig {
             hwm_topic: DEFAULT_HWM_TOPIC.to_string(),
             refused_topic: DEFAULT_REFUSED_TOPIC.to_string(),
             transactional_id_prefix: DEFAULT_TRANSACTIONAL_ID_PREFIX.to_string(),
-            transaction_timeout_ms: 15_000,
-            commit_timeout_ms: 10_000,
+            transaction_timeout_ms: TRANSACTION_TIMEOUT_MS_DEFAULT,
+            commit_timeout_ms: COMMIT_TIMEOUT_MS_DEFAULT,
             hwm_recover_timeout_ms: 30_000,
             open_timeout_ms: 30_000,
             message_bytes_max: 1_000_000,
