@@ -127,13 +127,15 @@ fn held_alerts(
 }
 
 /// Cloud stages on two cloud nodes share the readings topic's partitions
-/// through their consumer group. One is killed -9 right after the first
-/// alert, in the middle of every device's hot stretch: its partitions move
-/// to the other with the state committed with their offsets, so the
-/// stretch that was already alerted is not alerted again, and every alert
-/// the readings call for is in the topic exactly once.
+/// through their consumer group. The second joins right after the first
+/// alert, in the middle of every device's hot stretch, and takes some
+/// partitions from the live first (a rebalance); then the first is killed
+/// -9 and the rest move too. Each time the partitions move with the state
+/// committed with their offsets, so a stretch already alerted is not
+/// alerted again, and every alert the readings call for is in the topic
+/// exactly once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn cloud_stages_on_two_nodes_alert_exactly_once_across_a_kill_9() {
+async fn cloud_stages_on_two_nodes_alert_exactly_once_across_a_join_and_a_kill_9() {
     const PER_DEVICE: usize = 600;
     const EDGES: [&str; 2] = ["edge-a", "edge-b"];
     let bootstrap = shared_bootstrap();
@@ -155,7 +157,6 @@ async fn cloud_stages_on_two_nodes_alert_exactly_once_across_a_kill_9() {
         e.set("cloud-return-after-ms", "0");
     }
     f.start_cloud().await;
-    f.start_more_cloud(0).await;
     for e in &mut f.edges {
         e.start();
     }
@@ -164,6 +165,14 @@ async fn cloud_stages_on_two_nodes_alert_exactly_once_across_a_kill_9() {
         .await
         .expect("the first alert");
     assert!(!first.is_empty());
+    f.start_more_cloud(0).await;
+    f.more_clouds[0]
+        .process
+        .as_mut()
+        .expect("cloud-2 running")
+        .wait_for_log_line("restored=true", DRAIN)
+        .await
+        .unwrap_or_else(|e| panic!("cloud-2 took no partition from the live cloud-1: {e}"));
     f.cloud().kill9().expect("killing cloud-1");
 
     for e in &f.edges {
