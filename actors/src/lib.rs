@@ -11,6 +11,7 @@ pub mod histogram;
 pub mod outbox;
 pub mod pipeline;
 pub mod reading;
+pub mod registry;
 pub mod sink;
 pub mod stages;
 pub mod supervision;

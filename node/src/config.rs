@@ -115,6 +115,8 @@ settings! {
     readings_partitions: i32 = 3, "TRIBUTARY_READINGS_PARTITIONS", "Cloud";
     /// Cloud: the compacted topic of per-edge high-water marks [default: tributary.hwm].
     hwm_topic: String = "tributary.hwm".into(), "TRIBUTARY_HWM_TOPIC", "Cloud";
+    /// Cloud: the compacted topic of the fleet registry (each edge's status); every cloud node reads it before it admits edges, then follows it, and refuses revoked and suspended edges [default: tributary.registry].
+    registry_topic: String = "tributary.registry".into(), "TRIBUTARY_REGISTRY_TOPIC", "Cloud";
     /// Cloud: where readings the cloud refuses (invalid, or of a stream the topology does not place on their edge) are kept, with the reason [default: tributary.refused].
     refused_topic: String = "tributary.refused".into(), "TRIBUTARY_REFUSED_TOPIC", "Cloud";
     /// Cloud: prefix of the transactional.ids; empty derives it from the cluster's CA, so that every cloud node of a cluster has the same and fences the others (set it only for Kafka ACLs, and then the same on every cloud node) [default: tributary-<CA fingerprint>].

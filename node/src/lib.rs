@@ -6,6 +6,7 @@
 mod cluster;
 mod config;
 mod dashboard;
+mod registry;
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -74,6 +75,26 @@ enum Command {
         #[arg(long, default_value_t = 30)]
         idle_s: u64,
     },
+    /// The fleet registry: list edges, revoke, suspend and resume them.
+    Fleet {
+        #[arg(
+            long,
+            env = "TRIBUTARY_KAFKA_BOOTSTRAP",
+            default_value = "127.0.0.1:9092"
+        )]
+        kafka_bootstrap: String,
+        #[arg(
+            long,
+            env = "TRIBUTARY_REGISTRY_TOPIC",
+            default_value = "tributary.registry"
+        )]
+        registry_topic: String,
+        /// JSON for scripts instead of a table.
+        #[arg(long)]
+        json: bool,
+        #[command(subcommand)]
+        command: registry::FleetCommand,
+    },
 }
 
 #[derive(Subcommand)]
@@ -122,6 +143,12 @@ pub fn run_cli(topology: Option<Topology>) -> anyhow::Result<()> {
     tributary_cluster::install_crypto_provider();
     match cli.command {
         Some(Command::Certs { command }) => certs(command),
+        Some(Command::Fleet {
+            kafka_bootstrap,
+            registry_topic,
+            json,
+            command,
+        }) => registry::fleet(&kafka_bootstrap, &registry_topic, json, command),
         Some(Command::Tail {
             kafka_bootstrap,
             readings_topic,
@@ -610,6 +637,9 @@ async fn run_cloud(
     let log = tokio::task::spawn_blocking(move || KafkaLog::new(sink_cfg))
         .await?
         .context("connecting to the log")?;
+    // The registry is read to its end before any edge is admitted, so a
+    // revoked edge is refused from the first connection on.
+    let registry = registry::open_for_cloud(&s).await?;
     let cluster = cluster::start(Role::Cloud, identity.id(), s.cluster_cookie.clone())
         .await
         .context("starting the cluster's actors")?;
@@ -654,6 +684,7 @@ async fn run_cloud(
         names_prefix: String::new(),
         network: tributary_cluster::net::os(),
         counters: counters.clone(),
+        gate: Some(registry::gate(registry.clone())),
     };
     use tributary_actors::supervision::{ChildSpec, Restart, Strategy, Supervisor, SupervisorArgs};
     // One tree: the cluster's membership and control, the listener (and its
@@ -684,6 +715,7 @@ async fn run_cloud(
             .await
             .context("starting the cloud's actors")?;
     let _dashboard = start_dashboard(&s, hub, counters, alerts, members).await?;
+    let _registry = registry::follow(registry, LISTENER_NAME.to_string());
     wait_for_stop(root.get_cell(), handle).await
 }
 

@@ -956,6 +956,7 @@ async fn run_cloud(world: Arc<World>, node: u32) -> turmoil::Result {
         names_prefix: format!("sim{}/cloud{node}#{inc}/", world.run_id),
         network: Arc::new(TurmoilNetwork::seeded(world.seed ^ inc)),
         counters: Arc::default(),
+        gate: None,
     };
     let (_listener, handle) = ractor::Actor::spawn(None, Listener, args).await?;
     let _ = handle.await;

@@ -77,6 +77,9 @@ pub struct CloudCounters {
     pub log_errors: AtomicU64,
     /// Shards this node gave up because another cloud node opened them.
     pub shards_moved: AtomicU64,
+    /// Connections refused or closed because the registry revoked or
+    /// suspended their edge.
+    pub connections_revoked: AtomicU64,
     /// From each reading's device timestamp to its commit.
     pub latency: LatencyHistogram,
 }
@@ -161,7 +164,13 @@ pub struct CloudArgs {
     pub network: SharedNetwork,
     /// The data path's counters, shared with whoever reports them.
     pub counters: Arc<CloudCounters>,
+    /// Why an edge may not connect now (revoked, suspended), asked of every
+    /// new connection by its certified id; `None` admits every certified edge.
+    pub gate: Option<EdgeGate>,
 }
+
+/// The reason an edge is refused, if it is: the fleet registry's answer.
+pub type EdgeGate = Arc<dyn Fn(&str) -> Option<String> + Send + Sync>;
 
 /// Takes over a session stream, with a handle on its connection.
 pub type SessionHook = Arc<dyn Fn(LinkHandle, SessionStreams) + Send + Sync>;
@@ -174,6 +183,7 @@ pub type ReportHook = Arc<dyn Fn(Box<tributary_cluster::reports::ReportReader>) 
 struct StreamHooks {
     on_session: Option<SessionHook>,
     on_report: Option<ReportHook>,
+    gate: Option<EdgeGate>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -188,6 +198,11 @@ pub enum ListenerMsg {
     Incoming(Box<tributary_cluster::uplink::link::AcceptedUplink>),
     Report,
     Status(RpcReplyPort<CloudStatus>),
+    /// The registry no longer admits `edge`: close its live connection.
+    Refuse {
+        edge: String,
+        reason: String,
+    },
 }
 
 impl ractor::Message for ListenerMsg {}
@@ -203,6 +218,9 @@ pub struct ListenerState {
     counters: Arc<CloudCounters>,
     shards: Vec<ActorRef<ShardMsg>>,
     last_reported: u64,
+    /// The connection of each running ingest, by the ingest's actor id: what
+    /// a refusal closes. One per connected edge.
+    links: HashMap<ractor::ActorId, (String, LinkHandle)>,
 }
 
 impl ListenerState {
@@ -339,6 +357,15 @@ async fn serve_connection(
             return;
         }
     };
+    if let Some(reason) = hooks.gate.as_ref().and_then(|gate| gate(&peer)) {
+        let n = counters.connections_revoked.fetch_add(1, Relaxed) + 1;
+        // An edge refused for good reconnects every backoff: say so now and then.
+        if n.is_power_of_two() {
+            tracing::warn!(%peer, %reason, refused = n, "refusing a connection of an edge the registry does not admit (logged at powers of two)");
+        }
+        conn.close_refused(&reason);
+        return;
+    }
     let Some(_slot) = per_peer.take(&peer) else {
         counters.connections_refused.fetch_add(1, Relaxed);
         tracing::warn!(%peer, max = CONNECTIONS_PER_PEER_MAX, "a peer holds too many connections; refusing another");
@@ -451,6 +478,7 @@ impl Actor for Listener {
         let hooks = StreamHooks {
             on_session: args.on_session.clone(),
             on_report: args.on_report.clone(),
+            gate: args.gate.clone(),
         };
         let per_peer = PerPeer::default();
         let awaiting = AwaitingStream::new(CONNECTIONS_AWAITING_STREAM_MAX);
@@ -510,6 +538,7 @@ impl Actor for Listener {
             counters,
             shards,
             last_reported: 0,
+            links: HashMap::new(),
         })
     }
 
@@ -537,6 +566,7 @@ impl Actor for Listener {
                     .args
                     .admission
                     .for_edge(up.edge_id.as_str(), &up.labels);
+                let link = (up.edge_id.to_string(), up.handle.clone());
                 let k = shard::shard_of(up.edge_id.as_str(), state.args.shards.shards_count);
                 let args = IngestArgs {
                     admission,
@@ -545,10 +575,11 @@ impl Actor for Listener {
                     core: state.args.ingest.clone(),
                     counters: state.counters.clone(),
                 };
-                if let Err(e) =
-                    Actor::spawn_linked(Some(name), IngestActor, args, myself.get_cell()).await
-                {
-                    tracing::error!(error = %e, "starting an ingest failed");
+                match Actor::spawn_linked(Some(name), IngestActor, args, myself.get_cell()).await {
+                    Ok((ingest, _)) => {
+                        state.links.insert(ingest.get_id(), link);
+                    }
+                    Err(e) => tracing::error!(error = %e, "starting an ingest failed"),
                 }
             }
             ListenerMsg::Report => {
@@ -569,6 +600,19 @@ impl Actor for Listener {
                     shards_moved = state.counters.shards_moved.load(Relaxed),
                     "cloud flow"
                 );
+            }
+            ListenerMsg::Refuse { edge, reason } => {
+                for (e, link) in state.links.values() {
+                    if *e == edge {
+                        state.counters.connections_revoked.fetch_add(1, Relaxed);
+                        tracing::warn!(%edge, %reason, "closing the connection of an edge the registry no longer admits");
+                        link.close(
+                            u32::try_from(tributary_cluster::quic::CLOSE_REFUSED.into_inner())
+                                .unwrap_or(u32::MAX),
+                            &reason,
+                        );
+                    }
+                }
             }
             ListenerMsg::Status(reply) => {
                 let _ = reply.send(CloudStatus {
@@ -592,6 +636,11 @@ impl Actor for Listener {
         // starts. Its failure must not take the listener down. A shard
         // never stops on its own: if one does, the listener stops too, and
         // its supervisor starts the cloud's data path afresh.
+        if let SupervisionEvent::ActorTerminated(cell, ..)
+        | SupervisionEvent::ActorFailed(cell, _) = &evt
+        {
+            state.links.remove(&cell.get_id());
+        }
         let shard_ended =
             |cell: &ractor::ActorCell| state.shards.iter().any(|s| s.get_id() == cell.get_id());
         match evt {

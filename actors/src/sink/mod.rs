@@ -74,6 +74,8 @@ pub enum SinkError {
     Stages { step: &'static str, reason: String },
     #[error("writing an audit record failed: {0}")]
     Audit(String),
+    #[error("the fleet registry failed while {step}: {reason}")]
+    Registry { step: &'static str, reason: String },
     /// The writer was fenced by a newer one; it must not be used again.
     #[error("the writer of {edge} was fenced by a newer writer")]
     Fenced { edge: String },

@@ -49,6 +49,7 @@ use serde::{Deserialize, Serialize};
 use super::{EdgeCommit, EdgeLogWriter, Hwm, LogSink, SegmentBatch, ShardLogWriter, SinkError};
 
 pub mod audit;
+pub mod registry;
 mod stages;
 pub mod status;
 pub use stages::{KafkaStageLog, KafkaStageLogConfig};
