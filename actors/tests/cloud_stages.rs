@@ -34,6 +34,36 @@ fn reading(i: usize, temperature: f64) -> Reading {
     }
 }
 
+/// The stages of a threshold held for 5 s (alerts to `alerts`), over `log`.
+fn held_for_5_s(log: &MemoryStageLog) -> CloudStagesArgs {
+    use tributary_actors::stages::secs;
+    let topology = Topology::builder("t")
+        .edge("plant", |e| e.source("sim", Simulated::devices(1)))
+        .cloud(|c| {
+            c.stage(
+                "overheat",
+                "sim",
+                Threshold::above("temperature", 100.0).for_at_least(secs(5)),
+            )
+            .sink("alerts", "overheat", Kafka::topic("alerts"))
+        })
+        .build()
+        .unwrap();
+    let part = topology.part_for("cloud-1", &[], Role::Cloud);
+    let l = log.clone();
+    CloudStagesArgs {
+        open_log: Arc::new(move || Ok(Box::new(l.open()) as Box<dyn StageLog>)),
+        stages: part.stages.iter().map(|c| (*c).clone()).collect(),
+        sinks: vec![("overheat".into(), "alerts".into())],
+        restarts: StageRestarts::default(),
+        batch_readings_max: 64,
+        poll_ms: 5,
+        watermark_lag_ms: 1_000,
+        report_interval_ms: 0,
+        alerts: None,
+    }
+}
+
 /// Waits until `f` holds, checking every few milliseconds: the log is shared
 /// state with no event to await.
 async fn until(what: &str, f: impl Fn() -> bool) {
@@ -119,33 +149,8 @@ async fn a_failed_commit_restarts_the_stages_from_the_committed_offset() {
 /// condition that held for 6 s, and an alert names its edge.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn state_is_kept_per_edge_and_device() {
-    use tributary_actors::stages::secs;
-    let topology = Topology::builder("t")
-        .edge("plant", |e| e.source("sim", Simulated::devices(1)))
-        .cloud(|c| {
-            c.stage(
-                "overheat",
-                "sim",
-                Threshold::above("temperature", 100.0).for_at_least(secs(5)),
-            )
-            .sink("alerts", "overheat", Kafka::topic("alerts"))
-        })
-        .build()
-        .unwrap();
-    let part = topology.part_for("cloud-1", &[], Role::Cloud);
     let log = MemoryStageLog::new();
-    let l = log.clone();
-    let args = CloudStagesArgs {
-        open_log: Arc::new(move || Ok(Box::new(l.open()) as Box<dyn StageLog>)),
-        stages: part.stages.iter().map(|c| (*c).clone()).collect(),
-        sinks: vec![("overheat".into(), "alerts".into())],
-        restarts: StageRestarts::default(),
-        batch_readings_max: 64,
-        poll_ms: 5,
-        watermark_lag_ms: 1_000,
-        report_interval_ms: 0,
-        alerts: None,
-    };
+    let args = held_for_5_s(&log);
     let (_stages, _handle) = Actor::spawn(None, CloudStages, args).await.unwrap();
     log.append("edge-1", (0..=3).map(|i| reading(i, 500.0)));
     log.append("edge-2", (3..=6).map(|i| reading(i, 500.0)));
@@ -166,33 +171,8 @@ async fn state_is_kept_per_edge_and_device() {
 /// across the move alerts once, and re-arms as it would have.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_held_threshold_that_spans_a_move_alerts_once() {
-    use tributary_actors::stages::secs;
-    let topology = Topology::builder("t")
-        .edge("plant", |e| e.source("sim", Simulated::devices(1)))
-        .cloud(|c| {
-            c.stage(
-                "overheat",
-                "sim",
-                Threshold::above("temperature", 100.0).for_at_least(secs(5)),
-            )
-            .sink("alerts", "overheat", Kafka::topic("alerts"))
-        })
-        .build()
-        .unwrap();
-    let part = topology.part_for("cloud-1", &[], Role::Cloud);
     let log = MemoryStageLog::new();
-    let l = log.clone();
-    let args = CloudStagesArgs {
-        open_log: Arc::new(move || Ok(Box::new(l.open()) as Box<dyn StageLog>)),
-        stages: part.stages.iter().map(|c| (*c).clone()).collect(),
-        sinks: vec![("overheat".into(), "alerts".into())],
-        restarts: StageRestarts::default(),
-        batch_readings_max: 64,
-        poll_ms: 5,
-        watermark_lag_ms: 1_000,
-        report_interval_ms: 0,
-        alerts: None,
-    };
+    let args = held_for_5_s(&log);
     let (first, handle) = Actor::spawn(None, CloudStages, args.clone()).await.unwrap();
     log.append("edge-1", (0..=7).map(|i| reading(i, 500.0)));
     until("the first node committed", || log.committed_offset() == 8).await;

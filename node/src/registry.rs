@@ -32,15 +32,7 @@ pub async fn open_for_cloud(s: &config::Resolved) -> anyhow::Result<Arc<Shared>>
         s.node_id.clone(),
     );
     let shared = tokio::task::spawn_blocking(move || -> anyhow::Result<Shared> {
-        let kafka = KafkaRegistry::open(&bootstrap, &topic, &node)
-            .with_context(|| format!("opening the registry topic {topic}"))?;
-        let mut view = Registry::new();
-        kafka
-            .catch_up(
-                &mut view,
-                Duration::from_millis(REGISTRY_CATCH_UP_TIMEOUT_MS),
-            )
-            .with_context(|| format!("reading the registry topic {topic}"))?;
+        let (kafka, view) = open_and_read(&bootstrap, &topic, &node)?;
         Ok(Shared {
             view: RwLock::new(view),
             kafka,
@@ -58,6 +50,24 @@ pub async fn open_for_cloud(s: &config::Resolved) -> anyhow::Result<Arc<Shared>>
         );
     }
     Ok(Arc::new(shared))
+}
+
+/// Opens the registry topic as `reader` and reads it to its end. Blocks.
+fn open_and_read(
+    bootstrap: &str,
+    topic: &str,
+    reader: &str,
+) -> anyhow::Result<(KafkaRegistry, Registry)> {
+    let kafka = KafkaRegistry::open(bootstrap, topic, reader)
+        .with_context(|| format!("opening the registry topic {topic} on {bootstrap}"))?;
+    let mut view = Registry::new();
+    kafka
+        .catch_up(
+            &mut view,
+            Duration::from_millis(REGISTRY_CATCH_UP_TIMEOUT_MS),
+        )
+        .with_context(|| format!("reading the registry topic {topic}"))?;
+    Ok((kafka, view))
 }
 
 /// The listener's question: why this edge may not connect, if it may not.
@@ -187,15 +197,7 @@ pub fn fleet(
     json: bool,
     command: FleetCommand,
 ) -> anyhow::Result<()> {
-    let kafka = KafkaRegistry::open(bootstrap, topic, &format!("cli-{}", std::process::id()))
-        .with_context(|| format!("opening the registry topic {topic} on {bootstrap}"))?;
-    let mut view = Registry::new();
-    kafka
-        .catch_up(
-            &mut view,
-            Duration::from_millis(REGISTRY_CATCH_UP_TIMEOUT_MS),
-        )
-        .with_context(|| format!("reading the registry topic {topic}"))?;
+    let (kafka, view) = open_and_read(bootstrap, topic, &format!("cli-{}", std::process::id()))?;
     let set = |id: String, status: Status, reason: Option<String>| -> anyhow::Result<()> {
         if id.is_empty() || id.contains('/') {
             bail!("{id:?} is not a node id");

@@ -92,10 +92,6 @@ impl<S> DeviceTable<S> {
             .map(|(id, e)| (id.as_str(), &mut e.state))
     }
 
-    pub(crate) fn devices_max(&self) -> usize {
-        self.devices_max
-    }
-
     pub(crate) fn evicted(&self) -> u64 {
         self.evicted
     }
@@ -124,6 +120,27 @@ impl<S> DeviceTable<S> {
             t.devices.insert(id, Entry { state, seen });
         }
         t
+    }
+
+    /// The table as checkpoint bytes: [`DeviceTable::to_parts`] in bincode.
+    pub(crate) fn encode(&self) -> Option<Vec<u8>>
+    where
+        S: bincode::Encode,
+    {
+        bincode::encode_to_vec(self.to_parts(), crate::reading::bincode_config()).ok()
+    }
+
+    /// Replaces the table with the one [`DeviceTable::encode`] wrote; `what`
+    /// names the stage in the error.
+    pub(crate) fn decode_into(&mut self, bytes: &[u8], what: &str) -> Result<(), String>
+    where
+        S: bincode::Decode<()>,
+    {
+        let (parts, _): (TableParts<S>, _) =
+            bincode::decode_from_slice(bytes, crate::reading::bincode_config())
+                .map_err(|e| format!("the {what}'s checkpoint does not decode: {e}"))?;
+        *self = Self::from_parts(self.devices_max, parts);
+        Ok(())
     }
 
     #[cfg(test)]

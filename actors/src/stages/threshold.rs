@@ -14,7 +14,7 @@
 
 use std::time::Duration;
 
-use super::devices::{DeviceTable, TableParts};
+use super::devices::DeviceTable;
 use super::{
     duration_us, finite, nonempty, nonzero, numeric, Alert, AlertKind, Operator, Output,
     ParamError, StageStats, DEVICES_MAX_DEFAULT,
@@ -185,16 +185,11 @@ impl Operator for ThresholdStage {
     }
 
     fn snapshot(&self) -> Option<Vec<u8>> {
-        let parts = self.devices.to_parts();
-        bincode::encode_to_vec(&parts, crate::reading::bincode_config()).ok()
+        self.devices.encode()
     }
 
     fn restore(&mut self, bytes: &[u8]) -> Result<(), String> {
-        let (parts, _): (TableParts<Held>, _) =
-            bincode::decode_from_slice(bytes, crate::reading::bincode_config())
-                .map_err(|e| format!("the threshold's checkpoint does not decode: {e}"))?;
-        self.devices = DeviceTable::from_parts(self.devices.devices_max(), parts);
-        Ok(())
+        self.devices.decode_into(bytes, "threshold")
     }
 
     fn stats(&self) -> StageStats {

@@ -26,7 +26,7 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use super::devices::{DeviceTable, TableParts};
+use super::devices::DeviceTable;
 use super::{
     duration_us, nonempty, nonzero, number, Operator, Output, ParamError, StageStats,
     DEVICES_MAX_DEFAULT, DURATION_MAX,
@@ -428,17 +428,11 @@ impl Operator for WindowStage {
     }
 
     fn snapshot(&self) -> Option<Vec<u8>> {
-        let parts = self.devices.to_parts();
-        bincode::encode_to_vec(&parts, crate::reading::bincode_config()).ok()
+        self.devices.encode()
     }
 
     fn restore(&mut self, bytes: &[u8]) -> Result<(), String> {
-        let (parts, _): (TableParts<DeviceWindows>, _) =
-            bincode::decode_from_slice(bytes, crate::reading::bincode_config())
-                .map_err(|e| format!("the window's checkpoint does not decode: {e}"))?;
-        let devices_max = self.devices.devices_max();
-        self.devices = DeviceTable::from_parts(devices_max, parts);
-        Ok(())
+        self.devices.decode_into(bytes, "window")
     }
 
     fn stats(&self) -> StageStats {

@@ -15,7 +15,7 @@
 use std::collections::VecDeque;
 use std::time::Duration;
 
-use super::devices::{DeviceTable, TableParts};
+use super::devices::DeviceTable;
 use super::{
     duration_us, finite, nonempty, nonzero, numeric, Alert, AlertKind, Operator, Output,
     ParamError, StageStats, DEVICES_MAX_DEFAULT,
@@ -250,16 +250,11 @@ impl Operator for ZScoreStage {
     }
 
     fn snapshot(&self) -> Option<Vec<u8>> {
-        let parts = self.devices.to_parts();
-        bincode::encode_to_vec(&parts, crate::reading::bincode_config()).ok()
+        self.devices.encode()
     }
 
     fn restore(&mut self, bytes: &[u8]) -> Result<(), String> {
-        let (parts, _): (TableParts<Samples>, _) =
-            bincode::decode_from_slice(bytes, crate::reading::bincode_config())
-                .map_err(|e| format!("the z-score's checkpoint does not decode: {e}"))?;
-        self.devices = DeviceTable::from_parts(self.devices.devices_max(), parts);
-        Ok(())
+        self.devices.decode_into(bytes, "z-score")
     }
 
     fn stats(&self) -> StageStats {

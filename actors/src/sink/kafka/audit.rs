@@ -4,11 +4,8 @@
 
 use std::time::Duration;
 
-use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
-use rdkafka::client::DefaultClientContext;
 use rdkafka::config::ClientConfig;
 use rdkafka::producer::{FutureProducer, FutureRecord};
-use rdkafka::types::RDKafkaErrorCode;
 
 use crate::sink::SinkError;
 
@@ -35,24 +32,13 @@ impl KafkaAudit {
         let producer: FutureProducer = config
             .create()
             .map_err(|e| SinkError::Config(format!("creating the audit producer: {e}")))?;
-        let admin: AdminClient<DefaultClientContext> = config
-            .create()
-            .map_err(|e| SinkError::Config(format!("creating the audit admin client: {e}")))?;
-        let options = AdminOptions::new()
-            .operation_timeout(Some(Duration::from_millis(AUDIT_WRITE_TIMEOUT_MS)));
-        let new = NewTopic::new(topic, 1, TopicReplication::Fixed(-1));
-        let results = futures::executor::block_on(admin.create_topics([&new], &options))
-            .map_err(|e| SinkError::Config(format!("creating the audit topic {topic}: {e}")))?;
-        for result in results {
-            match result {
-                Ok(_) | Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
-                Err((topic, code)) => {
-                    return Err(SinkError::Config(format!(
-                        "creating the audit topic {topic}: {code}"
-                    )))
-                }
-            }
-        }
+        super::create_topic_if_absent(
+            &config,
+            topic,
+            &[],
+            Duration::from_millis(AUDIT_WRITE_TIMEOUT_MS),
+        )
+        .map_err(|e| SinkError::Config(format!("the audit topic: {e}")))?;
         Ok(Self {
             producer,
             topic: topic.to_string(),

@@ -398,6 +398,37 @@ impl ClientContext for LogContext {
 
 impl ConsumerContext for LogContext {}
 
+/// Creates a one-partition topic (the audit, status and registry topics)
+/// with `topic_config` if it does not exist. Blocks on the broker.
+fn create_topic_if_absent(
+    client: &ClientConfig,
+    topic: &str,
+    topic_config: &[(&str, &str)],
+    timeout: Duration,
+) -> Result<(), String> {
+    let admin: AdminClient<LogContext> = client
+        .create_with_context(LogContext {
+            role: format!("admin {topic}"),
+        })
+        .map_err(|e| format!("creating the admin client: {e}"))?;
+    let options = AdminOptions::new()
+        .operation_timeout(Some(timeout))
+        .request_timeout(Some(timeout));
+    let new = topic_config.iter().fold(
+        NewTopic::new(topic, 1, TopicReplication::Fixed(-1)),
+        |t, (k, v)| t.set(k, v),
+    );
+    let results = futures::executor::block_on(admin.create_topics([&new], &options))
+        .map_err(|e| format!("creating topic {topic}: {e}"))?;
+    for result in results {
+        match result {
+            Ok(_) | Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
+            Err((topic, code)) => return Err(format!("creating topic {topic}: {code}")),
+        }
+    }
+    Ok(())
+}
+
 /// The end of a partition, which readers that ask for it (marks recovery,
 /// checkpoints) also get as a client error: not one.
 fn is_partition_eof(error: &KafkaError) -> bool {

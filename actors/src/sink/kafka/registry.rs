@@ -5,9 +5,8 @@
 
 use std::time::{Duration, Instant};
 
-use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::consumer::{BaseConsumer, Consumer};
-use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::error::KafkaError;
 use rdkafka::message::Message;
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::{Offset, TopicPartitionList};
@@ -37,29 +36,13 @@ impl KafkaRegistry {
         super::check_topic_name("registry topic", topic)?;
         let mut config = rdkafka::ClientConfig::new();
         config.set("bootstrap.servers", bootstrap_servers);
-        let admin: AdminClient<LogContext> = config
-            .create_with_context(LogContext {
-                role: "registry-admin".into(),
-            })
-            .map_err(|e| registry_error("creating the admin client")(e.to_string()))?;
-        let timeout = Duration::from_millis(REGISTRY_WRITE_TIMEOUT_MS);
-        let options = AdminOptions::new()
-            .operation_timeout(Some(timeout))
-            .request_timeout(Some(timeout));
-        let new =
-            NewTopic::new(topic, 1, TopicReplication::Fixed(-1)).set("cleanup.policy", "compact");
-        let results = futures::executor::block_on(admin.create_topics([&new], &options))
-            .map_err(|e| registry_error("creating the registry topic")(e.to_string()))?;
-        for result in results {
-            match result {
-                Ok(_) | Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
-                Err((_, code)) => {
-                    return Err(registry_error("creating the registry topic")(
-                        code.to_string(),
-                    ))
-                }
-            }
-        }
+        super::create_topic_if_absent(
+            &config,
+            topic,
+            &[("cleanup.policy", "compact")],
+            Duration::from_millis(REGISTRY_WRITE_TIMEOUT_MS),
+        )
+        .map_err(registry_error("creating the registry topic"))?;
         let producer: FutureProducer = config
             .clone()
             .set("enable.idempotence", "true")

@@ -12,9 +12,8 @@
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::consumer::{BaseConsumer, Consumer};
-use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::error::KafkaError;
 use rdkafka::message::{Message, Timestamp};
 use rdkafka::producer::{BaseProducer, BaseRecord};
 use rdkafka::{Offset, TopicPartitionList};
@@ -67,30 +66,17 @@ impl KafkaStatus {
         super::check_topic_name("status topic", topic)?;
         let mut config = rdkafka::ClientConfig::new();
         config.set("bootstrap.servers", bootstrap_servers);
-        let admin: AdminClient<LogContext> = config
-            .create_with_context(LogContext {
-                role: "status-admin".into(),
-            })
-            .map_err(|e| SinkError::Config(format!("creating the status admin client: {e}")))?;
-        let options = AdminOptions::new()
-            .operation_timeout(Some(Duration::from_millis(STATUS_OPEN_TIMEOUT_MS)))
-            .request_timeout(Some(Duration::from_millis(STATUS_OPEN_TIMEOUT_MS)));
         let bytes_max = record_bytes_max.to_string();
-        let new = NewTopic::new(topic, 1, TopicReplication::Fixed(-1))
-            .set("cleanup.policy", "compact")
-            .set("max.message.bytes", &bytes_max);
-        let results = futures::executor::block_on(admin.create_topics([&new], &options))
-            .map_err(|e| SinkError::Config(format!("creating the status topic {topic}: {e}")))?;
-        for result in results {
-            match result {
-                Ok(_) | Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
-                Err((topic, code)) => {
-                    return Err(SinkError::Config(format!(
-                        "creating the status topic {topic}: {code}"
-                    )))
-                }
-            }
-        }
+        super::create_topic_if_absent(
+            &config,
+            topic,
+            &[
+                ("cleanup.policy", "compact"),
+                ("max.message.bytes", &bytes_max),
+            ],
+            Duration::from_millis(STATUS_OPEN_TIMEOUT_MS),
+        )
+        .map_err(SinkError::Config)?;
         let producer: BaseProducer = config
             .clone()
             .set("acks", "1")
