@@ -56,12 +56,8 @@ enum Command {
     /// Print records as they are committed to a topic (read_committed): the
     /// readings, or a sink topic of the cloud's stages (--readings-topic).
     Tail {
-        #[arg(
-            long,
-            env = "TRIBUTARY_KAFKA_BOOTSTRAP",
-            default_value = "127.0.0.1:9092"
-        )]
-        kafka_bootstrap: String,
+        #[command(flatten)]
+        kafka: KafkaBootstrap,
         #[arg(
             long,
             env = "TRIBUTARY_READINGS_TOPIC",
@@ -77,12 +73,8 @@ enum Command {
     },
     /// The fleet registry: list edges, revoke, suspend and resume them.
     Fleet {
-        #[arg(
-            long,
-            env = "TRIBUTARY_KAFKA_BOOTSTRAP",
-            default_value = "127.0.0.1:9092"
-        )]
-        kafka_bootstrap: String,
+        #[command(flatten)]
+        kafka: KafkaBootstrap,
         #[arg(
             long,
             env = "TRIBUTARY_REGISTRY_TOPIC",
@@ -95,6 +87,17 @@ enum Command {
         #[command(subcommand)]
         command: registry::FleetCommand,
     },
+}
+
+/// Where the tools (`tail`, `fleet`) find Kafka.
+#[derive(clap::Args)]
+struct KafkaBootstrap {
+    #[arg(
+        long,
+        env = "TRIBUTARY_KAFKA_BOOTSTRAP",
+        default_value = "127.0.0.1:9092"
+    )]
+    kafka_bootstrap: String,
 }
 
 #[derive(Subcommand)]
@@ -144,20 +147,20 @@ pub fn run_cli(topology: Option<Topology>) -> anyhow::Result<()> {
     match cli.command {
         Some(Command::Certs { command }) => certs(command),
         Some(Command::Fleet {
-            kafka_bootstrap,
+            kafka,
             registry_topic,
             json,
             command,
-        }) => registry::fleet(&kafka_bootstrap, &registry_topic, json, command),
+        }) => registry::fleet(&kafka.kafka_bootstrap, &registry_topic, json, command),
         Some(Command::Tail {
-            kafka_bootstrap,
+            kafka,
             readings_topic,
             count,
             idle_s,
         }) => {
             let config = KafkaSinkConfig {
                 readings_topic,
-                ..KafkaSinkConfig::new(kafka_bootstrap)
+                ..KafkaSinkConfig::new(kafka.kafka_bootstrap)
             };
             let n = tributary_actors::sink::kafka::tail(
                 &config,
