@@ -30,14 +30,23 @@ macro_rules! settings {
         #[derive(Debug, Clone)]
         pub struct Resolved {
             $( pub $name: $ty, )*
+            /// The settings a flag, the environment or the file gave (the
+            /// others are defaults), so that one that has no effect can be
+            /// told.
+            pub given: std::collections::BTreeSet<&'static str>,
         }
 
         impl Settings {
             /// Fills what `self` (flags and env) leaves open from `file`, then
             /// from the defaults.
             pub fn resolve(self, file: Settings) -> Resolved {
+                let mut given = std::collections::BTreeSet::new();
+                $( if self.$name.is_some() || file.$name.is_some() {
+                    given.insert(stringify!($name));
+                } )*
                 Resolved {
                     $( $name: self.$name.or(file.$name).unwrap_or_else(|| $default), )*
+                    given,
                 }
             }
         }
@@ -68,7 +77,7 @@ settings! {
     /// Edge: a reading stamped further ahead of the edge's clock than this is refused and counted [default: 300000].
     device_clock_skew_max_ms: u64 = 300_000, "TRIBUTARY_DEVICE_CLOCK_SKEW_MAX_MS", "Edge";
     /// Edge: how often the edge's stages save their state, which bounds their input log [default: 5000].
-    stages_checkpoint_interval_ms: u64 = 5_000, "TRIBUTARY_STAGES_CHECKPOINT_INTERVAL_MS", "Cloud";
+    stages_checkpoint_interval_ms: u64 = 5_000, "TRIBUTARY_STAGES_CHECKPOINT_INTERVAL_MS", "Edge";
     /// Edge: what a full outbox does: block or drop-oldest [default: block].
     full_policy: FullPolicy = FullPolicy::Block, "TRIBUTARY_FULL_POLICY", "Edge";
     /// Edge: open an outbox whose data falls short of its guard (damaged), carrying on with what is left; the loss is logged [default: false].
@@ -516,6 +525,9 @@ mod tests {
             ),
             (5, 9, 1000)
         );
+        // What was given, from either place, is told apart from defaults.
+        let given: Vec<&str> = r.given.iter().copied().collect();
+        assert_eq!(given, ["commit_interval_ms", "node_id", "outbox_bytes_max"]);
     }
 
     #[test]

@@ -364,6 +364,25 @@ fn edge_plan(
     let Some(t) = topology else {
         return Ok((vec![from_settings(None)], s.mqtt()?, None));
     };
+    // The topology's simulated sources say what their devices are.
+    let ignored: Vec<&str> = [
+        "device_count",
+        "device_rate_hz",
+        "device_seed",
+        "device_id_prefix",
+        "signal_base",
+        "signal_amplitude",
+        "signal_period_s",
+        "signal_noise",
+        "spike_probability",
+        "spike_magnitude",
+    ]
+    .into_iter()
+    .filter(|k| s.given.contains(k))
+    .collect();
+    if !ignored.is_empty() {
+        tracing::warn!(settings = ?ignored, topology = %t.name(), "these settings are ignored: the topology defines its simulated devices in code (device_readings_max still applies)");
+    }
     let restarts = StageRestarts {
         restarts_max: s.restarts_max,
         restart_period_ms: s.restart_period_ms,
