@@ -13,7 +13,7 @@
 //! [`Entry`] in JSON. A record that does not decode is skipped and counted:
 //! it changes nothing, so a garbage record cannot revoke or restore anyone.
 
-use std::collections::BTreeMap;
+use std::collections::HashMap;
 
 use serde::{Deserialize, Serialize};
 
@@ -93,6 +93,17 @@ pub fn key(kind: Kind, id: &str) -> String {
     format!("{}/{id}", kind.as_str())
 }
 
+/// The kind and id a record's key names.
+fn parse_key(key: &str) -> Option<(Kind, &str)> {
+    let (kind, id) = key.split_once('/')?;
+    let kind = match kind {
+        "edge" => Kind::Edge,
+        "device" => Kind::Device,
+        _ => return None,
+    };
+    (!id.is_empty()).then_some((kind, id))
+}
+
 /// What one record did to the view.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Change {
@@ -122,7 +133,10 @@ pub struct RegistryStats {
 /// The view of the registry topic.
 #[derive(Debug, Default)]
 pub struct Registry {
-    entries: BTreeMap<String, Entry>,
+    /// By id, one map per kind, so that the check every new connection
+    /// makes looks an id up without building a key.
+    edges: HashMap<String, Entry>,
+    devices: HashMap<String, Entry>,
     stats: RegistryStats,
 }
 
@@ -131,28 +145,46 @@ impl Registry {
         Self::default()
     }
 
+    fn map(&self, kind: Kind) -> &HashMap<String, Entry> {
+        match kind {
+            Kind::Edge => &self.edges,
+            Kind::Device => &self.devices,
+        }
+    }
+
+    fn map_mut(&mut self, kind: Kind) -> &mut HashMap<String, Entry> {
+        match kind {
+            Kind::Edge => &mut self.edges,
+            Kind::Device => &mut self.devices,
+        }
+    }
+
     /// Takes one record of the topic (`None`: a tombstone).
     pub fn handle_record(&mut self, key: &str, value: Option<&[u8]>) -> Change {
         self.stats.records += 1;
+        let Some((kind, id)) = parse_key(key) else {
+            self.stats.malformed += 1;
+            return Change::Malformed;
+        };
         let Some(bytes) = value else {
-            self.entries.remove(key);
+            self.map_mut(kind).remove(id);
             return Change::Deleted {
                 key: key.to_owned(),
             };
         };
         let entry = match serde_json::from_slice::<Entry>(bytes) {
-            Ok(e) if e.key() == key => e,
+            Ok(e) if e.kind == kind && e.id == id => e,
             _ => {
                 self.stats.malformed += 1;
                 return Change::Malformed;
             }
         };
-        if !self.entries.contains_key(key) && self.entries.len() >= REGISTRY_ENTRIES_MAX {
+        if !self.map(kind).contains_key(id) && self.len() >= REGISTRY_ENTRIES_MAX {
             self.stats.over_limit += 1;
             return Change::OverLimit;
         }
-        let admitted_before = self.entries.get(key).is_none_or(|e| e.status.admits());
-        self.entries.insert(key.to_owned(), entry.clone());
+        let admitted_before = self.map(kind).get(id).is_none_or(|e| e.status.admits());
+        self.map_mut(kind).insert(id.to_owned(), entry.clone());
         Change::Put {
             entry,
             admitted_before,
@@ -162,7 +194,7 @@ impl Registry {
     /// Why edge `id` may not connect, if it may not. An edge the registry
     /// does not know is admitted: its certificate is what lets it in.
     pub fn refusal(&self, kind: Kind, id: &str) -> Option<String> {
-        let e = self.entries.get(&key(kind, id))?;
+        let e = self.map(kind).get(id)?;
         (!e.status.admits()).then(|| match &e.reason {
             Some(r) => format!("{} {id} is {}: {r}", kind.as_str(), e.status.as_str()),
             None => format!("{} {id} is {}", kind.as_str(), e.status.as_str()),
@@ -170,19 +202,24 @@ impl Registry {
     }
 
     pub fn get(&self, kind: Kind, id: &str) -> Option<&Entry> {
-        self.entries.get(&key(kind, id))
+        self.map(kind).get(id)
     }
 
+    /// Every entry, edges first, each kind in id order.
     pub fn entries(&self) -> impl Iterator<Item = &Entry> {
-        self.entries.values()
+        let mut edges: Vec<&Entry> = self.edges.values().collect();
+        edges.sort_by(|a, b| a.id.cmp(&b.id));
+        let mut devices: Vec<&Entry> = self.devices.values().collect();
+        devices.sort_by(|a, b| a.id.cmp(&b.id));
+        edges.into_iter().chain(devices)
     }
 
     pub fn len(&self) -> usize {
-        self.entries.len()
+        self.edges.len() + self.devices.len()
     }
 
     pub fn is_empty(&self) -> bool {
-        self.entries.is_empty()
+        self.len() == 0
     }
 
     pub fn stats(&self) -> RegistryStats {
@@ -239,8 +276,13 @@ mod tests {
             r.handle_record("edge/edge-7", Some(&entry("edge-8", Status::Active))),
             Change::Malformed
         );
+        assert_eq!(
+            r.handle_record("robot/edge-7", Some(b"{}")),
+            Change::Malformed
+        );
+        assert_eq!(r.handle_record("edge/", None), Change::Malformed);
         assert!(r.refusal(Kind::Edge, "edge-7").is_some());
-        assert_eq!(r.stats().malformed, 2);
+        assert_eq!(r.stats().malformed, 4);
 
         r.handle_record("edge/edge-7", Some(&entry("edge-7", Status::Active)));
         assert_eq!(r.refusal(Kind::Edge, "edge-7"), None);

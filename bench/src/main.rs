@@ -17,6 +17,7 @@ mod log;
 mod mqtt;
 mod mqtt_rss;
 mod outbox;
+mod registry;
 mod stages;
 mod stats;
 mod workload;
@@ -194,6 +195,15 @@ enum Command {
         live_s: u64,
         #[arg(long, default_value_t = 60)]
         outage_s: u64,
+    },
+    /// The fleet registry: records taken, the revocation check, memory per entry.
+    Registry {
+        /// Entries in the registry (one in ten revoked).
+        #[arg(long, default_value_t = 100_000)]
+        entries: usize,
+        /// Revocation checks timed (half of them ids the registry lacks).
+        #[arg(long, default_value_t = 1_000_000)]
+        checks: usize,
     },
     /// Each window and detector stage on one core against a running-mean loop.
     Stages {
@@ -511,6 +521,9 @@ fn main() -> Result<()> {
             ingest_shards,
             kill_one,
         }),
+        Command::Registry { entries, checks } => {
+            registry::run(&registry::RegistryOpts { entries, checks })
+        }
         Command::Stages {
             runs,
             warmup,
