@@ -103,7 +103,7 @@ struct Sample {
 }
 
 /// The process's resident set, in bytes.
-fn rss_bytes() -> u64 {
+pub(crate) fn rss_bytes() -> u64 {
     let statm = std::fs::read_to_string("/proc/self/statm").unwrap_or_default();
     let pages: u64 = statm
         .split_whitespace()

@@ -15,6 +15,7 @@ use std::time::Instant;
 use anyhow::Result;
 use tributary_actors::registry::{Entry, Kind, Registry, Status};
 
+use crate::devices::rss_bytes;
 use crate::stats::thousands;
 
 pub struct RegistryOpts {
@@ -38,18 +39,6 @@ fn entry(i: usize) -> Entry {
         changed_by: "node fleet (bench)".into(),
         first_seen_ms: Some(1_767_225_600_000),
     }
-}
-
-fn rss_bytes() -> u64 {
-    let statm = std::fs::read_to_string("/proc/self/statm").unwrap_or_default();
-    let pages: u64 = statm
-        .split_whitespace()
-        .nth(1)
-        .and_then(|p| p.parse().ok())
-        .unwrap_or(0);
-    // SAFETY: sysconf has no preconditions.
-    let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
-    pages * page.max(0) as u64
 }
 
 pub fn run(o: &RegistryOpts) -> Result<()> {
